@@ -1,0 +1,245 @@
+"""Shared building blocks: sharded parameters, dense/norm layers, RoPE, attention masks and attention.
+
+Every parameter is created with logical axis names (see `vlm_jax/sharding.py` for the rule
+table that maps them onto mesh axes). Logical names used across the models:
+
+    embed      model width (d_model) of whichever tower the parameter lives in
+    mlp        MLP hidden width
+    heads      query heads            kv_heads   key/value heads (GQA / MQA)
+    head_dim   per-head width         vocab      vocabulary
+    layers     the stacked-layer axis that nn.scan adds
+    patch      flattened patch pixels (conv patch embedding input)
+    pos        position-embedding table rows
+    norm       1-D norm scales / biases (never sharded)
+
+Activations at block boundaries are constrained to ('batch', 'length', 'act_embed').
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# Finite "minus infinity": a fully masked row (padding) softmaxes to uniform instead of NaN.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+ACTIVATION_AXES = ("batch", "length", "act_embed")
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None] = ACTIVATION_AXES) -> jax.Array:
+    """Logical sharding constraint on an activation (a no-op outside a mesh / rule context)."""
+    return nn.with_logical_constraint(x, tuple(axes))
+
+
+def sharded_param(module: nn.Module, name: str, init: Initializer, shape: Sequence[int],
+                  axes: Sequence[str | None], dtype: Dtype) -> jax.Array:
+    """`module.param` whose value carries logical axis names (one name per dimension)."""
+    if len(axes) != len(shape):
+        raise ValueError(f"param {name}: {len(axes)} axis names {axes} for shape {shape}")
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+class Dense(nn.Module):
+    """y = x @ W (+ b) contracting the last `len(in_shape)` input dims into `out_shape`.
+
+    The kernel is stored as f32[*in_shape, *out_shape] (e.g. attention q: [embed, heads, head_dim]),
+    which is the layout `convert/` reshapes HF's [out, in] Linear weights into.
+    """
+    in_shape: Sequence[int]
+    out_shape: Sequence[int]
+    kernel_axes: Sequence[str | None]
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in, n_out = len(self.in_shape), len(self.out_shape)
+        shape = tuple(self.in_shape) + tuple(self.out_shape)
+        init = self.kernel_init
+        if n_in > 1 or n_out > 1:
+            # lecun_normal needs to know which dims are fan-in for a multi-dim kernel.
+            init = nn.initializers.variance_scaling(
+                1.0, "fan_in", "truncated_normal",
+                in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
+        kernel = sharded_param(self, "kernel", init, shape, self.kernel_axes, self.param_dtype)
+        x = x.astype(self.dtype)
+        kernel = kernel.astype(self.dtype)
+        batch_dims = x.ndim - n_in
+        y = jax.lax.dot_general(
+            x, kernel, (((tuple(range(batch_dims, x.ndim))), tuple(range(n_in))), ((), ())))
+        if self.use_bias:
+            bias_axes = tuple(self.kernel_axes)[n_in:]
+            bias = sharded_param(self, "bias", nn.initializers.zeros, self.out_shape, bias_axes,
+                                 self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with f32 statistics and logically-named scale/bias."""
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = sharded_param(self, "scale", nn.initializers.ones, (d,), ("norm",), self.param_dtype)
+        bias = sharded_param(self, "bias", nn.initializers.zeros, (d,), ("norm",), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm. `plus_one=True` is Gemma's form: the weight is stored as w and applied as (1 + w)."""
+    eps: float = 1e-6
+    plus_one: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+        scale = sharded_param(self, "scale", init, (d,), ("norm",), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+        w = scale.astype(jnp.float32)
+        if self.plus_one:
+            w = 1.0 + w
+        return (y * w).astype(self.dtype)
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
+    """Inverse frequencies f32[head_dim // 2]; `scaling` = Llama-3 rope_scaling dict or None."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if scaling is None:
+        return inv_freq.astype(np.float32)
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind != "llama3":
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: 'llama3' or none)")
+    factor = scaling["factor"]
+    low_freq_factor = scaling["low_freq_factor"]
+    high_freq_factor = scaling["high_freq_factor"]
+    old_context_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotary embedding, HF "rotate_half" convention. x: [B, T, H, hd]; positions: i32[B, T]."""
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, hd/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- masks
+
+def make_attention_mask(mask_ar: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """bool[B, 1, T, T] "query i may attend key j" from the big_vision `mask_ar` vector.
+
+    mask_ar: i32[B, T]. A token with mask_ar=0 joins the block of the token before it, a token
+    with mask_ar=1 starts a new block; a query sees every key whose block is not after its own.
+      all ones                 -> causal (LLaVA)
+      zeros on image + prompt,
+      ones on the answer       -> prefix-LM (PaliGemma): the prefix attends bidirectionally
+    segment_ids: i32[B, T] for packed rows; tokens only see keys of their own segment, and
+    segment 0 is padding (sees nothing, is seen by nothing).
+    """
+    block = jnp.cumsum(mask_ar, axis=-1)
+    mask = block[:, None, :] <= block[:, :, None]  # [B, Tq, Tk]
+    if segment_ids is not None:
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        mask = mask & same & (segment_ids[:, None, :] != 0)
+    return mask[:, None, :, :]
+
+
+# ----------------------------------------------------------------------------- attention
+
+ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "jax_dpa")
+
+
+def resolve_attention_backend(backend: str) -> str:
+    """'auto' -> cuDNN fused attention on GPU, plain XLA einsum-softmax elsewhere."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend={backend!r}; supported: {ATTENTION_BACKENDS}")
+    if backend == "auto":
+        return "cudnn" if jax.default_backend() == "gpu" else "xla"
+    return backend
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                          backend: str = "xla", scale: float | None = None,
+                          logits_soft_cap: float | None = None) -> jax.Array:
+    """Multi-head attention with GQA/MQA. q: [B, T, H, hd]; k, v: [B, S, K, hd] with H % K == 0.
+
+    mask: bool[B, 1, T, S] (True = attend) or None. Returns [B, T, H, hd] in q's dtype.
+    Softmax statistics are computed in f32 whatever the compute dtype.
+    """
+    backend = resolve_attention_backend(backend)
+    b, t, h, hd = q.shape
+    kv_heads = k.shape[2]
+    if h % kv_heads:
+        raise ValueError(f"{h} query heads is not a multiple of {kv_heads} kv heads")
+    scale = hd ** -0.5 if scale is None else scale
+    if backend in ("cudnn", "jax_dpa") and logits_soft_cap is None:
+        impl = "cudnn" if backend == "cudnn" else "xla"
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
+    groups = h // kv_heads
+    qg = q.reshape(b, t, kv_heads, groups, hd)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if logits_soft_cap is not None:
+        logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
+    if mask is not None:
+        logits = jnp.where(mask[:, :, None], logits, MASK_VALUE)  # mask: [B, 1, 1, T, S]
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, hd)
+
+
+# ----------------------------------------------------------------------------- remat / scan
+
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def stack_layers(block_cls: type[nn.Module], num_layers: int, remat_policy: str,
+                 in_axes: Any = nn.broadcast) -> type[nn.Module]:
+    """`nn.scan` over `num_layers` copies of `block_cls` (params get a leading 'layers' axis),
+    each wrapped in `nn.remat` with the named policy. The block's signature must be
+    `(carry, *broadcast_args) -> (carry, None)`."""
+    if remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy={remat_policy!r}; supported: {tuple(REMAT_POLICIES)}")
+    cls = block_cls
+    if remat_policy != "none":
+        cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
+    return nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                   in_axes=in_axes, length=num_layers,
+                   metadata_params={nn.PARTITION_NAME: "layers"})
