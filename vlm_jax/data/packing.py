@@ -1,0 +1,196 @@
+"""Rows of seq_len tokens from TOKENIZED EXAMPLES: greedy packing (or one example per row) and batching.
+
+A row is what one batch line of the contract holds:
+
+    input_ids, target_ids, positions, mask_ar, segment_ids: i32[T]   loss_mask: f32[T]
+    images: f32[M, H, W, 3]   (the row's images in placeholder order, zeros after)
+    num_images: i32[]         (how many of the M image slots are used)
+
+Packed examples get segment ids 1..n in order; their own `positions` (0..len-1) are kept, so
+positions restart at every segment. Padding has segment 0, loss_mask 0 and mask_ar 1 (a padding
+token never opens a bidirectional block that real tokens could see).
+
+`PackedRowsIterDataset` is a greedy next-fit packer: examples are never reordered, a row is
+emitted when the next example's tokens or images do not fit. Its checkpoint state is the parent
+iterator's state just before the first example of the row under construction, so a restore
+re-reads that example and rebuilds exactly the same rows.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import grain
+import numpy as np
+
+TEXT_FIELDS = ("input_ids", "target_ids", "loss_mask", "positions", "mask_ar")
+_TEXT_DTYPES = {"input_ids": np.int32, "target_ids": np.int32, "loss_mask": np.float32,
+                "positions": np.int32, "mask_ar": np.int32}
+# Padding value per field; mask_ar 1 keeps padding causal (see the module docstring).
+_PAD_VALUES = {"input_ids": 0, "target_ids": 0, "loss_mask": 0.0, "positions": 0, "mask_ar": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSpec:
+    """Shape of one row: seq_len tokens, up to max_images images of image_size x image_size."""
+    seq_len: int
+    max_images: int
+    image_size: int
+
+    def __post_init__(self):
+        if self.seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
+        if self.max_images < 0:
+            raise ValueError(f"max_images_per_row must be >= 0, got {self.max_images}")
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+
+
+def example_length(example: Mapping[str, Any]) -> int:
+    """Number of tokens of a TOKENIZED EXAMPLE."""
+    return int(len(example["input_ids"]))
+
+
+def example_num_images(example: Mapping[str, Any]) -> int:
+    """Number of images of a TOKENIZED EXAMPLE (text-only examples may omit `images`)."""
+    images = example.get("images")
+    return 0 if images is None else int(len(images))
+
+
+def fits_in_row(example: Mapping[str, Any], spec: RowSpec) -> bool:
+    """Whether the example fits in an empty row at all."""
+    return example_length(example) <= spec.seq_len and example_num_images(example) <= spec.max_images
+
+
+def assemble_row(examples: Sequence[Mapping[str, Any]], spec: RowSpec) -> dict[str, np.ndarray]:
+    """Concatenate examples into one padded row (segment ids 1..len(examples))."""
+    total_tokens = sum(example_length(ex) for ex in examples)
+    total_images = sum(example_num_images(ex) for ex in examples)
+    if total_tokens > spec.seq_len or total_images > spec.max_images:
+        raise ValueError(f"{len(examples)} examples with {total_tokens} tokens and {total_images} "
+                         f"images do not fit a row of {spec.seq_len} tokens / "
+                         f"{spec.max_images} images")
+    row = {name: np.full((spec.seq_len,), _PAD_VALUES[name], _TEXT_DTYPES[name])
+           for name in TEXT_FIELDS}
+    row["segment_ids"] = np.zeros((spec.seq_len,), np.int32)
+    images = np.zeros((spec.max_images, spec.image_size, spec.image_size, 3), np.float32)
+    start = 0
+    image_start = 0
+    for segment, example in enumerate(examples, start=1):
+        end = start + example_length(example)
+        for name in TEXT_FIELDS:
+            row[name][start:end] = example[name]
+        row["segment_ids"][start:end] = segment
+        num_images = example_num_images(example)
+        if num_images:
+            images[image_start:image_start + num_images] = example["images"]
+        image_start += num_images
+        start = end
+    row["images"] = images
+    row["num_images"] = np.asarray(total_images, np.int32)
+    return row
+
+
+def empty_row(spec: RowSpec) -> dict[str, np.ndarray]:
+    """An all-padding row (segment 0 everywhere): fills the last, partial batch of a finite run."""
+    return assemble_row([], spec)
+
+
+def stack_rows(rows: Sequence[Mapping[str, np.ndarray]], batch_size: int,
+               spec: RowSpec) -> dict[str, np.ndarray]:
+    """Rows -> BATCH (every field gets a leading B axis); fewer rows are padded with empty rows."""
+    if len(rows) > batch_size:
+        raise ValueError(f"{len(rows)} rows do not fit a batch of {batch_size}")
+    rows = list(rows) + [empty_row(spec)] * (batch_size - len(rows))
+    return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
+
+
+class SingleExampleRows:
+    """The non-packed path: each example becomes its own padded row (a grain map transform)."""
+
+    def __init__(self, spec: RowSpec):
+        self.spec = spec
+
+    def __call__(self, example: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        return assemble_row([example], self.spec)
+
+
+class PackedRowsIterDataset(grain.IterDataset):
+    """Greedy next-fit packing of TOKENIZED EXAMPLES into rows (see the module docstring).
+
+    Every input example must fit an empty row (`fits_in_row`); the pipeline drops the others
+    before packing and counts them as skipped.
+    """
+
+    def __init__(self, parent: grain.IterDataset, spec: RowSpec):
+        super().__init__(parent)
+        self._spec = spec
+
+    def __iter__(self) -> "_PackedRowsIterator":
+        return _PackedRowsIterator(self._parent.__iter__(), self._spec)
+
+    def __str__(self) -> str:
+        return f"PackedRowsIterDataset(seq_len={self._spec.seq_len}, max_images={self._spec.max_images})"
+
+
+class _PackedRowsIterator(grain.DatasetIterator):
+    """State: {"parent": parent state before the first example of the row being built}."""
+
+    def __init__(self, parent: grain.DatasetIterator, spec: RowSpec):
+        super().__init__(parent)
+        self._spec = spec
+        self._pending: Mapping[str, Any] | None = None  # read, but did not fit the last row
+        self._pending_parent_state: dict | None = None  # parent state just before `_pending`
+        self._exhausted = False
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._pending is None:
+            if self._exhausted:
+                raise StopIteration
+            first = next(self._parent)  # StopIteration here ends the stream: nothing buffered
+        else:
+            first, self._pending = self._pending, None
+            self._pending_parent_state = None
+        row = [self._check(first)]
+        num_tokens = example_length(first)
+        num_images = example_num_images(first)
+        while True:
+            state_before = self._parent.get_state()
+            try:
+                example = next(self._parent)
+            except StopIteration:
+                self._exhausted = True
+                break
+            self._check(example)
+            tokens, images = example_length(example), example_num_images(example)
+            if num_tokens + tokens > self._spec.seq_len or num_images + images > self._spec.max_images:
+                self._pending = example
+                self._pending_parent_state = copy.deepcopy(state_before)
+                break
+            row.append(example)
+            num_tokens += tokens
+            num_images += images
+        return assemble_row(row, self._spec)
+
+    def _check(self, example: Mapping[str, Any]) -> Mapping[str, Any]:
+        if not fits_in_row(example, self._spec):
+            raise ValueError(
+                f"an example of {example_length(example)} tokens / {example_num_images(example)} "
+                f"images cannot fit a row of {self._spec.seq_len} tokens / "
+                f"{self._spec.max_images} images; drop it before packing")
+        return example
+
+    def get_state(self) -> dict[str, Any]:
+        if self._pending is not None:
+            return {"parent": copy.deepcopy(self._pending_parent_state)}
+        return {"parent": self._parent.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._pending = None
+        self._pending_parent_state = None
+        self._exhausted = False
+
+    def __str__(self) -> str:
+        return f"PackedRowsIterator(seq_len={self._spec.seq_len})"

@@ -1,0 +1,370 @@
+"""The grain input pipeline: sources -> shard -> shuffle -> mix -> repeat -> transform -> skip
+accounting -> rows (packed or not) -> batches, with an exactly resumable iterator state.
+
+    it = build_pipeline(cfg, tokenizer)            # a grain DatasetIterator of BATCHes
+    batch = next(it)
+    state = it.get_state()                        # JSON-able; saved with the model checkpoint
+    it.set_state(state)                           # exact resume, skip counters included
+    it.skip_counts()                              # {"seen": n, "skipped": {reason: n}} for logs
+
+Order of operations, and why:
+  * each source is sharded by process first (`source[index::count]`: disjoint, covering), then
+    shuffled with a seed folded per source, so the shuffle never crosses process shards;
+  * sources are mixed by weight with grain's `MapDataset.mix`, then repeated (`num_epochs`,
+    None = forever; every epoch is reshuffled deterministically). With one source an epoch is
+    exactly one pass; with a mixture an epoch of the mix ends when its first source runs out
+    (grain's mixing semantics) and later epochs continue every source from where it was;
+  * reading + the per-example transform run on `read_threads` threads (PIL decode releases the
+    GIL) and, with `worker_count > 0`, in grain worker processes (`mp_prefetch`);
+  * bad records never raise out of a worker: a `SkipExample` from a source's `__getitem__` or
+    from the transform becomes a `SkippedExample` marker that travels to the main process, where
+    `SkipAccountingIterDataset` counts it by reason and drops it. Counting therefore happens in
+    one place, after the workers, whatever `worker_count` is, and the counters are part of the
+    iterator state (a resumed run continues the counts of the run it resumes);
+  * packing and batching are cheap numpy work and run in the main process.
+
+Each process may yield a different number of batches in a finite run (shards differ by one
+example, and packing depends on lengths); a multi-host trainer should count steps, not epochs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import logging
+from typing import Any, Callable, Mapping, Sequence
+
+import grain
+import jax
+import numpy as np
+
+from vlm_jax.data.errors import SkipExample
+from vlm_jax.data.packing import (PackedRowsIterDataset, RowSpec, SingleExampleRows,
+                                  example_length, example_num_images, stack_rows)
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("instruct", "align", "lm", "contrastive")
+# kind -> (module, class); the class is built with the source's `options` as keyword arguments.
+SOURCE_KINDS = {
+    "shapes": ("vlm_jax.data.sources.shapes", "ShapesSource"),
+    "llava_json": ("vlm_jax.data.sources.llava_json", "LlavaJsonSource"),
+    "webdataset": ("vlm_jax.data.sources.webdataset", "WebDatasetSource"),
+    "tfds": ("vlm_jax.data.sources.tfds", "TfdsSource"),
+}
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """One source of a mixture: its kind, its mixing weight, and the kind's own options
+    (keyword arguments of the source class, e.g. {"path": ..., "image_root": ...})."""
+    kind: str
+    weight: float = 1.0
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind not in SOURCE_KINDS:
+            raise ValueError(f"data source kind={self.kind!r}; supported: {tuple(SOURCE_KINDS)}")
+        if not self.weight > 0:
+            raise ValueError(f"data source weight must be > 0, got {self.weight} ({self.kind})")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Everything the pipeline needs. `num_image_tokens` comes from the model (the trainer fills
+    it in); `batch_size` is per process."""
+    sources: tuple[SourceConfig, ...]
+    task: str = "instruct"              # "instruct" | "align" | "lm" | "contrastive"
+    template: str = "llava"             # chat template name (see data/templates.py)
+    seq_len: int = 512
+    text_len: int = 64                  # caption tokens per example ("contrastive" only)
+    image_size: int = 224
+    num_image_tokens: int = 196
+    batch_size: int = 8
+    packing: bool = True
+    max_images_per_row: int = 4
+    shuffle: bool = True
+    seed: int = 0
+    num_epochs: int | None = None       # None = repeat forever
+    worker_count: int = 0               # grain worker processes (0 = read in this process)
+    worker_buffer_size: int = 2         # per-worker read-ahead, in examples
+    read_threads: int = 0               # threads decoding + transforming examples
+    prefetch_buffer_size: int = 32      # read-ahead of the threads, in examples
+    max_skip_fraction: float = 0.05     # stop when skipped / seen exceeds this ...
+    min_seen_for_skip_check: int = 200  # ... once this many raw examples were seen
+
+    def __post_init__(self):
+        # from_dict turns a list of dicts into a tuple of dicts; build the SourceConfigs here.
+        from vlm_jax.config_utils import from_dict
+        sources = tuple(s if isinstance(s, SourceConfig) else from_dict(SourceConfig, s, f"data.sources[{i}]")
+                        for i, s in enumerate(self.sources))
+        object.__setattr__(self, "sources", sources)
+        if self.task not in TASKS:
+            raise ValueError(f"data.task={self.task!r}; supported: {TASKS}")
+        for name in ("seq_len", "image_size", "batch_size", "text_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_image_tokens", "max_images_per_row", "worker_count", "worker_buffer_size",
+                     "read_threads", "prefetch_buffer_size", "min_seen_for_skip_check"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise ValueError(f"data.num_epochs must be >= 1 or None (forever), got {self.num_epochs}")
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise ValueError(f"data.max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
+
+    @property
+    def row_spec(self) -> RowSpec:
+        return RowSpec(self.seq_len, self.max_images_per_row, self.image_size)
+
+
+# ----------------------------------------------------------------------------- bad data
+
+@dataclasses.dataclass(frozen=True)
+class SkippedExample:
+    """Marker standing in for a dropped record on its way to the accounting stage."""
+    reason: str
+    detail: str
+    example_id: str
+
+
+class TooManySkippedExamples(RuntimeError):
+    """The fraction of skipped raw examples passed `max_skip_fraction`."""
+
+
+class _GuardedSource:
+    """A source whose bad records come back as `SkippedExample` instead of raising."""
+
+    def __init__(self, source: Any, name: str):
+        self._source = source
+        self._name = name
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> Mapping[str, Any] | SkippedExample:
+        try:
+            return self._source[index]
+        except SkipExample as skip:
+            return SkippedExample(skip.reason, skip.detail, f"{self._name}[{index}]")
+
+    def __repr__(self) -> str:
+        return f"_GuardedSource({self._source!r})"
+
+
+class _GuardedTransform:
+    """raw example -> TOKENIZED EXAMPLE (+ its "id"), or the `SkippedExample` the transform raised."""
+
+    def __init__(self, transform: Callable[[Mapping[str, Any]], dict]):
+        self._transform = transform
+
+    def __call__(self, raw: Mapping[str, Any] | SkippedExample) -> dict | SkippedExample:
+        if isinstance(raw, SkippedExample):
+            return raw
+        try:
+            example = dict(self._transform(raw))
+        except SkipExample as skip:
+            return SkippedExample(skip.reason, skip.detail, str(raw.get("id")))
+        example["id"] = raw["id"]
+        return example
+
+
+class SkipAccountingIterDataset(grain.IterDataset):
+    """Counts and drops `SkippedExample` markers (and examples that cannot fit `row_spec`, as
+    "too_long" / "too_many_images"); raises `TooManySkippedExamples` past the threshold."""
+
+    def __init__(self, parent: grain.IterDataset, max_skip_fraction: float, min_seen: int,
+                 row_spec: RowSpec | None = None):
+        super().__init__(parent)
+        self._max_skip_fraction = max_skip_fraction
+        self._min_seen = min_seen
+        self._row_spec = row_spec
+
+    def __iter__(self) -> "SkipAccountingIterator":
+        return SkipAccountingIterator(self._parent.__iter__(), self._max_skip_fraction,
+                                      self._min_seen, self._row_spec)
+
+
+class SkipAccountingIterator(grain.DatasetIterator):
+    """State: {"parent": ..., "seen": raw examples seen, "skipped": {reason: count}}."""
+
+    def __init__(self, parent: grain.DatasetIterator, max_skip_fraction: float, min_seen: int,
+                 row_spec: RowSpec | None):
+        super().__init__(parent)
+        self._max_skip_fraction = max_skip_fraction
+        self._min_seen = min_seen
+        self._row_spec = row_spec
+        self._seen = 0
+        self._skipped: dict[str, int] = {}
+
+    def __next__(self) -> dict:
+        while True:
+            element = next(self._parent)
+            self._seen += 1
+            skip = element if isinstance(element, SkippedExample) else self._unfit(element)
+            if skip is None:
+                return element
+            self._count(skip)
+
+    def _unfit(self, example: Mapping[str, Any]) -> SkippedExample | None:
+        spec = self._row_spec
+        if spec is None:
+            return None
+        if example_length(example) > spec.seq_len:
+            return SkippedExample("too_long", f"{example_length(example)} tokens > seq_len "
+                                  f"{spec.seq_len}", str(example.get("id")))
+        if example_num_images(example) > spec.max_images:
+            return SkippedExample("too_many_images", f"{example_num_images(example)} images > "
+                                  f"max_images_per_row {spec.max_images}", str(example.get("id")))
+        return None
+
+    def _count(self, skip: SkippedExample) -> None:
+        first_of_its_kind = skip.reason not in self._skipped
+        self._skipped[skip.reason] = self._skipped.get(skip.reason, 0) + 1
+        log = logger.warning if first_of_its_kind else logger.debug
+        log("skipped example %s (%s): %s", skip.example_id, skip.reason, skip.detail)
+        num_skipped = sum(self._skipped.values())
+        if self._seen >= self._min_seen and num_skipped > self._max_skip_fraction * self._seen:
+            raise TooManySkippedExamples(
+                f"skipped {num_skipped} of {self._seen} examples ({num_skipped / self._seen:.1%}) > "
+                f"max_skip_fraction={self._max_skip_fraction:g} (checked after "
+                f"{self._min_seen} examples); skipped by reason: {dict(sorted(self._skipped.items()))}")
+
+    def skip_counts(self) -> dict[str, Any]:
+        return {"seen": self._seen, "skipped": dict(sorted(self._skipped.items()))}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._parent.get_state(), "seen": self._seen,
+                "skipped": dict(self._skipped)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._seen = int(state["seen"])
+        self._skipped = {str(k): int(v) for k, v in state["skipped"].items()}
+
+
+# ----------------------------------------------------------------------------- assembly
+
+class PipelineIterator(grain.DatasetIterator):
+    """The pipeline's batches, state and skip counters.
+
+    `skip_counts()` are those of the examples read so far. With `read_threads` / workers the
+    reading runs a little ahead of the batches handed out; `get_state()` is always exact.
+    """
+
+    def __init__(self, batches: grain.DatasetIterator):
+        super().__init__(batches)
+        self._accounting = _find_parent(batches, SkipAccountingIterator)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._parent)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state)
+
+    def skip_counts(self) -> dict[str, Any]:
+        return self._accounting.skip_counts()
+
+
+def build_pipeline(cfg: DataConfig, tokenizer: Any, process_index: int | None = None,
+                   process_count: int | None = None) -> PipelineIterator:
+    """This process's BATCH iterator for `cfg` (process index/count default to JAX's)."""
+    sources = [(f"{s.kind}{i}", make_source(s), s.weight) for i, s in enumerate(cfg.sources)]
+    return build_pipeline_from(cfg, sources, make_example_transform(cfg, tokenizer),
+                               process_index, process_count)
+
+
+def build_pipeline_from(cfg: DataConfig, sources: Sequence[tuple[str, Any, float]],
+                        transform: Callable[[Mapping[str, Any]], dict],
+                        process_index: int | None = None,
+                        process_count: int | None = None) -> PipelineIterator:
+    """`build_pipeline` with explicit (name, source, weight) triples and per-example transform."""
+    examples = build_example_dataset(cfg, sources, transform, process_index, process_count)
+    if cfg.task == "contrastive":
+        batches = examples.batch(cfg.batch_size, drop_remainder=True, batch_fn=stack_contrastive)
+    else:
+        spec = cfg.row_spec
+        rows = PackedRowsIterDataset(examples, spec) if cfg.packing else examples.map(
+            SingleExampleRows(spec))
+        batches = rows.batch(cfg.batch_size,
+                             batch_fn=functools.partial(stack_rows, batch_size=cfg.batch_size, spec=spec))
+    return PipelineIterator(iter(batches))
+
+
+def build_example_dataset(cfg: DataConfig, sources: Sequence[tuple[str, Any, float]],
+                          transform: Callable[[Mapping[str, Any]], dict],
+                          process_index: int | None = None,
+                          process_count: int | None = None) -> grain.IterDataset:
+    """This process's stream of TOKENIZED EXAMPLES (each with its source "id"), bad ones counted
+    and dropped. The iterator of the returned dataset is a `SkipAccountingIterator`."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} outside [0, process_count={process_count})")
+    if not sources:
+        raise ValueError("no data sources: data.sources is empty")
+    shards = []
+    for source_number, (name, source, _) in enumerate(sources):
+        shard = grain.MapDataset.source(_GuardedSource(source, name))[process_index::process_count]
+        if len(shard) == 0:
+            raise ValueError(f"source {name} has {len(source)} examples: nothing for process "
+                             f"{process_index} of {process_count}")
+        if cfg.shuffle:
+            # Fold the source number in: two equal-size sources must not shuffle in lockstep.
+            shard = shard.shuffle(seed=_fold_seed(cfg.seed, source_number))
+        shards.append(shard)
+    mixed = shards[0] if len(shards) == 1 else grain.MapDataset.mix(
+        shards, weights=[weight for _, _, weight in sources])
+    examples = mixed.repeat(cfg.num_epochs).map(_GuardedTransform(transform))
+    stream = examples.to_iter_dataset(grain.ReadOptions(
+        num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_buffer_size))
+    if cfg.worker_count > 0:
+        stream = stream.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size))
+    row_spec = None if cfg.task == "contrastive" else cfg.row_spec
+    return SkipAccountingIterDataset(stream, cfg.max_skip_fraction, cfg.min_seen_for_skip_check,
+                                     row_spec)
+
+
+def stack_contrastive(examples: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """Contrastive examples -> {"images": f32[B, H, W, 3], "text_ids": i32[B, L]}."""
+    images = []
+    for example in examples:
+        if example_num_images(example) != 1:
+            raise ValueError(f"a contrastive example needs exactly one image, "
+                             f"{example.get('id')} has {example_num_images(example)}")
+        images.append(example["images"][0])
+    return {"images": np.stack(images).astype(np.float32),
+            "text_ids": np.stack([np.asarray(ex["text_ids"], np.int32) for ex in examples])}
+
+
+def make_source(source_cfg: SourceConfig) -> Any:
+    """The source object of one config entry (its class from SOURCE_KINDS, built with options)."""
+    module_name, class_name = SOURCE_KINDS[source_cfg.kind]
+    source_class = getattr(importlib.import_module(module_name), class_name)
+    return source_class(**dict(source_cfg.options))
+
+
+def make_example_transform(cfg: DataConfig, tokenizer: Any) -> Callable[[Mapping[str, Any]], dict]:
+    """raw example -> TOKENIZED EXAMPLE for `cfg.task` (see data/transforms.py)."""
+    from vlm_jax.data import transforms
+    return transforms.make_transform(cfg, tokenizer)
+
+
+def _fold_seed(seed: int, number: int) -> int:
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
+def _find_parent(iterator: grain.DatasetIterator, kind: type) -> Any:
+    to_visit = [iterator]
+    while to_visit:
+        current = to_visit.pop()
+        if isinstance(current, kind):
+            return current
+        to_visit.extend(current._parents)  # pylint: disable=protected-access
+    raise ValueError(f"no {kind.__name__} in the iterator chain of {iterator}")
