@@ -1,0 +1,188 @@
+"""The VLM: SigLIP vision tower -> projector -> decoder LLM, with image tokens spliced into the text.
+
+Param tree (each part optional, paths are stable: checkpoints and converters rely on them):
+
+    vision_tower/   SigLIP ViT                          (models/siglip.py)
+    text_tower/     SigLIP text transformer             (contrastive phase only)
+    contrastive/    logit_scale, logit_bias             (contrastive phase only)
+    projector/      vision width -> LLM width           (models/projector.py)
+    llm/            Llama / Qwen2 / Gemma decoder       (models/decoder.py)
+
+Early fusion: the text holds `num_image_tokens` copies of the image token per image (what HF's
+LlavaProcessor expands `<image>` to); the k-th image-token position of a row receives the k-th
+image feature of that row, so images may sit anywhere in the text, several per example.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlm_jax.models import layers
+from vlm_jax.models.decoder import Decoder, DecoderConfig
+from vlm_jax.models.projector import Projector, ProjectorConfig, num_output_tokens
+from vlm_jax.models.siglip import SiglipTextTower, SiglipVisionTower, TextTowerConfig, VisionConfig
+
+COMPUTE_FIELDS = ("dtype", "param_dtype", "attention_backend", "remat_policy")
+FEATURE_SELECT = ("full", "default")
+
+
+@dataclasses.dataclass(frozen=True)
+class VLMConfig:
+    vision: VisionConfig | None = None
+    text_tower: TextTowerConfig | None = None
+    projector: ProjectorConfig | None = None
+    llm: DecoderConfig | None = None
+    image_token_id: int = -1
+    # HF LLaVA's vision_feature_select_strategy: "full" keeps every patch token (SigLIP has no
+    # CLS token); "default" drops the first token (CLIP's CLS), kept for faithful imports.
+    vision_feature_select: str = "full"
+    # Compute settings applied to every tower when set (None keeps each tower's own).
+    dtype: str | None = None
+    param_dtype: str | None = None
+    attention_backend: str | None = None
+    remat_policy: str | None = None
+
+    def __post_init__(self):
+        if self.vision_feature_select not in FEATURE_SELECT:
+            raise ValueError(f"model.vision_feature_select={self.vision_feature_select!r}; "
+                             f"supported: {FEATURE_SELECT}")
+        if self.projector is not None and (self.vision is None or self.llm is None):
+            raise ValueError("model.projector needs both model.vision and model.llm")
+        if self.vision is not None and self.llm is not None:
+            if self.projector is None:
+                raise ValueError("model.vision and model.llm are set but model.projector is not")
+            if not 0 <= self.image_token_id < self.llm.vocab_size:
+                raise ValueError(f"model.image_token_id={self.image_token_id} must be a token of "
+                                 f"the LLM vocabulary [0, {self.llm.vocab_size})")
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Image tokens the LLM reads per image (vision patches after the projector)."""
+        patches = self.vision.num_patches - (1 if self.vision_feature_select == "default" else 0)
+        return num_output_tokens(self.projector, patches)
+
+    def resolved(self, part: str):
+        """Sub-config `part` with the global compute overrides applied."""
+        sub = getattr(self, part)
+        overrides = {f: getattr(self, f) for f in COMPUTE_FIELDS
+                     if getattr(self, f) is not None and hasattr(sub, f)}
+        return dataclasses.replace(sub, **overrides) if overrides else sub
+
+
+class ContrastiveHead(nn.Module):
+    """SigLIP's learned temperature and bias (HF init: log(10) and -10)."""
+
+    @nn.compact
+    def __call__(self):
+        scale = layers.sharded_param(self, "logit_scale", nn.initializers.constant(np.log(10.0)),
+                                     (1,), ("norm",), jnp.float32)
+        bias = layers.sharded_param(self, "logit_bias", nn.initializers.constant(-10.0), (1,),
+                                    ("norm",), jnp.float32)
+        return scale, bias
+
+
+class VLM(nn.Module):
+    config: VLMConfig
+
+    def setup(self):
+        cfg = self.config
+        if cfg.vision is not None:
+            self.vision_tower = SiglipVisionTower(cfg.resolved("vision"))
+        if cfg.text_tower is not None:
+            self.text_tower = SiglipTextTower(cfg.resolved("text_tower"))
+            self.contrastive = ContrastiveHead()
+        if cfg.projector is not None:
+            self.projector = Projector(cfg.resolved("projector"), out_dim=cfg.llm.hidden_size)
+        if cfg.llm is not None:
+            self.llm = Decoder(cfg.resolved("llm"))
+
+    def encode_images(self, images: jax.Array) -> jax.Array:
+        """images: f32[B, M, H, W, 3] -> LLM-space image tokens f32[B, M * tokens_per_image, D]."""
+        b, m = images.shape[:2]
+        tokens = self.vision_tower(images.reshape((b * m,) + images.shape[2:]))  # [B*M, N, Dv]
+        if self.config.vision_feature_select == "default":
+            tokens = tokens[:, 1:]
+        tokens = self.projector(tokens)  # [B*M, N', D]
+        return tokens.reshape(b, m * tokens.shape[1], tokens.shape[2])
+
+    def embed(self, input_ids: jax.Array, images: jax.Array | None) -> jax.Array:
+        """Token embeddings with image features written into the image-token positions."""
+        embeds = self.llm.embed(input_ids)  # [B, T, D]
+        if images is None or images.shape[1] == 0:
+            return embeds
+        image_tokens = self.encode_images(images).astype(embeds.dtype)  # [B, M*n, D]
+        is_image = input_ids == self.config.image_token_id
+        # k-th image-token position of a row <- k-th image feature of that row
+        index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_tokens.shape[1] - 1)
+        gathered = jnp.take_along_axis(image_tokens, index[..., None], axis=1)
+        return jnp.where(is_image[..., None], gathered, embeds)
+
+    def __call__(self, input_ids: jax.Array, images: jax.Array | None, positions: jax.Array,
+                 mask_ar: jax.Array, segment_ids: jax.Array | None = None,
+                 return_hidden: bool = False):
+        """Logits f32[B, T, V] for a batch in the data pipeline's layout (see vlm_jax/data)."""
+        embeds = layers.constrain(self.embed(input_ids, images))
+        mask = layers.make_attention_mask(mask_ar, segment_ids)
+        return self.llm(embeds, positions, mask, return_hidden=return_hidden)
+
+    def contrastive_embeddings(self, images: jax.Array, text_ids: jax.Array):
+        """SigLIP: L2-normalised image and text embeddings f32[B, P] plus (logit_scale, logit_bias)."""
+        zimg = self.vision_tower.pool(images)
+        ztxt = self.text_tower(text_ids)
+        zimg = zimg / jnp.linalg.norm(zimg, axis=-1, keepdims=True)
+        ztxt = ztxt / jnp.linalg.norm(ztxt, axis=-1, keepdims=True)
+        return zimg, ztxt, self.contrastive()
+
+    def init_all(self, input_ids, images, positions, mask_ar, text_ids=None, image_size=None):
+        """Touches every part so `init` creates all params (use with `method=VLM.init_all`)."""
+        out = {}
+        if self.config.llm is not None:
+            out["logits"] = self(input_ids, images if self.config.vision is not None else None,
+                                 positions, mask_ar)
+        if self.config.text_tower is not None:
+            out["contrastive"] = self.contrastive_embeddings(images[:, 0], text_ids)
+        elif self.config.vision is not None and self.config.vision.use_head:
+            out["pooled"] = self.vision_tower.pool(images[:, 0])
+        return out
+
+
+def dummy_inputs(config: VLMConfig, batch_size: int = 1, seq_len: int | None = None) -> dict:
+    """Smallest inputs that exercise every part of `config` (for init / eval_shape)."""
+    n_tok = config.tokens_per_image if config.vision is not None and config.llm is not None else 0
+    seq_len = seq_len or n_tok + 4
+    inputs = {"input_ids": jnp.zeros((batch_size, seq_len), jnp.int32),
+              "positions": jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch_size, seq_len)),
+              "mask_ar": jnp.ones((batch_size, seq_len), jnp.int32), "images": None}
+    if config.vision is not None:
+        size = config.vision.image_size
+        inputs["images"] = jnp.zeros((batch_size, 1, size, size, 3), jnp.float32)
+        if n_tok:
+            inputs["input_ids"] = inputs["input_ids"].at[:, :n_tok].set(config.image_token_id)
+    if config.text_tower is not None:
+        inputs["text_ids"] = jnp.zeros((batch_size, config.text_tower.max_len), jnp.int32)
+    return inputs
+
+
+def init_params(config: VLMConfig, rng: jax.Array, boxed: bool = False):
+    """Fresh params for `config` (boxed=True keeps nn.LogicallyPartitioned for sharding)."""
+    params = VLM(config).init(rng, **dummy_inputs(config), method=VLM.init_all)["params"]
+    return params if boxed else nn.unbox(params)
+
+
+def check_image_placeholders(input_ids: np.ndarray, num_images: np.ndarray | int,
+                             image_token_id: int, tokens_per_image: int) -> None:
+    """Raise if a row's image-token count differs from num_images * tokens_per_image."""
+    counts = (np.asarray(input_ids) == image_token_id).sum(axis=-1)
+    want = np.broadcast_to(np.asarray(num_images) * tokens_per_image, counts.shape)
+    bad = np.nonzero(counts != want)[0]
+    if bad.size:
+        row = int(bad[0])
+        raise ValueError(
+            f"row {row} has {int(counts[row])} image tokens (id {image_token_id}) but "
+            f"{int(want[row]) // tokens_per_image} image(s) x {tokens_per_image} tokens per image = "
+            f"{int(want[row])} were expected: the text's image placeholders and the images "
+            f"do not match")
