@@ -171,31 +171,59 @@ class _GuardedTransform:
         return example
 
 
+class RowFitCheck:
+    """Refuses examples that cannot fit an empty row ("too_long" / "too_many_images")."""
+
+    def __init__(self, spec: RowSpec):
+        self.spec = spec
+
+    def __call__(self, example: Mapping[str, Any]) -> SkippedExample | None:
+        length, num_images = example_length(example), example_num_images(example)
+        if length > self.spec.seq_len:
+            return SkippedExample("too_long", f"{length} tokens > seq_len {self.spec.seq_len}",
+                                  str(example.get("id")))
+        if num_images > self.spec.max_images:
+            return SkippedExample("too_many_images", f"{num_images} images > max_images_per_row "
+                                  f"{self.spec.max_images}", str(example.get("id")))
+        return None
+
+
+def one_image_check(example: Mapping[str, Any]) -> SkippedExample | None:
+    """Contrastive pairs need exactly one image ("image_count")."""
+    if example_num_images(example) == 1:
+        return None
+    return SkippedExample("image_count", f"{example_num_images(example)} images, a contrastive "
+                          "pair needs exactly 1", str(example.get("id")))
+
+
+ExampleCheck = Callable[[Mapping[str, Any]], "SkippedExample | None"]
+
+
 class SkipAccountingIterDataset(grain.IterDataset):
-    """Counts and drops `SkippedExample` markers (and examples that cannot fit `row_spec`, as
-    "too_long" / "too_many_images"); raises `TooManySkippedExamples` past the threshold."""
+    """Counts and drops `SkippedExample` markers and the examples `check` refuses; raises
+    `TooManySkippedExamples` past the threshold."""
 
     def __init__(self, parent: grain.IterDataset, max_skip_fraction: float, min_seen: int,
-                 row_spec: RowSpec | None = None):
+                 check: ExampleCheck):
         super().__init__(parent)
         self._max_skip_fraction = max_skip_fraction
         self._min_seen = min_seen
-        self._row_spec = row_spec
+        self._check = check
 
     def __iter__(self) -> "SkipAccountingIterator":
         return SkipAccountingIterator(self._parent.__iter__(), self._max_skip_fraction,
-                                      self._min_seen, self._row_spec)
+                                      self._min_seen, self._check)
 
 
 class SkipAccountingIterator(grain.DatasetIterator):
     """State: {"parent": ..., "seen": raw examples seen, "skipped": {reason: count}}."""
 
     def __init__(self, parent: grain.DatasetIterator, max_skip_fraction: float, min_seen: int,
-                 row_spec: RowSpec | None):
+                 check: ExampleCheck):
         super().__init__(parent)
         self._max_skip_fraction = max_skip_fraction
         self._min_seen = min_seen
-        self._row_spec = row_spec
+        self._check = check
         self._seen = 0
         self._skipped: dict[str, int] = {}
 
@@ -203,22 +231,10 @@ class SkipAccountingIterator(grain.DatasetIterator):
         while True:
             element = next(self._parent)
             self._seen += 1
-            skip = element if isinstance(element, SkippedExample) else self._unfit(element)
+            skip = element if isinstance(element, SkippedExample) else self._check(element)
             if skip is None:
                 return element
             self._count(skip)
-
-    def _unfit(self, example: Mapping[str, Any]) -> SkippedExample | None:
-        spec = self._row_spec
-        if spec is None:
-            return None
-        if example_length(example) > spec.seq_len:
-            return SkippedExample("too_long", f"{example_length(example)} tokens > seq_len "
-                                  f"{spec.seq_len}", str(example.get("id")))
-        if example_num_images(example) > spec.max_images:
-            return SkippedExample("too_many_images", f"{example_num_images(example)} images > "
-                                  f"max_images_per_row {spec.max_images}", str(example.get("id")))
-        return None
 
     def _count(self, skip: SkippedExample) -> None:
         first_of_its_kind = skip.reason not in self._skipped
@@ -326,9 +342,9 @@ def build_example_dataset(cfg: DataConfig, sources: Sequence[tuple[str, Any, flo
     if cfg.worker_count > 0:
         stream = stream.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size))
-    row_spec = None if cfg.task == "contrastive" else cfg.row_spec
+    check = one_image_check if cfg.task == "contrastive" else RowFitCheck(cfg.row_spec)
     return SkipAccountingIterDataset(stream, cfg.max_skip_fraction, cfg.min_seen_for_skip_check,
-                                     row_spec)
+                                     check)
 
 
 def stack_contrastive(examples: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:

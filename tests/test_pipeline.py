@@ -1,0 +1,211 @@
+"""The grain pipeline end to end on small fake sources: determinism, exact resume, per-process
+shards, mixture weights, epochs, skip accounting and its threshold, config validation."""
+import json
+
+import numpy as np
+import pytest
+
+from vlm_jax.config_utils import from_dict
+from vlm_jax.data.errors import SkipExample
+from vlm_jax.data.pipeline import (DataConfig, SourceConfig, TooManySkippedExamples,
+                                   build_pipeline_from)
+
+IMAGE_SIZE = 2
+# Token t of example `number` of source `source_number` is source_number * 100_000 + number * 100 + t.
+SOURCE_STRIDE, EXAMPLE_STRIDE = 100_000, 100
+
+
+class CountingSource:
+    """Raw examples carrying their number; every `bad_every`-th one raises SkipExample."""
+
+    def __init__(self, size: int, source_number: int = 0, bad_every: int = 0):
+        self.size, self.source_number, self.bad_every = size, source_number, bad_every
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        if self.bad_every and index % self.bad_every == 0:
+            raise SkipExample("image_missing", f"row {index}")
+        return {"id": f"s{self.source_number}:{index}", "images": [b"x"] * (index % 2),
+                "conversation": None, "caption": f"caption {index}",
+                "meta": {"number": index, "source_number": self.source_number}}
+
+
+def counting_transform(raw):
+    """TOKENIZED EXAMPLE whose tokens spell out where it came from; length 2..9 tokens."""
+    number, source_number = raw["meta"]["number"], raw["meta"]["source_number"]
+    if number % 13 == 5:
+        raise SkipExample("no_answer", raw["id"])
+    length = 2 + number % 8
+    input_ids = (source_number * SOURCE_STRIDE + number * EXAMPLE_STRIDE + np.arange(length)).astype(np.int32)
+    num_images = len(raw["images"])
+    return {"input_ids": input_ids, "target_ids": np.append(input_ids[1:], 0).astype(np.int32),
+            "loss_mask": np.ones(length, np.float32), "positions": np.arange(length, dtype=np.int32),
+            "mask_ar": np.ones(length, np.int32),
+            "images": np.full((num_images, IMAGE_SIZE, IMAGE_SIZE, 3), number, np.float32),
+            "text_ids": np.full((4,), number, np.int32)}
+
+
+def config(**overrides) -> DataConfig:
+    values = dict(sources=(), seq_len=24, image_size=IMAGE_SIZE, batch_size=3, max_images_per_row=2,
+                  seed=7, max_skip_fraction=0.5, min_seen_for_skip_check=10)
+    values.update(overrides)
+    return DataConfig(**values)
+
+
+def pipeline(cfg, sources, process_index=0, process_count=1):
+    triples = [(f"fake{i}", source, weight) for i, (source, weight) in enumerate(sources)]
+    return build_pipeline_from(cfg, triples, counting_transform, process_index, process_count)
+
+
+def example_keys(batch) -> list[tuple[int, int]]:
+    """(source_number, number) of every packed example in the batch, from its first token."""
+    keys = []
+    for input_ids, segment_ids in zip(batch["input_ids"], batch["segment_ids"]):
+        for segment in np.unique(segment_ids[segment_ids > 0]):
+            first = int(input_ids[segment_ids == segment][0])
+            keys.append((first // SOURCE_STRIDE, first % SOURCE_STRIDE // EXAMPLE_STRIDE))
+    return keys
+
+
+def good_numbers(size, bad_every=0):
+    return {n for n in range(size) if not (bad_every and n % bad_every == 0) and n % 13 != 5}
+
+
+def assert_batches_equal(got, want):
+    assert len(got) == len(want)
+    for got_batch, want_batch in zip(got, want):
+        assert got_batch.keys() == want_batch.keys()
+        for name in want_batch:
+            np.testing.assert_array_equal(got_batch[name], want_batch[name], err_msg=name)
+
+
+def take(iterator, count):
+    return [next(iterator) for _ in range(count)]
+
+
+def test_same_seed_same_batches_other_seed_other_order():
+    first = take(pipeline(config(), [(CountingSource(50), 1)]), 10)
+    assert_batches_equal(take(pipeline(config(), [(CountingSource(50), 1)]), 10), first)
+    other = take(pipeline(config(seed=8), [(CountingSource(50), 1)]), 10)
+    assert example_keys(other[0]) != example_keys(first[0])
+
+
+@pytest.mark.parametrize("packing,read_threads", [(True, 0), (False, 2)])
+def test_resume_mid_epoch_gives_the_same_next_50_batches(packing, read_threads):
+    cfg = config(packing=packing, read_threads=read_threads, prefetch_buffer_size=8)
+    sources = [(CountingSource(37, bad_every=6), 1), (CountingSource(23, 1), 1)]
+    iterator = pipeline(cfg, sources)
+    take(iterator, 9)  # mid-epoch: the mixed epoch is ~46 examples, ~6 batches; 9 crosses into the 2nd
+    state = json.loads(json.dumps(iterator.get_state()))  # what an orbax checkpoint stores
+    want = take(iterator, 50)
+    resumed = pipeline(cfg, sources)
+    resumed.set_state(state)
+    assert_batches_equal(take(resumed, 50), want)
+    # The skip counters are part of the state: both runs agree on what they skipped so far.
+    assert resumed.skip_counts() == iterator.skip_counts()
+    assert iterator.skip_counts()["skipped"]["image_missing"] > 0
+
+
+def test_two_processes_read_disjoint_shards_that_cover_the_data():
+    cfg = config(num_epochs=1)
+    seen = []
+    for process_index in range(2):
+        keys = [key for batch in pipeline(cfg, [(CountingSource(41, bad_every=10), 1)],
+                                          process_index, 2) for key in example_keys(batch)]
+        assert len(keys) == len(set(keys))
+        seen.append({number for _, number in keys})
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == good_numbers(41, bad_every=10)
+    assert abs(len(seen[0]) - len(seen[1])) <= 4
+
+
+def test_mixture_weights_are_respected():
+    cfg = config(packing=False, batch_size=10)
+    iterator = pipeline(cfg, [(CountingSource(300, 0), 3.0), (CountingSource(300, 1), 1.0)])
+    keys = [key for batch in take(iterator, 40) for key in example_keys(batch)]
+    fraction_first = np.mean([source == 0 for source, _ in keys])
+    assert 0.7 < fraction_first < 0.8, fraction_first
+
+
+def test_epochs_repeat_every_good_example_once_each_reshuffled():
+    cfg = config(num_epochs=3, packing=False, batch_size=4)
+    iterator = pipeline(cfg, [(CountingSource(30, bad_every=7), 1)])
+    keys = [key for batch in iterator for key in example_keys(batch)]
+    good = good_numbers(30, bad_every=7)
+    assert len(keys) == 3 * len(good)
+    epochs = [[number for _, number in keys[i * len(good):(i + 1) * len(good)]] for i in range(3)]
+    for epoch in epochs:
+        assert sorted(epoch) == sorted(good)
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
+    counts = iterator.skip_counts()
+    bad_rows = 30 // 7 + 1
+    assert counts["seen"] == 3 * 30
+    assert counts["skipped"] == {"image_missing": 3 * bad_rows,
+                                 "no_answer": 3 * (30 - bad_rows - len(good))}
+
+
+def test_skip_fraction_threshold_stops_the_run_naming_the_counts():
+    cfg = config(max_skip_fraction=0.2, min_seen_for_skip_check=20)
+    iterator = pipeline(cfg, [(CountingSource(100, bad_every=2), 1)])
+    with pytest.raises(TooManySkippedExamples, match=r"image_missing.*max_skip_fraction|max_skip_fraction=0.2.*image_missing"):
+        take(iterator, 100)
+    # Under the threshold the same data runs to the end of the epoch.
+    assert list(pipeline(config(max_skip_fraction=0.75, num_epochs=1),
+                         [(CountingSource(100, bad_every=2), 1)]))
+
+
+def test_examples_longer_than_seq_len_are_counted_as_too_long():
+    iterator = pipeline(config(seq_len=6, num_epochs=1), [(CountingSource(16), 1)])
+    keys = [key for batch in iterator for key in example_keys(batch)]
+    lengths = {n: 2 + n % 8 for n in good_numbers(16)}
+    assert {n for _, n in keys} == {n for n, length in lengths.items() if length <= 6}
+    assert iterator.skip_counts()["skipped"]["too_long"] == sum(l > 6 for l in lengths.values())
+
+
+def test_contrastive_batches():
+    iterator = pipeline(config(task="contrastive", batch_size=2, num_epochs=1,
+                               max_skip_fraction=0.9), [(CountingSource(20), 1)])
+    batches = list(iterator)
+    assert all(batch.keys() == {"images", "text_ids"} for batch in batches)
+    assert batches[0]["images"].shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert batches[0]["text_ids"].shape == (2, 4)
+    # Odd rows have the one image a pair needs; even rows have none and are counted, not padded.
+    numbers = [int(n) for batch in batches for n in batch["text_ids"][:, 0]]
+    assert len(numbers) == 2 * (len({n for n in good_numbers(20) if n % 2}) // 2)
+    assert all(n % 2 for n in numbers)
+    np.testing.assert_array_equal(batches[0]["images"][:, 0, 0, 0], batches[0]["text_ids"][:, 0])
+    assert iterator.skip_counts()["skipped"]["image_count"] == len({n for n in good_numbers(20) if not n % 2})
+
+
+def test_config_from_dict_builds_sources_and_rejects_unknown_keys():
+    cfg = from_dict(DataConfig, {"sources": [{"kind": "llava_json", "weight": 2.0,
+                                              "options": {"path": "x.json"}}], "seq_len": 64})
+    assert cfg.sources == (SourceConfig("llava_json", 2.0, {"path": "x.json"}),)
+    with pytest.raises(ValueError, match="seq_lenn"):
+        from_dict(DataConfig, {"sources": [], "seq_lenn": 3})
+    with pytest.raises(ValueError, match="data.sources\\[0\\].wieght"):
+        from_dict(DataConfig, {"sources": [{"kind": "tfds", "wieght": 1}]})
+    with pytest.raises(ValueError, match="supported"):
+        from_dict(DataConfig, {"sources": [{"kind": "parquet"}]})
+    with pytest.raises(ValueError, match="task"):
+        DataConfig(sources=(), task="caption")
+
+
+def test_worker_processes_count_skips_like_the_main_process_and_resume_exactly():
+    sources = [(CountingSource(41, bad_every=10), 1)]
+    in_process = pipeline(config(num_epochs=2), sources)
+    want_keys = sorted(key for batch in in_process for key in example_keys(batch))
+    with_workers = pipeline(config(num_epochs=2, worker_count=2), sources)
+    first = take(with_workers, 3)
+    state = with_workers.get_state()
+    rest = list(with_workers)
+    assert sorted(key for batch in first + rest for key in example_keys(batch)) == want_keys
+    assert with_workers.skip_counts() == in_process.skip_counts()
+    with_workers.close()
+    resumed = pipeline(config(num_epochs=2, worker_count=2), sources)
+    resumed.set_state(state)
+    assert_batches_equal(list(resumed), rest)
+    assert resumed.skip_counts() == in_process.skip_counts()
+    resumed.close()
