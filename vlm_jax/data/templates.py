@@ -1,0 +1,169 @@
+"""Chat templates per decoder family: a conversation -> text pieces flagged "learn this" or not.
+
+Each template renders exactly the text of its family's official HF chat template (or, for
+"vicuna", of LLaVA-1.5's `conv_vicuna_v1`), cut into `(text_segment, is_target)` pieces: the
+targets are each assistant answer and the end-of-turn token that closes it, so the loss never
+falls on prompts, roles or headers. BOS/EOS are written as text (`bos_token` / `eos_token`, as in
+HF's `apply_chat_template`); the tokenizer encodes special-token strings as single ids.
+
+Registry: `TEMPLATES[name]`, or `get_template(name)` which names the supported ones on a miss.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping, Sequence
+
+from vlm_jax.data.tokenizer import IMAGE_TOKEN
+
+Piece = tuple[str, bool]  # (text_segment, is_target)
+Message = Mapping[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+
+QWEN2_DEFAULT_SYSTEM = "You are a helpful assistant."
+VICUNA_DEFAULT_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                         "The assistant gives helpful, detailed, and polite answers to the human's "
+                         "questions.")
+
+
+class TemplateError(ValueError):
+    """The conversation cannot be rendered by this template (roles out of order, ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+    """A named renderer `(messages, bos_token, eos_token) -> pieces`."""
+    name: str
+    render_pieces: Callable[[Sequence[Message], str, str], list[Piece]]
+
+    def render(self, messages: Sequence[Message], bos_token: str | None = None,
+               eos_token: str | None = None) -> list[Piece]:
+        """Pieces of the rendered conversation; "".join of their texts is the full prompt."""
+        _check_roles(messages)
+        return [p for p in self.render_pieces(messages, bos_token or "", eos_token or "") if p[0]]
+
+    def text(self, messages: Sequence[Message], bos_token: str | None = None,
+             eos_token: str | None = None) -> str:
+        return "".join(text for text, _ in self.render(messages, bos_token, eos_token))
+
+
+def _check_roles(messages: Sequence[Message]) -> None:
+    """An optional leading system turn, then user / assistant alternating from user."""
+    turns = list(messages)
+    if turns and turns[0]["role"] == "system":
+        turns = turns[1:]
+    if not turns:
+        raise TemplateError("conversation has no user turn")
+    for index, message in enumerate(turns):
+        expected = "user" if index % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise TemplateError(f"turn {index} has role {message['role']!r}, expected {expected!r}"
+                                " (an optional system turn first, then user/assistant alternating)")
+        if not isinstance(message["content"], str):
+            raise TemplateError(f"turn {index} content is {type(message['content']).__name__}, "
+                                "expected str")
+
+
+def _split_system(messages: Sequence[Message]) -> tuple[str | None, list[Message]]:
+    if messages[0]["role"] == "system":
+        return messages[0]["content"], list(messages[1:])
+    return None, list(messages)
+
+
+def _llama2(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
+    """meta-llama/Llama-2-*-chat-hf: the system prompt goes inside the first [INST] block."""
+    system, turns = _split_system(messages)
+    pieces: list[Piece] = []
+    for index, message in enumerate(turns):
+        content = message["content"]
+        if message["role"] == "user":
+            if index == 0 and system is not None:
+                content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
+            pieces.append((f"{bos}[INST] {content.strip()} [/INST]", False))
+        else:
+            pieces.append((f" {content.strip()} {eos}", True))
+    return pieces
+
+
+def _llama3(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
+    """meta-llama/Meta-Llama-3-*-Instruct (3.0: no date preamble); every turn ends <|eot_id|>."""
+    pieces: list[Piece] = []
+    for index, message in enumerate(messages):
+        header = f"<|start_header_id|>{message['role']}<|end_header_id|>\n\n"
+        if index == 0:
+            header = bos + header
+        body = message["content"].strip() + "<|eot_id|>"
+        if message["role"] == "assistant":
+            pieces += [(header, False), (body, True)]
+        else:
+            pieces.append((header + body, False))
+    return pieces
+
+
+def _qwen2(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
+    """Qwen/Qwen2-*-Instruct ChatML, with Qwen's default system prompt when none is given."""
+    pieces: list[Piece] = []
+    if messages[0]["role"] != "system":
+        pieces.append((f"<|im_start|>system\n{QWEN2_DEFAULT_SYSTEM}<|im_end|>\n", False))
+    for message in messages:
+        if message["role"] == "assistant":
+            pieces += [("<|im_start|>assistant\n", False),
+                       (message["content"] + "<|im_end|>", True), ("\n", False)]
+        else:
+            pieces.append((f"<|im_start|>{message['role']}\n{message['content']}<|im_end|>\n",
+                           False))
+    return pieces
+
+
+def _gemma(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
+    """google/gemma-3-*-it: the assistant is "model"; a system prompt opens the first user turn
+    (Gemma 1/2 templates refuse a system turn; without one all three render the same)."""
+    system, turns = _split_system(messages)
+    first_user_prefix = "" if system is None else system + "\n\n"
+    pieces: list[Piece] = [(bos, False)]
+    for index, message in enumerate(turns):
+        content = message["content"].strip()
+        if message["role"] == "assistant":
+            pieces += [("<start_of_turn>model\n", False), (content + "<end_of_turn>", True),
+                       ("\n", False)]
+        else:
+            prefix = first_user_prefix if index == 0 else ""
+            pieces.append((f"<start_of_turn>user\n{prefix}{content}<end_of_turn>\n", False))
+    return pieces
+
+
+def _vicuna(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
+    """LLaVA-1.5 `conv_vicuna_v1` (SeparatorStyle.TWO): "{system} USER: {q} ASSISTANT: {a}</s>",
+    with the BOS the Llama tokenizer prepends written explicitly."""
+    system, turns = _split_system(messages)
+    pieces: list[Piece] = [(bos + (VICUNA_DEFAULT_SYSTEM if system is None else system) + " ",
+                            False)]
+    for message in turns:
+        if message["role"] == "user":
+            pieces.append((f"USER: {message['content']} ", False))
+        else:
+            pieces += [("ASSISTANT:", False), (f" {message['content']}{eos}", True)]
+    return pieces
+
+
+def _plain(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
+    """LLaVA stage-1 alignment: one "<image>\\n" per image of the user turn (its instruction text is
+    dropped), then the caption (the one assistant turn) and EOS; only caption + EOS are learned."""
+    _, turns = _split_system(messages)
+    answers = [m["content"] for m in turns if m["role"] == "assistant"]
+    if len(answers) != 1:
+        raise TemplateError(f"the plain template needs exactly one caption (assistant turn), "
+                            f"got {len(answers)}")
+    num_images = sum(m["content"].count(IMAGE_TOKEN) for m in turns if m["role"] == "user")
+    return [(bos + f"{IMAGE_TOKEN}\n" * num_images, False), (answers[0].strip() + eos, True)]
+
+
+TEMPLATES: dict[str, ChatTemplate] = {
+    name: ChatTemplate(name, fn) for name, fn in [
+        ("llama2", _llama2), ("llama3", _llama3), ("qwen2", _qwen2), ("gemma", _gemma),
+        ("vicuna", _vicuna), ("plain", _plain)]
+}
+
+
+def get_template(name: str) -> ChatTemplate:
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown chat template {name!r}; supported: {sorted(TEMPLATES)}")
+    return TEMPLATES[name]
