@@ -77,7 +77,7 @@ class DataConfig:
     it in); `batch_size` is per process."""
     sources: tuple[SourceConfig, ...]
     task: str = "instruct"              # "instruct" | "align" | "lm" | "contrastive"
-    template: str = "llava"             # chat template name (see data/templates.py)
+    template: str = "vicuna"            # chat template name (see data/templates.py)
     seq_len: int = 512
     text_len: int = 64                  # caption tokens per example ("contrastive" only)
     image_size: int = 224
