@@ -114,10 +114,20 @@ def _line_offsets(data: bytes) -> np.ndarray:
 def _row_to_example(row, example_id: str, image_root: str) -> dict:
     if not isinstance(row, dict):
         raise SkipExample("json_malformed", f"{example_id}: row is a {type(row).__name__}, not a dict")
-    turns = row.get("conversations")
+    _check_utf8(row, example_id)
+    relative_paths = _image_paths(row.get("image"), example_id)
+    conversation = parse_llava_conversation(row.get("conversations"), len(relative_paths),
+                                            example_id)
+    images = [_read_image(path, image_root, example_id) for path in relative_paths]
+    return {"id": example_id, "images": images, "conversation": conversation, "caption": None,
+            "meta": {"source": "llava_json", "row_id": row.get("id"), "image_paths": relative_paths}}
+
+
+def parse_llava_conversation(turns: list, num_images: int, example_id: str) -> list[dict]:
+    """LLaVA `conversations` ({from, value} turns) -> [{role, content}], checked and repaired as
+    the module docstring says (json_malformed, no_answer, placeholder_mismatch)."""
     if not isinstance(turns, list) or not turns:
         raise SkipExample("json_malformed", f"{example_id}: no `conversations` list")
-    _check_utf8(row, example_id)
     conversation = []
     for turn in turns:
         if not isinstance(turn, dict) or turn.get("from") not in _ROLES:
@@ -127,12 +137,7 @@ def _row_to_example(row, example_id: str, image_root: str) -> dict:
             raise SkipExample("json_malformed", f"{example_id}: turn value is not a string")
         conversation.append({"role": _ROLES[turn["from"]], "content": turn["value"]})
     _check_answers(conversation, example_id)
-
-    relative_paths = _image_paths(row.get("image"), example_id)
-    conversation = _check_placeholders(conversation, len(relative_paths), example_id)
-    images = [_read_image(path, image_root, example_id) for path in relative_paths]
-    return {"id": example_id, "images": images, "conversation": conversation, "caption": None,
-            "meta": {"source": "llava_json", "row_id": row.get("id"), "image_paths": relative_paths}}
+    return _check_placeholders(conversation, num_images, example_id)
 
 
 def _check_utf8(value, example_id: str) -> None:
