@@ -1,0 +1,295 @@
+"""Per-example transforms: loss mask on answers only (per family, and against transformers'
+assistant mask), placeholder expansion, too_long / truncation, prefix-LM mask_ar, captions,
+contrastive text, text-only LM examples."""
+import io
+import pickle
+import types
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+from PIL import Image
+
+from vlm_jax.data.errors import SkipExample
+from vlm_jax.data.images import decode_image, preprocess_image
+from vlm_jax.data.templates import get_template
+from vlm_jax.data.tokenizer import Tokenizer, train_word_tokenizer
+from vlm_jax.data.transforms import (Chain, DecodeImages, TokenizeCaption, TokenizeContrastive,
+                                     TokenizeConversation, TokenizeText, make_transform)
+from vlm_jax.models.layers import make_attention_mask
+
+TEMPLATE_TOKENS = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>",
+                   "<|eot_id|>", "<start_of_turn>", "<end_of_turn>"]
+CORPUS = ["a large red circle at the top left and a small blue square in the center",
+          "what color is the circle? red", "how many objects are there? two objects",
+          "USER: ASSISTANT: describe the image", "[INST] [/INST] system user assistant"] * 8
+ANSWERS = ["red", "two objects"]
+CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "<image>\nwhat color is the circle?"},
+    {"role": "assistant", "content": ANSWERS[0]},
+    {"role": "user", "content": "how many objects are there?"},
+    {"role": "assistant", "content": ANSWERS[1]},
+]
+END_OF_TURN = {"llama2": "<eos>", "llama3": "<|eot_id|>", "qwen2": "<|im_end|>",
+               "gemma": "<end_of_turn>", "vicuna": "<eos>"}
+IMAGE_SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_word_tokenizer(CORPUS, special_tokens=TEMPLATE_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_tokenizer(tmp_path_factory):
+    """Llama-like: SentencePiece with <s>/</s> controls and an added <image>."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_writer=model, vocab_size=360, model_type="bpe",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
+    path = tmp_path_factory.mktemp("sp") / "tokenizer.model"
+    path.write_bytes(model.getvalue())
+    tok = Tokenizer.from_path(str(path))
+    tok.add_special_tokens(["<image>"])
+    return tok
+
+
+def _example(conversation=CONVERSATION, num_images=1, image_size=IMAGE_SIZE):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (20, 28, 3), dtype=np.uint8) for _ in range(num_images)]
+    raw = {"id": "test:0", "images": images, "conversation": conversation, "caption": None,
+           "meta": {}}
+    return DecodeImages(image_size).map(raw)
+
+
+def _target_runs(tokenizer, example):
+    """Decoded text of each contiguous run of learned target tokens."""
+    mask = example["loss_mask"] > 0
+    runs, current = [], []
+    for t in range(len(mask)):
+        if mask[t]:
+            current.append(int(example["target_ids"][t]))
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return [tokenizer.decode(run, skip_special_tokens=False) for run in runs]
+
+
+@pytest.mark.parametrize("name", sorted(END_OF_TURN))
+def test_loss_mask_is_exactly_the_answers(tokenizer, name):
+    example = TokenizeConversation(tokenizer, name, num_image_tokens=3, seq_len=256).map(
+        _example())
+    runs = _target_runs(tokenizer, example)
+    assert [r.strip() for r in runs] == [
+        f"{a} {END_OF_TURN[name]}" if name == "llama2" else f"{a}{END_OF_TURN[name]}"
+        for a in ANSWERS]
+    # The unlearned tokens still hold the prompts (nothing was dropped).
+    prompt = tokenizer.decode(example["input_ids"][example["loss_mask"] == 0])
+    assert "what color is the circle?" in prompt and "how many objects are there?" in prompt
+
+
+@pytest.mark.parametrize("name", ["llama2", "vicuna"])
+def test_loss_mask_with_sentencepiece(sentencepiece_tokenizer, name):
+    tok = sentencepiece_tokenizer
+    example = TokenizeConversation(tok, name, num_image_tokens=4, seq_len=512).map(_example())
+    runs = _target_runs(tok, example)
+    expected_eot = " </s>" if name == "llama2" else "</s>"
+    assert [r.strip() for r in runs] == [f"{a}{expected_eot}" for a in ANSWERS]
+    # Ids are exactly the tokenizer's ids of the whole rendered text (image expanded).
+    text = get_template(name).text(CONVERSATION, "<s>", "</s>")
+    ids = np.asarray(tok.encode(text))
+    expanded = np.repeat(ids, np.where(ids == tok.image_token_id, 4, 1))
+    np.testing.assert_array_equal(example["input_ids"], expanded)
+
+
+QWEN2_GENERATION_JINJA = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% generation %}"
+    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}{% else %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endif %}{% endfor %}")
+LLAMA3_GENERATION_JINJA = (
+    "{% for message in messages %}{% if loop.index0 == 0 %}{{ bos_token }}{% endif %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}"
+    "{{ message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] | trim + '<|eot_id|>' }}{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("name,jinja", [("qwen2", QWEN2_GENERATION_JINJA),
+                                        ("llama3", LLAMA3_GENERATION_JINJA)])
+def test_matches_transformers_assistant_mask(tokenizer, tmp_path, name, jinja):
+    """transformers' own tokenization + {% generation %} mask of the same conversation."""
+    from transformers import AutoTokenizer
+    tokenizer.save(str(tmp_path))
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    expected = hf.apply_chat_template(CONVERSATION, chat_template=jinja, tokenize=True,
+                                      return_dict=True, return_assistant_tokens_mask=True)
+    example = TokenizeConversation(tokenizer, name, num_image_tokens=1, seq_len=256).map(
+        _example())
+    np.testing.assert_array_equal(example["input_ids"], expected["input_ids"])
+    np.testing.assert_array_equal(example["loss_mask"][:-1], expected["assistant_masks"][1:])
+    assert example["loss_mask"][-1] == 0
+
+
+def test_contract_fields(tokenizer):
+    example = TokenizeConversation(tokenizer, "qwen2", num_image_tokens=5, seq_len=256).map(
+        _example(num_images=1))
+    n = len(example["input_ids"])
+    assert example["input_ids"].dtype == np.int32 and example["loss_mask"].dtype == np.float32
+    np.testing.assert_array_equal(example["target_ids"][:-1], example["input_ids"][1:])
+    assert example["target_ids"][-1] == 0 and example["loss_mask"][-1] == 0
+    np.testing.assert_array_equal(example["positions"], np.arange(n))
+    np.testing.assert_array_equal(example["mask_ar"], np.ones(n))
+    assert example["images"].shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3)
+
+
+def test_placeholder_expansion(tokenizer):
+    conversation = [{"role": "user", "content": "<image> and <image>\nwhat color is the circle?"},
+                    {"role": "assistant", "content": "red"}]
+    example = TokenizeConversation(tokenizer, "vicuna", num_image_tokens=7, seq_len=256).map(
+        _example(conversation, num_images=2))
+    is_image = example["input_ids"] == tokenizer.image_token_id
+    assert is_image.sum() == 14
+    starts = np.flatnonzero(np.diff(np.concatenate([[0], is_image.astype(int)])) == 1)
+    assert len(starts) == 2 and all(is_image[s:s + 7].all() for s in starts)
+    assert not (example["loss_mask"] * is_image).any()
+    assert example["images"].shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3)
+
+
+def test_placeholder_mismatch(tokenizer):
+    transform = TokenizeConversation(tokenizer, "qwen2", num_image_tokens=2, seq_len=256)
+    with pytest.raises(SkipExample) as error:
+        transform.map(_example(num_images=2))
+    assert error.value.reason == "placeholder_mismatch"
+
+
+def test_too_long_and_truncation_never_cuts_images(tokenizer):
+    long_conversation = CONVERSATION + [
+        {"role": "user", "content": "what color is the circle?"},
+        {"role": "assistant", "content": "red"}] * 10
+    exact = TokenizeConversation(tokenizer, "qwen2", num_image_tokens=16, seq_len=1024).map(
+        _example(long_conversation))
+    full_length = len(exact["input_ids"])
+    with pytest.raises(SkipExample) as error:
+        TokenizeConversation(tokenizer, "qwen2", 16, seq_len=full_length - 1).map(
+            _example(long_conversation))
+    assert error.value.reason == "too_long"
+    cut = TokenizeConversation(tokenizer, "qwen2", 16, seq_len=60, truncate=True).map(
+        _example(long_conversation))
+    assert len(cut["input_ids"]) == 60
+    np.testing.assert_array_equal(cut["input_ids"], exact["input_ids"][:60])
+    assert (cut["input_ids"] == tokenizer.image_token_id).sum() == 16
+    # A cut through the image tokens is refused, truncate or not.
+    first_image = int(np.argmax(exact["input_ids"] == tokenizer.image_token_id))
+    with pytest.raises(SkipExample) as error:
+        TokenizeConversation(tokenizer, "qwen2", 16, seq_len=first_image + 8, truncate=True).map(
+            _example(long_conversation))
+    assert error.value.reason == "too_long"
+
+
+def test_no_answer_and_malformed(tokenizer):
+    transform = TokenizeConversation(tokenizer, "llama3", num_image_tokens=2, seq_len=256)
+    empty = [{"role": "user", "content": "<image>\nwhat?"}, {"role": "assistant", "content": " "}]
+    for conversation, reason in [(empty, "no_answer"), (None, "no_conversation"),
+                                 (list(reversed(CONVERSATION[1:3])), "conversation_malformed")]:
+        with pytest.raises(SkipExample) as error:
+            transform.map(_example(conversation))
+        assert error.value.reason == reason
+
+
+def test_prefix_lm_mask_ar(tokenizer):
+    example = TokenizeConversation(tokenizer, "gemma", num_image_tokens=4, seq_len=256,
+                                   prefix_lm=True).map(_example())
+    first_answer = int(np.argmax(example["loss_mask"])) + 1  # input position of the 1st answer
+    np.testing.assert_array_equal(example["mask_ar"][:first_answer], 0)
+    np.testing.assert_array_equal(example["mask_ar"][first_answer:], 1)
+    mask = np.asarray(make_attention_mask(example["mask_ar"][None]))[0, 0]
+    # Image tokens see the prompt after them; nothing in the prefix sees the answer.
+    image_positions = np.flatnonzero(example["input_ids"] == tokenizer.image_token_id)
+    assert mask[image_positions[0], first_answer - 1]
+    assert not mask[:first_answer, first_answer:].any()
+    assert mask[first_answer:, :first_answer].all()
+
+
+def test_caption(tokenizer):
+    raw = {"id": "c", "images": [np.zeros((8, 8, 3), np.uint8)], "caption": "a red circle",
+           "conversation": None, "meta": {}}
+    example = Chain(DecodeImages(IMAGE_SIZE), TokenizeCaption(tokenizer, 3, 64)).map(raw)
+    assert _target_runs(tokenizer, example) == ["a red circle<eos>"]
+    np.testing.assert_array_equal(example["input_ids"][:5],
+                                  [tokenizer.bos_id] + [tokenizer.image_token_id] * 3
+                                  + tokenizer.encode("\n"))
+    # LLaVA pretraining rows keep the caption in the assistant turn (instruction dropped).
+    raw = dict(raw, caption=None, conversation=[
+        {"role": "user", "content": "describe the image\n<image>"},
+        {"role": "assistant", "content": "a blue square"}])
+    example = Chain(DecodeImages(IMAGE_SIZE), TokenizeCaption(tokenizer, 3, 64)).map(raw)
+    assert _target_runs(tokenizer, example) == ["a blue square<eos>"]
+    assert "describe" not in tokenizer.decode(example["input_ids"])
+
+
+def test_contrastive(tokenizer):
+    raw = {"id": "c", "images": [np.zeros((8, 8, 3), np.uint8)], "caption": "a large red circle",
+           "conversation": None, "meta": {}}
+    out = Chain(DecodeImages(IMAGE_SIZE), TokenizeContrastive(tokenizer, 8)).map(raw)
+    ids = tokenizer.encode("a large red circle")
+    np.testing.assert_array_equal(out["text_ids"], ids + [tokenizer.eos_id]
+                                  + [tokenizer.pad_id] * (7 - len(ids)))
+    short = TokenizeContrastive(tokenizer, 3).map(DecodeImages(IMAGE_SIZE).map(raw))
+    np.testing.assert_array_equal(short["text_ids"], ids[:2] + [tokenizer.eos_id])
+    assert short["images"].shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3)
+
+
+def test_text_only(tokenizer):
+    raw = {"id": "t", "images": [], "caption": "what color is the circle? red",
+           "conversation": None, "meta": {}}
+    example = TokenizeText(tokenizer, 64).map(raw)
+    ids = [tokenizer.bos_id] + tokenizer.encode("what color is the circle? red") + [tokenizer.eos_id]
+    np.testing.assert_array_equal(example["input_ids"], ids)
+    np.testing.assert_array_equal(example["loss_mask"], [1.0] * (len(ids) - 1) + [0.0])
+    assert "images" not in example
+    with pytest.raises(SkipExample) as error:
+        TokenizeText(tokenizer, 4).map(raw)
+    assert error.value.reason == "too_long"
+    # A text-only conversation, rendered with a template, with no image.
+    raw = dict(raw, caption=None, conversation=CONVERSATION[3:])
+    example = TokenizeText(tokenizer, 64, "qwen2").map(raw)
+    assert tokenizer.decode(example["input_ids"], False).startswith("<|im_start|>system")
+
+
+def test_decode_images_matches_images_module():
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    out = DecodeImages(24).map({"images": [buffer.getvalue(), pixels]})["images"]
+    expected = preprocess_image(decode_image(pixels), 24)
+    assert out.shape == (2, 24, 24, 3) and out.dtype == np.float32
+    np.testing.assert_allclose(out[0], expected, atol=1e-6)
+    np.testing.assert_allclose(out[1], expected, atol=1e-6)
+    assert DecodeImages(24).map({"images": []})["images"].shape == (0, 24, 24, 3)
+
+
+def test_undecoded_images_are_refused(tokenizer):
+    raw = {"id": "x", "images": [b"bytes"], "conversation": CONVERSATION, "caption": None}
+    with pytest.raises(ValueError, match="DecodeImages"):
+        TokenizeConversation(tokenizer, "qwen2", 2, 64).map(raw)
+
+
+@pytest.mark.parametrize("task", ["instruct", "align", "lm", "contrastive"])
+def test_make_transform_per_task_and_pickles(tokenizer, task):
+    cfg = types.SimpleNamespace(task=task, template="qwen2", seq_len=128, image_size=IMAGE_SIZE,
+                                num_image_tokens=4, text_len=8)
+    transform = pickle.loads(pickle.dumps(make_transform(cfg, tokenizer)))
+    raw = {"id": "m", "images": [np.zeros((8, 8, 3), np.uint8)] if task != "lm" else [],
+           "conversation": CONVERSATION if task != "lm" else CONVERSATION[3:],
+           "caption": "a red circle" if task in ("align", "contrastive") else None, "meta": {}}
+    out = transform(raw)
+    assert ("text_ids" in out) == (task == "contrastive")
+    assert ("input_ids" in out) == (task != "contrastive")
