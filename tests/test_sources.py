@@ -152,3 +152,132 @@ class _FirstRows:
 
     def __getitem__(self, index):
         return self.source[index]
+
+
+# ---------------------------------------------------------------------------------------------
+# WebDataset
+
+def _write_tar(path, members, mode="w"):
+    import tarfile
+    with tarfile.open(path, mode) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _conversation_json(text="What?"):
+    return json.dumps({"conversations": _turns(("human", "<image>\n" + text),
+                                               ("gpt", "A shape."))}).encode()
+
+
+@pytest.fixture
+def wds_shards(tmp_path):
+    red, blue = _png((255, 0, 0)), _png((0, 0, 255))
+    _write_tar(tmp_path / "shard-000.tar", [
+        ("a/k0.jpg", red), ("a/k0.txt", b"a red image"),
+        ("a/k1.png", blue), ("a/k1.json", json.dumps({"caption": "blue"}).encode()),
+        ("a/k2.txt", b"caption without image"),
+        ("a/k3.png", red),
+        ("a/k4.png", red), ("a/k4.json", _conversation_json()),
+        ("a/k5.png", red), ("a/k5.txt", b"caf\xe9"),
+        ("a/k6.png", red), ("a/k6.json", b"{not json"),
+        ("a/k7.webp", blue), ("a/k7.txt", b"last of shard 0")])
+    _write_tar(tmp_path / "shard-001.tar", [
+        item for i in range(3) for item in ((f"b{i}.png", red), (f"b{i}.txt", f"b {i}".encode()))])
+    # shard 2: one good example, then a member cut off in the middle of its data.
+    _write_tar(tmp_path / "full-002.tar", [("c0.png", red), ("c0.txt", b"c zero"),
+                                           ("c1.png", bytes(range(256)) * 12),
+                                           ("c1.txt", b"never seen")])
+    full = (tmp_path / "full-002.tar").read_bytes()
+    (tmp_path / "shard-002.tar").write_bytes(full[:512 * 6 + 100])
+    # shard 3: cut right after a member's data padding: no end-of-archive block.
+    _write_tar(tmp_path / "full-003.tar", [("d0.png", red), ("d0.txt", b"d zero")])
+    full = (tmp_path / "full-003.tar").read_bytes()
+    header_and_png = 512 + -(-len(red) // 512) * 512
+    (tmp_path / "shard-003.tar").write_bytes(full[:header_and_png])
+    return tmp_path
+
+
+EXPECTED_WDS = [  # (id or SkipExample reason) in stream order
+    "wds:shard-000.tar:a/k0", "wds:shard-000.tar:a/k1", "image_missing", "caption_missing",
+    "wds:shard-000.tar:a/k4", "text_not_utf8", "json_malformed", "wds:shard-000.tar:a/k7",
+    "wds:shard-001.tar:b0", "wds:shard-001.tar:b1", "wds:shard-001.tar:b2",
+    "wds:shard-002.tar:c0", "tar_truncated",
+    "tar_truncated"]
+
+
+def _drain(iterator, limit=None):
+    """Ids and skip reasons in order, as a pipeline would count them."""
+    seen = []
+    while limit is None or len(seen) < limit:
+        try:
+            seen.append(next(iterator)["id"])
+        except SkipExample as skip:
+            seen.append(skip.reason)
+        except StopIteration:
+            break
+    return seen
+
+
+def test_webdataset_stream_groups_members_and_counts_bad_ones(wds_shards):
+    from vlm_jax.data.sources.webdataset import WebDatasetSource
+    source = WebDatasetSource(str(wds_shards / "shard-*.tar"))
+    assert _drain(iter(source)) == EXPECTED_WDS
+    examples = {}
+    iterator = iter(source)
+    for _ in range(5):
+        try:
+            example = next(iterator)
+            examples[example["meta"]["key"]] = example
+        except SkipExample:
+            pass
+    assert examples["a/k0"]["caption"] == "a red image"
+    assert decode_image(examples["a/k0"]["images"][0])[0, 0].tolist() == [255, 0, 0]
+    assert examples["a/k1"]["caption"] == "blue" and examples["a/k1"]["conversation"] is None
+    assert examples["a/k4"]["conversation"][1] == {"role": "assistant", "content": "A shape."}
+
+
+def test_webdataset_resumes_exactly_from_any_point(wds_shards):
+    from vlm_jax.data.sources.webdataset import WebDatasetSource
+    source = WebDatasetSource(str(wds_shards / "shard-{000..003}.tar"))
+    for stop in range(len(EXPECTED_WDS)):
+        iterator = iter(source)
+        head = _drain(iterator, limit=stop)
+        state = json.loads(json.dumps(iterator.get_state()))
+        resumed = iter(source)
+        resumed.set_state(state)
+        assert head + _drain(resumed) == EXPECTED_WDS, (stop, state)
+
+
+def test_webdataset_gzip_shard_resumes_by_rereading(tmp_path):
+    from vlm_jax.data.sources.webdataset import WebDatasetSource
+    _write_tar(tmp_path / "z.tar.gz", [item for i in range(4) for item in (
+        (f"z{i}.png", _png((i, i, i))), (f"z{i}.txt", f"gray {i}".encode()))], mode="w:gz")
+    source = WebDatasetSource([str(tmp_path / "z.tar.gz")])
+    iterator = iter(source)
+    assert _drain(iterator, limit=2) == ["wds:z.tar.gz:z0", "wds:z.tar.gz:z1"]
+    resumed = iter(source)
+    resumed.set_state(iterator.get_state())
+    assert _drain(resumed) == ["wds:z.tar.gz:z2", "wds:z.tar.gz:z3"]
+
+
+def test_webdataset_shards_split_across_processes(wds_shards):
+    from vlm_jax.data.sources.webdataset import WebDatasetSource
+    pattern = str(wds_shards / "shard-*.tar")
+    first = WebDatasetSource(pattern, process_index=0, process_count=2)
+    second = WebDatasetSource(pattern, process_index=1, process_count=2)
+    assert [os.path.basename(s) for s in first.shards] == ["shard-000.tar", "shard-002.tar"]
+    assert [os.path.basename(s) for s in second.shards] == ["shard-001.tar", "shard-003.tar"]
+    assert sorted(_drain(iter(first)) + _drain(iter(second))) == sorted(EXPECTED_WDS)
+    with pytest.raises(ValueError, match="none for process"):
+        WebDatasetSource(str(wds_shards / "shard-000.tar"), process_index=1, process_count=2)
+    with pytest.raises(ValueError, match="no tar shards"):
+        WebDatasetSource(str(wds_shards / "nothing-*.tar"))
+
+
+def test_webdataset_repeat_counts_epochs(wds_shards):
+    from vlm_jax.data.sources.webdataset import WebDatasetSource
+    iterator = iter(WebDatasetSource(str(wds_shards / "shard-001.tar"), repeat=True))
+    assert _drain(iterator, limit=7) == [f"wds:shard-001.tar:b{i % 3}" for i in range(7)]
+    assert iterator.get_state()["epoch"] == 2
