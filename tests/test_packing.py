@@ -5,8 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlm_jax.data.packing import (PackedRowsIterDataset, RowSpec, SingleExampleRows, assemble_row,
-                                  stack_rows)
+from vlm_jax.data.packing import PackedRowsIterDataset, RowSpec, assemble_batch, assemble_row
 from vlm_jax.models.layers import make_attention_mask
 
 SPEC = RowSpec(seq_len=16, max_images=3, image_size=2)
@@ -39,7 +38,7 @@ def random_examples(count: int, seed: int = 0) -> list[dict]:
 
 def pack(examples: list[dict], spec: RowSpec = SPEC) -> list[dict]:
     stream = grain.MapDataset.source(examples).to_iter_dataset()
-    return list(PackedRowsIterDataset(stream, spec))
+    return [assemble_row(row, spec) for row in PackedRowsIterDataset(stream, spec)]
 
 
 def expected_mask(row: dict) -> np.ndarray:
@@ -106,7 +105,7 @@ def test_images_follow_their_examples_and_overflow_starts_a_new_row():
 def test_packer_resumes_exactly_even_with_an_example_waiting():
     examples = random_examples(60, seed=2)
     stream = PackedRowsIterDataset(grain.MapDataset.source(examples).to_iter_dataset(), SPEC)
-    reference = list(stream)
+    reference = [[ex["id"] for ex in row] for row in stream]
     for rows_before_save in (1, 4, 7):
         iterator = iter(stream)
         for _ in range(rows_before_save):
@@ -114,16 +113,12 @@ def test_packer_resumes_exactly_even_with_an_example_waiting():
         state = iterator.get_state()
         resumed = iter(stream)
         resumed.set_state(state)
-        rest = list(resumed)
-        assert len(rest) == len(reference) - rows_before_save
-        for got, want in zip(rest, reference[rows_before_save:]):
-            for name in want:
-                np.testing.assert_array_equal(got[name], want[name])
+        assert [[ex["id"] for ex in row] for row in resumed] == reference[rows_before_save:]
 
 
 def test_unpacked_rows_hold_one_example_padded():
     examples = random_examples(5, seed=3)
-    rows = [SingleExampleRows(SPEC)(ex) for ex in examples]
+    rows = [assemble_row([ex], SPEC) for ex in examples]
     for row, example in zip(rows, examples):
         length = len(example["input_ids"])
         np.testing.assert_array_equal(row["segment_ids"], (np.arange(SPEC.seq_len) < length) * 1)
@@ -133,8 +128,11 @@ def test_unpacked_rows_hold_one_example_padded():
 
 
 def test_partial_batch_is_padded_with_empty_rows_and_overfull_rows_raise():
-    rows = pack(random_examples(5, seed=4))[:1]
-    batch = stack_rows(rows, batch_size=3, spec=SPEC)
+    stream = grain.MapDataset.source(random_examples(5, seed=4)).to_iter_dataset()
+    first_row = next(iter(PackedRowsIterDataset(stream, SPEC)))
+    batch = assemble_batch([first_row], batch_size=3, spec=SPEC)
+    for name, value in assemble_row(first_row, SPEC).items():
+        np.testing.assert_array_equal(batch[name][0], value)
     assert batch["input_ids"].shape == (3, SPEC.seq_len)
     assert batch["images"].shape == (3, SPEC.max_images, 2, 2, 3)
     assert (batch["segment_ids"][1:] == 0).all() and (batch["num_images"][1:] == 0).all()

@@ -1,6 +1,7 @@
 """Rows of seq_len tokens from TOKENIZED EXAMPLES: greedy packing (or one example per row) and batching.
 
-A row is what one batch line of the contract holds:
+The packer decides which examples share a row (a row is the list of its examples);
+`assemble_batch` then writes rows into the BATCH arrays. A row of the batch holds:
 
     input_ids, target_ids, positions, mask_ar, segment_ids: i32[T]   loss_mask: f32[T]
     images: f32[M, H, W, 3]   (the row's images in placeholder order, zeros after)
@@ -64,56 +65,53 @@ def fits_in_row(example: Mapping[str, Any], spec: RowSpec) -> bool:
 
 
 def assemble_row(examples: Sequence[Mapping[str, Any]], spec: RowSpec) -> dict[str, np.ndarray]:
-    """Concatenate examples into one padded row (segment ids 1..len(examples))."""
+    """One padded row from the examples packed into it (segment ids 1..len(examples))."""
+    return {name: value[0] for name, value in assemble_batch([examples], 1, spec).items()}
+
+
+def assemble_batch(rows: Sequence[Sequence[Mapping[str, Any]]], batch_size: int,
+                   spec: RowSpec) -> dict[str, np.ndarray]:
+    """BATCH from rows, each row the list of examples packed into it; missing rows are padding.
+
+    Every value is written once, straight into the batch arrays: images are most of the bytes
+    (f32[B, M, S, S, 3]) and building rows first and stacking them would copy them twice more.
+    """
+    if len(rows) > batch_size:
+        raise ValueError(f"{len(rows)} rows do not fit a batch of {batch_size}")
+    batch = {name: np.full((batch_size, spec.seq_len), _PAD_VALUES[name], _TEXT_DTYPES[name])
+             for name in TEXT_FIELDS}
+    batch["segment_ids"] = np.zeros((batch_size, spec.seq_len), np.int32)
+    batch["images"] = np.zeros((batch_size, spec.max_images, spec.image_size, spec.image_size, 3),
+                               np.float32)
+    batch["num_images"] = np.zeros((batch_size,), np.int32)
+    for row_index, examples in enumerate(rows):
+        _check_row(examples, spec)
+        start = image_start = 0
+        for segment, example in enumerate(examples, start=1):
+            end = start + example_length(example)
+            for name in TEXT_FIELDS:
+                batch[name][row_index, start:end] = example[name]
+            batch["segment_ids"][row_index, start:end] = segment
+            image_end = image_start + example_num_images(example)
+            if image_end > image_start:
+                batch["images"][row_index, image_start:image_end] = example["images"]
+            start, image_start = end, image_end
+        batch["num_images"][row_index] = image_start
+    return batch
+
+
+def _check_row(examples: Sequence[Mapping[str, Any]], spec: RowSpec) -> None:
     total_tokens = sum(example_length(ex) for ex in examples)
     total_images = sum(example_num_images(ex) for ex in examples)
     if total_tokens > spec.seq_len or total_images > spec.max_images:
         raise ValueError(f"{len(examples)} examples with {total_tokens} tokens and {total_images} "
                          f"images do not fit a row of {spec.seq_len} tokens / "
                          f"{spec.max_images} images")
-    row = {name: np.full((spec.seq_len,), _PAD_VALUES[name], _TEXT_DTYPES[name])
-           for name in TEXT_FIELDS}
-    row["segment_ids"] = np.zeros((spec.seq_len,), np.int32)
-    images = np.zeros((spec.max_images, spec.image_size, spec.image_size, 3), np.float32)
-    start = 0
-    image_start = 0
-    for segment, example in enumerate(examples, start=1):
-        end = start + example_length(example)
-        for name in TEXT_FIELDS:
-            row[name][start:end] = example[name]
-        row["segment_ids"][start:end] = segment
-        num_images = example_num_images(example)
-        if num_images:
-            images[image_start:image_start + num_images] = example["images"]
-        image_start += num_images
-        start = end
-    row["images"] = images
-    row["num_images"] = np.asarray(total_images, np.int32)
-    return row
 
 
-def empty_row(spec: RowSpec) -> dict[str, np.ndarray]:
-    """An all-padding row (segment 0 everywhere): fills the last, partial batch of a finite run."""
-    return assemble_row([], spec)
-
-
-def stack_rows(rows: Sequence[Mapping[str, np.ndarray]], batch_size: int,
-               spec: RowSpec) -> dict[str, np.ndarray]:
-    """Rows -> BATCH (every field gets a leading B axis); fewer rows are padded with empty rows."""
-    if len(rows) > batch_size:
-        raise ValueError(f"{len(rows)} rows do not fit a batch of {batch_size}")
-    rows = list(rows) + [empty_row(spec)] * (batch_size - len(rows))
-    return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
-
-
-class SingleExampleRows:
-    """The non-packed path: each example becomes its own padded row (a grain map transform)."""
-
-    def __init__(self, spec: RowSpec):
-        self.spec = spec
-
-    def __call__(self, example: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        return assemble_row([example], self.spec)
+def single_example_row(example: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The non-packed path: each example is a row of its own (a grain map transform)."""
+    return [example]
 
 
 class PackedRowsIterDataset(grain.IterDataset):
@@ -144,7 +142,7 @@ class _PackedRowsIterator(grain.DatasetIterator):
         self._pending_parent_state: dict | None = None  # parent state just before `_pending`
         self._exhausted = False
 
-    def __next__(self) -> dict[str, np.ndarray]:
+    def __next__(self) -> list[Mapping[str, Any]]:
         if self._pending is None:
             if self._exhausted:
                 raise StopIteration
@@ -171,7 +169,7 @@ class _PackedRowsIterator(grain.DatasetIterator):
             row.append(example)
             num_tokens += tokens
             num_images += images
-        return assemble_row(row, self._spec)
+        return row
 
     def _check(self, example: Mapping[str, Any]) -> Mapping[str, Any]:
         if not fits_in_row(example, self._spec):

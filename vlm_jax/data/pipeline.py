@@ -39,8 +39,8 @@ import jax
 import numpy as np
 
 from vlm_jax.data.errors import SkipExample
-from vlm_jax.data.packing import (PackedRowsIterDataset, RowSpec, SingleExampleRows,
-                                  example_length, example_num_images, stack_rows)
+from vlm_jax.data.packing import (PackedRowsIterDataset, RowSpec, assemble_batch, example_length,
+                                  example_num_images, single_example_row)
 
 logger = logging.getLogger(__name__)
 
@@ -305,10 +305,10 @@ def build_pipeline_from(cfg: DataConfig, sources: Sequence[tuple[str, Any, float
         batches = examples.batch(cfg.batch_size, drop_remainder=True, batch_fn=stack_contrastive)
     else:
         spec = cfg.row_spec
-        rows = PackedRowsIterDataset(examples, spec) if cfg.packing else examples.map(
-            SingleExampleRows(spec))
-        batches = rows.batch(cfg.batch_size,
-                             batch_fn=functools.partial(stack_rows, batch_size=cfg.batch_size, spec=spec))
+        rows = (PackedRowsIterDataset(examples, spec) if cfg.packing
+                else examples.map(single_example_row))
+        batches = rows.batch(cfg.batch_size, batch_fn=functools.partial(
+            assemble_batch, batch_size=cfg.batch_size, spec=spec))
     return PipelineIterator(iter(batches))
 
 
