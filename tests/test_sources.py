@@ -281,3 +281,86 @@ def test_webdataset_repeat_counts_epochs(wds_shards):
     iterator = iter(WebDatasetSource(str(wds_shards / "shard-001.tar"), repeat=True))
     assert _drain(iterator, limit=7) == [f"wds:shard-001.tar:b{i % 3}" for i in range(7)]
     assert iterator.get_state()["epoch"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS (ArrayRecord, no TensorFlow)
+
+def _tiny_builder_class():
+    """Defined lazily: importing tensorflow_datasets costs seconds, only the TFDS tests pay it."""
+    import tensorflow_datasets as tfds
+
+    class VlmJaxTinyVqa(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "picture": tfds.features.Image(shape=(None, None, 3)),
+                "question": tfds.features.Text(),
+                "answers": tfds.features.Sequence(tfds.features.Text()),
+                "meta": {"caption": tfds.features.Text(), "number": np.int32}}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(4), "test": self._generate_examples(2)}
+
+        def _generate_examples(self, count):
+            for i in range(count):
+                answers = [f"answer {i}", "other"] if i != 2 else [""]
+                yield i, {"picture": _png((60 * i, 0, 255)), "question": f"question {i}?",
+                          "answers": answers, "meta": {"caption": f"caption {i}", "number": i}}
+
+    return VlmJaxTinyVqa
+
+
+def _conversation_or_reason(source, index):
+    try:
+        return source[index]["conversation"]
+    except SkipExample as skip:
+        return skip.reason
+
+
+@pytest.fixture(scope="module")
+def tiny_tfds(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("tfds")
+    builder = _tiny_builder_class()(data_dir=str(data_dir), file_format="array_record")
+    builder.download_and_prepare()
+    return builder
+
+
+def test_tfds_question_answer_and_caption_roles(tiny_tfds):
+    from vlm_jax.data.sources.tfds import TfdsSource
+    qa = TfdsSource(builder_dir=tiny_tfds.data_dir, split="train", features={
+        "picture": "image", "question": "question", "answers": "answer", "meta/number": "id"})
+    assert len(qa) == 4
+    by_row, skipped = {}, []
+    for index in range(len(qa)):  # TFDS stores rows in hashed-key order
+        try:
+            example = qa[index]
+            by_row[example["meta"]["row_id"]] = example
+        except SkipExample as skip:
+            skipped.append(skip.reason)
+    assert skipped == ["no_answer"] and sorted(by_row) == [0, 1, 3]  # row 2 has an empty answer
+    example = by_row[1]
+    assert example["conversation"] == [{"role": "user", "content": "<image>\nquestion 1?"},
+                                       {"role": "assistant", "content": "answer 1"}]
+    assert example["meta"]["answers"] == ["answer 1", "other"]
+    np.testing.assert_array_equal(decode_image(example["images"][0])[0, 0], [60, 0, 255])
+    restored = pickle.loads(pickle.dumps(qa))  # grain workers receive the source pickled
+    assert [_conversation_or_reason(restored, i) for i in range(4)] == [
+        _conversation_or_reason(qa, i) for i in range(4)]
+
+    captions = TfdsSource(tiny_tfds.name, split="test", data_dir=os.path.dirname(os.path.dirname(tiny_tfds.data_dir)),
+                          features={"picture": "image", "meta/caption": "caption"})
+    assert len(captions) == 2
+    assert sorted(captions[i]["caption"] for i in range(2)) == ["caption 0", "caption 1"]
+    assert captions[0]["conversation"] is None and len(captions[0]["images"]) == 1
+
+
+def test_tfds_config_errors_name_the_problem(tiny_tfds):
+    from vlm_jax.data.sources.tfds import TfdsSource
+    with pytest.raises(ValueError, match="'pixels' not in the dataset"):
+        TfdsSource(builder_dir=tiny_tfds.data_dir, features={"pixels": "image", "question": "caption"})
+    with pytest.raises(ValueError, match="supported roles"):
+        TfdsSource(builder_dir=tiny_tfds.data_dir, features={"picture": "photo"})
+    with pytest.raises(ValueError, match="'answer' role"):
+        TfdsSource(builder_dir=tiny_tfds.data_dir, features={"question": "question"})
