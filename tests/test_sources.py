@@ -349,7 +349,8 @@ def test_tfds_question_answer_and_caption_roles(tiny_tfds):
     assert [_conversation_or_reason(restored, i) for i in range(4)] == [
         _conversation_or_reason(qa, i) for i in range(4)]
 
-    captions = TfdsSource(tiny_tfds.name, split="test", data_dir=os.path.dirname(os.path.dirname(tiny_tfds.data_dir)),
+    data_dir = os.path.dirname(os.path.dirname(tiny_tfds.data_dir))  # <data_dir>/<name>/<version>
+    captions = TfdsSource(tiny_tfds.name, split="test", data_dir=data_dir,
                           features={"picture": "image", "meta/caption": "caption"})
     assert len(captions) == 2
     assert sorted(captions[i]["caption"] for i in range(2)) == ["caption 0", "caption 1"]
