@@ -97,6 +97,7 @@ def test_logits_match_transformers(case):
     assert ours.dtype == np.float32
     valid = pad_mask.astype(bool)
     err = np.abs(ours - ref)[valid].max()
+    print(f"\n{case}: max |diff| {err:.2e}")
     assert err <= 1e-4, f"{case}: max |diff| {err:.2e} (logit scale {np.abs(ref).max():.1f})"
 
 

@@ -177,7 +177,12 @@ class GatedMLP(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """x + attn(norm(x)), then x + mlp(norm(x)). Scanned: (carry, *broadcast) -> (carry, None)."""
+    """x + attn(norm(x)), then x + mlp(norm(x)). Scanned: (carry, *broadcast) -> (carry, None).
+
+    `attention_inputs` and `finish` are the two halves around the attention call: a cached
+    variant (a subclass whose __call__ also takes and returns this layer's k/v cache as a
+    scanned input/output) reuses them and so keeps exactly this param tree.
+    """
     config: DecoderConfig
 
     def setup(self):
