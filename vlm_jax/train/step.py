@@ -1,0 +1,276 @@
+"""The train step: TrainState born sharded on the mesh, and one jitted update (accumulation, clipping,
+metrics, non-finite guard) for the next-token phases (align / instruct / lm) and contrastive.
+
+    plan = plan_training(model_config, TrainStepConfig(phase=..., optimizer=...), mesh)
+    state = create_train_state(plan, jax.random.key(0))          # or params=imported_params
+    train_step = make_train_step(plan)
+    state, metrics = train_step(state, sharding.global_batch(local_batch, mesh))
+
+Only the trainable tree is differentiated and optimised: frozen towers run forward only and own
+no optimizer state. Params are f32 masters; the compute dtype comes from the model config.
+A step whose loss or gradient norm is not finite leaves params and optimizer state unchanged and
+reports `is_finite = 0` (the loop stops on it).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from vlm_jax import sharding
+from vlm_jax.models.vlm import VLM, VLMConfig, dummy_inputs
+from vlm_jax.train import losses, param_groups, phases
+from vlm_jax.train.lora import init_lora, merge_lora
+from vlm_jax.train.optimizer import OptimizerConfig, make_optimizer
+
+NEXT_TOKEN_KEYS = ("input_ids", "target_ids", "loss_mask", "positions", "mask_ar")
+CONTRASTIVE_KEYS = ("images", "text_ids")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStepConfig:
+    phase: phases.PhaseConfig = phases.PhaseConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    micro_batches: int = 1  # gradient accumulation: the global batch is split into this many
+
+    def __post_init__(self):
+        if self.micro_batches < 1:
+            raise ValueError(f"train.micro_batches={self.micro_batches} must be >= 1")
+        if self.micro_batches > 1 and self.phase.step_kind == "contrastive":
+            raise ValueError("train.micro_batches > 1 is not supported in the 'contrastive' phase: "
+                             "the sigmoid loss couples every image with every text of the batch")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """step i32[]; trainable / frozen: disjoint nested dicts whose union is the model params plus,
+    with LoRA, the adapters under trainable['lora']; opt_state covers `trainable` only."""
+    step: jax.Array
+    trainable: Any
+    frozen: Any
+    opt_state: Any
+
+    @property
+    def lora(self) -> Any:
+        return self.trainable.get(phases.LORA_KEY)
+
+
+@dataclasses.dataclass
+class TrainPlan:
+    """Everything fixed before the first step: model, optimizer, what trains, and the shardings."""
+    model_config: VLMConfig
+    config: TrainStepConfig
+    mesh: Mesh
+    rules: tuple
+    model: VLM
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    lr_multipliers: Any          # full tree: float or None (frozen) per leaf
+    abstract_boxed: Any          # eval_shape of the boxed init: logical names for every leaf
+    state_shardings: TrainState
+
+    def model_params(self, state: TrainState) -> dict:
+        """The model's param tree (LoRA merged in), for eval, generation and export."""
+        return _assemble(self, state.trainable, state.frozen)
+
+
+def _full_init(model_config: VLMConfig, phase: phases.PhaseConfig) -> Callable[[jax.Array], dict]:
+    """rng -> boxed {model params..., 'lora': adapters (if any)}."""
+    def init(rng):
+        model_rng, lora_rng = jax.random.split(rng)
+        params = VLM(model_config).init(model_rng, **dummy_inputs(model_config),
+                                        method=VLM.init_all)["params"]
+        params = dict(params)
+        if phase.lora is not None:
+            params[phases.LORA_KEY] = init_lora(lora_rng, params, phase.lora)
+        return params
+    return init
+
+
+def plan_training(model_config: VLMConfig, config: TrainStepConfig, mesh: Mesh,
+                  rules=sharding.DEFAULT_RULES) -> TrainPlan:
+    """Check the phase fits the model, find what trains, build the optimizer and all shardings
+    (abstractly: no param is materialised here)."""
+    phases.check_model_fits(config.phase, model_config)
+    rules = tuple(rules)
+    with sharding.rules_context(mesh, rules):
+        abstract_boxed = jax.eval_shape(_full_init(model_config, config.phase), jax.random.key(0))
+    full_shardings = sharding.param_shardings(abstract_boxed, mesh, rules)
+    abstract = nn.unbox(abstract_boxed)
+    multipliers = phases.lr_multipliers(abstract, config.phase)
+    trainable, frozen = phases.split_trainable(abstract, multipliers)
+    if not jax.tree.leaves(trainable):
+        raise ValueError(f"phase {config.phase.name!r} with train.phase.param_groups="
+                         f"{list(config.phase.param_groups)} leaves no param trainable")
+    trainable_multipliers, _ = phases.split_trainable(multipliers, multipliers)
+    optimizer, schedule = make_optimizer(config.optimizer, trainable, trainable_multipliers)
+    trainable_shardings, frozen_shardings = phases.split_trainable(full_shardings, multipliers)
+    replicated = NamedSharding(mesh, P())
+    opt_shardings = optax.tree_map_params(
+        optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, trainable), trainable_shardings,
+        transform_non_params=lambda _: replicated)
+    state_shardings = TrainState(step=replicated, trainable=trainable_shardings,
+                                 frozen=frozen_shardings, opt_state=opt_shardings)
+    return TrainPlan(model_config, config, mesh, rules, VLM(model_config), optimizer, schedule,
+                     multipliers, abstract_boxed, state_shardings)
+
+
+def create_train_state(plan: TrainPlan, rng: jax.Array, params: dict | None = None) -> TrainState:
+    """A fresh TrainState, every array born sharded (`jit(init, out_shardings=...)`).
+    `params`: start from these model params (e.g. an imported checkpoint) instead of a random init;
+    LoRA adapters and the optimizer state are still created fresh."""
+    def state_from(full):
+        trainable, frozen = phases.split_trainable(full, plan.lr_multipliers)
+        return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
+                          opt_state=plan.optimizer.init(trainable))
+
+    with sharding.rules_context(plan.mesh, plan.rules):
+        if params is None:
+            init = lambda r: state_from(nn.unbox(_full_init(plan.model_config, plan.config.phase)(r)))
+            return jax.jit(init, out_shardings=plan.state_shardings)(rng)
+        model_boxed = {k: v for k, v in plan.abstract_boxed.items() if k != phases.LORA_KEY}
+        _check_matches(params, nn.unbox(model_boxed))
+        param_shardings = sharding.param_shardings(model_boxed, plan.mesh, plan.rules)
+        params = jax.device_put(params, param_shardings)
+
+        def from_params(p, r):
+            # A real copy: jit would otherwise hand the caller's buffers back inside the state,
+            # and the train step donates the state.
+            p = jax.tree.map(jnp.copy, p)
+            full = dict(p)
+            if plan.config.phase.lora is not None:
+                names = param_groups.flatten(model_boxed)
+                reboxed = param_groups.map_with_path(lambda path, v: names[path].replace_boxed(v), p)
+                full[phases.LORA_KEY] = nn.unbox(init_lora(r, reboxed, plan.config.phase.lora))
+            return state_from(full)
+        return jax.jit(from_params, out_shardings=plan.state_shardings)(params, rng)
+
+
+def _check_matches(params: dict, abstract: dict) -> None:
+    got = {p: tuple(v.shape) for p, v in param_groups.flatten(params).items()}
+    want = {p: tuple(v.shape) for p, v in param_groups.flatten(abstract).items()}
+    if got != want:
+        missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+        shapes = [f"{p}: {got[p]} vs {want[p]}" for p in sorted(want.keys() & got.keys())
+                  if got[p] != want[p]]
+        raise ValueError(f"params do not match the model config: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}, shape mismatches {shapes[:5]}")
+
+
+def _assemble(plan: TrainPlan, trainable: dict, frozen: dict) -> dict:
+    full = param_groups.merge_trees(trainable, frozen)
+    lora = full.pop(phases.LORA_KEY, None)
+    if lora is not None:
+        full = merge_lora(full, lora, plan.config.phase.lora.alpha)
+    return full
+
+
+def _require(batch: dict, keys: tuple, phase: str) -> None:
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise ValueError(f"phase {phase!r} needs batch keys {list(keys)}; missing {missing} "
+                         f"(got {sorted(batch)})")
+
+
+def _next_token_sums(plan: TrainPlan, params: dict, batch: dict):
+    images = batch.get("images") if plan.model_config.vision is not None else None
+    logits = plan.model.apply({"params": params}, batch["input_ids"], images, batch["positions"],
+                              batch["mask_ar"], batch.get("segment_ids"))
+    return losses.next_token_sums(logits, batch["target_ids"], batch["loss_mask"])
+
+
+def _split_micro_batches(batch: dict, num: int, mesh: Mesh) -> dict:
+    """[B, ...] -> [num, B/num, ...]; micro-batch k takes rows k, k+num, ... so every micro-batch
+    stays spread over all data-parallel devices."""
+    def split(x):
+        if x.shape[0] % num:
+            raise ValueError(f"global batch {x.shape[0]} is not divisible by "
+                             f"train.micro_batches={num}")
+        x = x.reshape(x.shape[0] // num, num, *x.shape[1:]).swapaxes(0, 1)
+        spec = P(None, ("data", "fsdp"), *([None] * (x.ndim - 2)))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return jax.tree.map(split, batch)
+
+
+def _next_token_grads(plan: TrainPlan, state: TrainState, batch: dict):
+    """(grads of the trainable tree, metrics) with the loss = masked CE sum / global token count."""
+    num_tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+    denom = jnp.maximum(num_tokens, 1.0)
+
+    def loss_fn(trainable, micro):
+        loss_sum, correct, _ = _next_token_sums(plan, _assemble(plan, trainable, state.frozen), micro)
+        return loss_sum / denom, correct
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    num_micro = plan.config.micro_batches
+    if num_micro == 1:
+        (loss, correct), grads = grad_fn(state.trainable, batch)
+    else:
+        def accumulate(carry, micro):
+            grads_acc, loss_acc, correct_acc = carry
+            (loss, correct), grads = grad_fn(state.trainable, micro)
+            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+            return (grads_acc, loss_acc + loss, correct_acc + correct), None
+
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state.trainable)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads, loss, correct), _ = jax.lax.scan(
+            accumulate, init, _split_micro_batches(batch, num_micro, plan.mesh))
+    metrics = {"loss": loss, "token_accuracy": correct / denom, "num_loss_tokens": num_tokens}
+    return grads, metrics
+
+
+def _contrastive_grads(plan: TrainPlan, state: TrainState, batch: dict):
+    images = batch["images"]
+    if images.ndim == 5:  # the pipeline's [B, M, H, W, 3] layout: one image per caption
+        images = images[:, 0]
+
+    def loss_fn(trainable):
+        params = _assemble(plan, trainable, state.frozen)
+        zimg, ztxt, (scale, bias) = plan.model.apply(
+            {"params": params}, images, batch["text_ids"], method=VLM.contrastive_embeddings)
+        return losses.sigmoid_loss_chunked(zimg, ztxt, scale, bias, plan.mesh)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.trainable)
+    return grads, {"loss": loss, "num_examples": jnp.asarray(images.shape[0], jnp.float32)}
+
+
+def make_train_step(plan: TrainPlan) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """`train_step(state, batch) -> (state, metrics)`, jitted with the state donated.
+
+    batch: global arrays (see `sharding.global_batch`). Next-token phases read input_ids,
+    target_ids, loss_mask, positions, mask_ar (+ images, segment_ids); contrastive reads images
+    and text_ids. metrics: loss, grad_norm, lr, is_finite (1.0 / 0.0), and token_accuracy +
+    num_loss_tokens (next-token) or num_examples (contrastive)."""
+    phase = plan.config.phase
+    contrastive = phase.step_kind == "contrastive"
+
+    def train_step(state: TrainState, batch: dict):
+        _require(batch, CONTRASTIVE_KEYS if contrastive else NEXT_TOKEN_KEYS, phase.name)
+        grads_fn = _contrastive_grads if contrastive else _next_token_grads
+        grads, metrics = grads_fn(plan, state, batch)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = plan.optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        is_finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        keep_if_bad = lambda new, old: jnp.where(is_finite, new, old)  # noqa: E731
+        trainable = jax.tree.map(keep_if_bad, trainable, state.trainable)
+        opt_state = jax.tree.map(keep_if_bad, opt_state, state.opt_state)
+        metrics = {**metrics, "grad_norm": grad_norm, "lr": plan.schedule(state.step),
+                   "is_finite": is_finite.astype(jnp.float32)}
+        new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
+        return new_state, metrics
+
+    jitted = jax.jit(train_step, donate_argnums=(0,),
+                     out_shardings=(plan.state_shardings, NamedSharding(plan.mesh, P())))
+
+    def run(state: TrainState, batch: dict):
+        with sharding.rules_context(plan.mesh, plan.rules):
+            return jitted(state, batch)
+    return run
