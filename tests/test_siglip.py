@@ -191,7 +191,7 @@ def test_sincos2d_tower_exports_to_an_equivalent_hf_model():
     sd = hf_siglip.vision_params_to_hf(params["params"], cfg, prefix="")
     hf_config = transformers.SiglipVisionConfig(**hf_siglip.vision_config_to_hf(cfg))
     hf_model = transformers.SiglipVisionModel(hf_config).eval()
-    hf_model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+    hf_model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()})
     with torch.no_grad():
         want = hf_model(_nchw(images), output_hidden_states=True).hidden_states[-1].numpy()
     np.testing.assert_allclose(np.asarray(tower.apply(params, jnp.asarray(images))), want, atol=ATOL)
@@ -215,7 +215,7 @@ def test_converter_errors_name_the_tensor_or_field(hf_siglip_model, state_dict):
         hf_siglip.vision_params_from_hf(extra, cfg)
     with pytest.raises(ValueError, match="hidden_act"):
         hf_siglip.vision_config_from_hf(dict(HF_VISION, hidden_act="gelu"))
-    with pytest.raises(ValueError, match="projection_size|hidden_act|model_type"):
+    with pytest.raises(ValueError, match="model_type"):
         hf_siglip.text_config_from_hf(dict(HF_TEXT, model_type="clip_text_model"))
     with pytest.raises(ValueError, match="feature_layer"):
         siglip.VisionConfig(depth=3, feature_layer=-5)
