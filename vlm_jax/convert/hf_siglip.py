@@ -89,7 +89,7 @@ def text_config_from_hf(d: Mapping[str, Any], **overrides: Any) -> TextTowerConf
                   max_len=d.get("max_position_embeddings", 64),
                   projection_dim=width if projection is None else projection,
                   layer_norm_eps=d.get("layer_norm_eps", 1e-6))
-    return config_utils.from_dict(TextTowerConfig, {**values, **overrides}, "model.text")
+    return config_utils.from_dict(TextTowerConfig, {**values, **overrides}, "model.text_tower")
 
 
 def text_config_to_hf(cfg: TextTowerConfig) -> dict[str, Any]:

@@ -104,7 +104,7 @@ class TextTowerConfig:
     remat_policy: str = "none"
 
     def __post_init__(self):
-        _check_compute_fields(self, "model.text")
+        _check_compute_fields(self, "model.text_tower")
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -378,7 +378,7 @@ class SiglipTextTower(nn.Module):
         cfg = self.config
         length = text_ids.shape[-1]
         if length > cfg.max_len:
-            raise ValueError(f"text length {length} exceeds model.text.max_len={cfg.max_len}")
+            raise ValueError(f"text length {length} exceeds model.text_tower.max_len={cfg.max_len}")
         dtype = jnp.dtype(cfg.dtype)
         x = jnp.take(self.token_embedding, text_ids, axis=0) + self.pos_embedding[:length][None]
         x = layers.constrain(x.astype(dtype))
