@@ -205,6 +205,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     if h % kv_heads:
         raise ValueError(f"{h} query heads is not a multiple of {kv_heads} kv heads")
     scale = hd ** -0.5 if scale is None else scale
+    if backend == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+        backend = "xla"  # cuDNN's fused kernel takes fp16/bf16 only; f32 runs the XLA path
     if backend in ("cudnn", "jax_dpa") and logits_soft_cap is None:
         impl = "cudnn" if backend == "cudnn" else "xla"
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
