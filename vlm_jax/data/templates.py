@@ -30,9 +30,12 @@ class TemplateError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ChatTemplate:
-    """A named renderer `(messages, bos_token, eos_token) -> pieces`."""
+    """A named renderer `(messages, bos_token, eos_token) -> pieces`. `special_tokens` are the
+    strings it writes that must encode as single ids (add them to a tokenizer trained from
+    scratch; a family's own tokenizer already has them)."""
     name: str
     render_pieces: Callable[[Sequence[Message], str, str], list[Piece]]
+    special_tokens: tuple[str, ...] = ()
 
     def render(self, messages: Sequence[Message], bos_token: str | None = None,
                eos_token: str | None = None) -> list[Piece]:
@@ -157,9 +160,13 @@ def _plain(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
 
 
 TEMPLATES: dict[str, ChatTemplate] = {
-    name: ChatTemplate(name, fn) for name, fn in [
-        ("llama2", _llama2), ("llama3", _llama3), ("qwen2", _qwen2), ("gemma", _gemma),
-        ("vicuna", _vicuna), ("plain", _plain)]
+    name: ChatTemplate(name, fn, special) for name, fn, special in [
+        ("llama2", _llama2, ()),
+        ("llama3", _llama3, ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+        ("qwen2", _qwen2, ("<|im_start|>", "<|im_end|>")),
+        ("gemma", _gemma, ("<start_of_turn>", "<end_of_turn>")),
+        ("vicuna", _vicuna, ()),
+        ("plain", _plain, ())]
 }
 
 
