@@ -130,25 +130,27 @@ def create_train_state(plan: TrainPlan, rng: jax.Array, params: dict | None = No
         return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
                           opt_state=plan.optimizer.init(trainable))
 
-    with sharding.rules_context(plan.mesh, plan.rules):
-        if params is None:
-            init = lambda r: state_from(nn.unbox(_full_init(plan.model_config, plan.config.phase)(r)))
+    if params is None:
+        init = lambda r: state_from(nn.unbox(_full_init(plan.model_config, plan.config.phase)(r)))
+        with sharding.rules_context(plan.mesh, plan.rules):
             return jax.jit(init, out_shardings=plan.state_shardings)(rng)
-        model_boxed = {k: v for k, v in plan.abstract_boxed.items() if k != phases.LORA_KEY}
-        _check_matches(params, nn.unbox(model_boxed))
-        param_shardings = sharding.param_shardings(model_boxed, plan.mesh, plan.rules)
-        params = jax.device_put(params, param_shardings)
+    # Outside the rules context: unboxing abstract leaves there would add sharding constraints.
+    model_boxed = {k: v for k, v in plan.abstract_boxed.items() if k != phases.LORA_KEY}
+    _check_matches(params, nn.unbox(model_boxed))
+    params = jax.device_put(params, sharding.param_shardings(model_boxed, plan.mesh, plan.rules))
 
-        def from_params(p, r):
-            # A real copy: jit would otherwise hand the caller's buffers back inside the state,
-            # and the train step donates the state.
-            p = jax.tree.map(jnp.copy, p)
-            full = dict(p)
-            if plan.config.phase.lora is not None:
-                names = param_groups.flatten(model_boxed)
-                reboxed = param_groups.map_with_path(lambda path, v: names[path].replace_boxed(v), p)
-                full[phases.LORA_KEY] = nn.unbox(init_lora(r, reboxed, plan.config.phase.lora))
-            return state_from(full)
+    def from_params(p, r):
+        # A real copy: jit would otherwise hand the caller's buffers back inside the state,
+        # and the train step donates the state.
+        p = jax.tree.map(jnp.copy, p)
+        full = dict(p)
+        if plan.config.phase.lora is not None:
+            names = param_groups.flatten(model_boxed)
+            reboxed = param_groups.map_with_path(lambda path, v: names[path].replace_boxed(v), p)
+            full[phases.LORA_KEY] = nn.unbox(init_lora(r, reboxed, plan.config.phase.lora))
+        return state_from(full)
+
+    with sharding.rules_context(plan.mesh, plan.rules):
         return jax.jit(from_params, out_shardings=plan.state_shardings)(params, rng)
 
 
@@ -255,7 +257,7 @@ def make_train_step(plan: TrainPlan) -> Callable[[TrainState, dict], tuple[Train
         _require(batch, CONTRASTIVE_KEYS if contrastive else NEXT_TOKEN_KEYS, phase.name)
         grads_fn = _contrastive_grads if contrastive else _next_token_grads
         grads, metrics = grads_fn(plan, state, batch)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = plan.optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         is_finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
