@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prefetch", type=int, default=16)
     parser.add_argument("--worker-count", type=int, default=0)
     parser.add_argument("--template", default="vicuna")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="alternate plain / pipeline runs this many times; report medians "
+                             "(other processes on a shared machine make single runs noisy)")
     parser.add_argument("--layouts", default="llava_json,webdataset",
                         help="comma-separated subset of: llava_json, webdataset")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -145,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer = train_word_tokenizer(data["texts"], vocab_size=512)
         common = dict(task="instruct", template=args.template, seq_len=args.seq_len,
                       image_size=args.image_size, num_image_tokens=args.num_image_tokens,
-                      batch_size=args.batch_size, packing=True, max_images_per_row=8, num_epochs=1,
+                      batch_size=args.batch_size, packing=True, num_epochs=1,
+                      max_images_per_row=max(1, args.seq_len // args.num_image_tokens),
                       read_threads=args.read_threads, prefetch_buffer_size=args.prefetch,
                       worker_count=args.worker_count, seed=0)
         layouts = {
@@ -154,19 +158,27 @@ def main(argv: list[str] | None = None) -> dict:
             "webdataset": DataConfig(sources=({"kind": "webdataset",
                                                "options": {"shards": data["shards"]}},), **common),
         }
-        plain_loop_rate(data["image_paths"][:32], args.image_size)  # warm the page cache
-        plain = plain_loop_rate(data["image_paths"], args.image_size)
-        results = {"num_images": args.num_images, "image_size": args.image_size,
-                   "settings": vars(args), "cpu_count": os.cpu_count(),
-                   "python": platform.python_version(),
-                   "plain_loop_images_per_s": plain, "pipelines": {}}
-        print(f"plain PIL decode+resize loop: {plain:8.1f} images/s")
         for layout in args.layouts.split(","):
             if layout not in layouts:
                 raise ValueError(f"--layouts entry {layout!r}; supported: {tuple(layouts)}")
-            cfg = layouts[layout]
-            rate, info = pipeline_rate(cfg, tokenizer, args.num_images)
-            results["pipelines"][layout] = dict(examples_per_s=rate, ratio_to_plain=rate / plain, **info)
+        plain_loop_rate(data["image_paths"][:32], args.image_size)  # warm the page cache
+        plain_rates, pipeline_rates = [], {layout: [] for layout in args.layouts.split(",")}
+        for _ in range(args.repeats):  # interleaved, so a busy neighbour slows both alike
+            plain_rates.append(plain_loop_rate(data["image_paths"], args.image_size))
+            for layout in pipeline_rates:
+                pipeline_rates[layout].append(pipeline_rate(layouts[layout], tokenizer,
+                                                            args.num_images)[0])
+        plain = float(np.median(plain_rates))
+        results = {"num_images": args.num_images, "image_size": args.image_size,
+                   "settings": vars(args), "cpu_count": os.cpu_count(),
+                   "load_average_1min": os.getloadavg()[0], "python": platform.python_version(),
+                   "plain_loop_images_per_s": plain, "plain_loop_runs": plain_rates,
+                   "pipelines": {}}
+        print(f"plain PIL decode+resize loop: {plain:8.1f} images/s (median of {args.repeats})")
+        for layout, rates in pipeline_rates.items():
+            rate = float(np.median(rates))
+            results["pipelines"][layout] = {"examples_per_s": rate, "ratio_to_plain": rate / plain,
+                                            "runs": rates}
             print(f"pipeline ({layout:10s}):         {rate:8.1f} examples/s "
                   f"= {rate / plain:.2f} x the plain loop")
     if args.out:
