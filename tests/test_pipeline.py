@@ -8,7 +8,9 @@ import pytest
 from vlm_jax.config_utils import from_dict
 from vlm_jax.data.errors import SkipExample
 from vlm_jax.data.pipeline import (DataConfig, SourceConfig, TooManySkippedExamples,
-                                   build_pipeline_from)
+                                   build_pipeline, build_pipeline_from)
+from vlm_jax.data.sources.shapes import corpus
+from vlm_jax.data.tokenizer import train_word_tokenizer
 
 IMAGE_SIZE = 2
 # Token t of example `number` of source `source_number` is source_number * 100_000 + number * 100 + t.
@@ -255,7 +257,7 @@ def test_worker_processes_count_skips_like_the_main_process_and_resume_exactly()
     want_keys = sorted(key for batch in in_process for key in example_keys(batch))
     with_workers = pipeline(config(num_epochs=2, worker_count=1), sources)
     first = take(with_workers, 3)
-    state = with_workers.get_state()
+    state = json.loads(json.dumps(with_workers.get_state()))
     rest = list(with_workers)
     assert sorted(key for batch in first + rest for key in example_keys(batch)) == want_keys
     assert with_workers.skip_counts() == in_process.skip_counts()
@@ -265,3 +267,27 @@ def test_worker_processes_count_skips_like_the_main_process_and_resume_exactly()
     assert_batches_equal(list(resumed), rest)
     assert resumed.skip_counts() == in_process.skip_counts()
     resumed.close()
+
+
+@pytest.mark.parametrize("task,shapes_task", [("instruct", "qa"), ("align", "caption"),
+                                              ("lm", "text"), ("contrastive", "caption")])
+def test_build_pipeline_from_config_with_the_real_source_and_transforms(task, shapes_task):
+    tokenizer = train_word_tokenizer(corpus(100), vocab_size=300)
+    cfg = from_dict(DataConfig, {
+        "sources": [{"kind": "shapes", "options": {"task": shapes_task, "image_size": 32,
+                                                   "num_examples": 12}}],
+        "task": task, "template": "qwen2", "seq_len": 512, "image_size": 16, "num_image_tokens": 4,
+        "batch_size": 2, "num_epochs": 1, "max_images_per_row": 0 if task == "lm" else 3})
+    iterator = build_pipeline(cfg, tokenizer, process_index=0, process_count=1)
+    batches = list(iterator)
+    assert iterator.skip_counts() == {"seen": 12, "skipped": {}}
+    if task == "contrastive":
+        assert len(batches) == 6 and batches[0]["images"].shape == (2, 16, 16, 3)
+        return
+    segments = sum(len(np.unique(row[row > 0])) for b in batches for row in b["segment_ids"])
+    assert segments == 12
+    images_per_example = 0 if task == "lm" else 1
+    assert sum(int(b["num_images"].sum()) for b in batches) == 12 * images_per_example
+    image_token_count = sum(int((b["input_ids"] == tokenizer.image_token_id).sum()) for b in batches)
+    assert image_token_count == 12 * images_per_example * cfg.num_image_tokens
+    assert all(b["loss_mask"].sum() > 0 for b in batches)
