@@ -194,3 +194,35 @@ def test_too_many_bad_rows_stop_the_run_with_the_counts(dirty_set):
     assert f"skipped by reason: {counts['skipped']}" in message
     assert len(counts["skipped"]) >= 2 and set(counts["skipped"]) <= set(reasons)
     assert counts["seen"] >= 10  # not before min_seen_for_skip_check
+
+
+def test_webdataset_bad_members_and_a_truncated_shard_are_counted(tmp_path, dirty_set):
+    *_, tokenizer = dirty_set
+    import tarfile
+
+    rng = np.random.default_rng(1)
+
+    def write_shard(path, members):
+        with tarfile.open(path, "w") as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+    def sample(number, image_kind="rgb"):
+        conversation = json.dumps({"conversations": turns(number, "<image>\nWhat is shown?")})
+        return [(f"{number:04d}.jpg", image_file(image_kind, rng)),
+                (f"{number:04d}.json", conversation.encode())]
+
+    write_shard(tmp_path / "a.tar", sample(0) + sample(1, "corrupt") + sample(2) + sample(3))
+    write_shard(tmp_path / "b.tar", sample(4) + sample(5) + sample(6))
+    whole = (tmp_path / "b.tar").read_bytes()
+    (tmp_path / "b.tar").write_bytes(whole[:len(whole) // 2])  # cut inside the last sample
+    cfg = dirty_config("", "", num_epochs=1, sources=(
+        {"kind": "webdataset", "options": {"shards": str(tmp_path / "*.tar")}},))
+    iterator = build_pipeline(cfg, tokenizer, process_index=0, process_count=1)
+    numbers = [n for batch in iterator for n in row_numbers(batch, tokenizer)]
+    skipped = iterator.skip_counts()["skipped"]
+    assert skipped == {"image_corrupt": 1, "tar_truncated": 1}
+    # Sample 4 lies whole before the cut; 5 and 6 go with the shard's truncated end.
+    assert sorted(numbers) == [0, 2, 3, 4]

@@ -43,6 +43,7 @@ import grain
 import jax
 import numpy as np
 
+from vlm_jax.config_utils import from_dict
 from vlm_jax.data.errors import SkipExample
 from vlm_jax.data.packing import (PackedRowsIterDataset, RowSpec, assemble_batch, example_length,
                                   example_num_images, single_example_row)
@@ -98,15 +99,15 @@ class DataConfig:
     num_epochs: int | None = None       # None = repeat forever
     worker_count: int = 0               # grain worker processes (0 = read in this process)
     worker_buffer_size: int = 2         # per-worker read-ahead, in examples
-    read_threads: int = 0               # threads decoding + transforming examples
+    read_threads: int = 2               # threads decoding + transforming examples (0 = inline)
     prefetch_buffer_size: int = 32      # read-ahead of the threads, in examples
     max_skip_fraction: float = 0.05     # stop when skipped / seen exceeds this ...
     min_seen_for_skip_check: int = 200  # ... once this many raw examples were seen
 
     def __post_init__(self):
         # from_dict turns a list of dicts into a tuple of dicts; build the SourceConfigs here.
-        from vlm_jax.config_utils import from_dict
-        sources = tuple(s if isinstance(s, SourceConfig) else from_dict(SourceConfig, s, f"data.sources[{i}]")
+        sources = tuple(s if isinstance(s, SourceConfig)
+                        else from_dict(SourceConfig, s, f"data.sources[{i}]")
                         for i, s in enumerate(self.sources))
         object.__setattr__(self, "sources", sources)
         if self.task not in TASKS:
@@ -115,7 +116,8 @@ class DataConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("num_image_tokens", "max_images_per_row", "worker_count", "worker_buffer_size",
-                     "read_threads", "prefetch_buffer_size", "min_seen_for_skip_check", "shuffle_window"):
+                     "read_threads", "prefetch_buffer_size", "min_seen_for_skip_check",
+                     "shuffle_window"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
         if self.num_epochs is not None and self.num_epochs < 1:
@@ -290,18 +292,26 @@ class _StreamSourceIterator(grain.DatasetIterator):
         self._source, self._name, self._num_epochs = source, name, num_epochs
         self._epoch = 0
         self._iterator = iter(source)
+        self._epoch_is_empty = True  # an empty source repeated forever must not spin silently
 
     def __next__(self) -> Mapping[str, Any] | SkippedExample:
         while True:
             if self._num_epochs is not None and self._epoch >= self._num_epochs:
                 raise StopIteration
             try:
-                return next(self._iterator)
+                element = next(self._iterator)
             except SkipExample as skip:  # the source has already moved past the bad record
-                return SkippedExample(skip.reason, skip.detail, f"{self._name}@{self._epoch}")
+                element = SkippedExample(skip.reason, skip.detail, f"{self._name}@{self._epoch}")
             except StopIteration:
+                if self._epoch_is_empty:
+                    raise ValueError(f"stream source {self._name} ({self._source!r}) yielded "
+                                     f"nothing in epoch {self._epoch}") from None
                 self._epoch += 1
+                self._epoch_is_empty = True
                 self._iterator = iter(self._source)
+                continue
+            self._epoch_is_empty = False
+            return element
 
     def get_state(self) -> dict[str, Any]:
         return {"epoch": self._epoch, "source": self._iterator.get_state()}
@@ -310,6 +320,7 @@ class _StreamSourceIterator(grain.DatasetIterator):
         self._epoch = int(state["epoch"])
         self._iterator = iter(self._source)
         self._iterator.set_state(state["source"])
+        self._epoch_is_empty = False  # restored mid-epoch: what came before is not replayed
 
 
 class OrderedThreadMapIterDataset(grain.IterDataset):
