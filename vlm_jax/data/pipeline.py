@@ -348,13 +348,14 @@ class _OrderedThreadMapIterator(grain.DatasetIterator):
                  buffer_size: int):
         super().__init__(parent)
         self._fn, self._buffer_size = fn, buffer_size
-        self._pool = (concurrent.futures.ThreadPoolExecutor(num_threads, "vlm-jax-map")
-                      if num_threads > 0 else None)
+        self._inline = num_threads == 0
+        self._pool = (None if self._inline
+                      else concurrent.futures.ThreadPoolExecutor(num_threads, "vlm-jax-map"))
         self._in_flight: collections.deque = collections.deque()  # (parent state before, future)
         self._exhausted = False
 
     def __next__(self) -> Any:
-        if self._pool is None:
+        if self._inline:
             return self._fn(next(self._parent))
         self._fill()
         if not self._in_flight:
@@ -386,8 +387,10 @@ class _OrderedThreadMapIterator(grain.DatasetIterator):
         self._parent.set_state(state["parent"])
 
     def close(self) -> None:
+        # Idempotent: grain's __del__ closes again, possibly during interpreter teardown.
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
         super().close()
 
 
