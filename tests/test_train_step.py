@@ -1,0 +1,163 @@
+"""The train step across meshes and batch splits: 1 device == 8-device fsdp x tensor (4 x 2) over 5
+steps, 2 accumulated micro-batches == one batch, params born sharded, and the non-finite flag."""
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from vlm_jax import sharding
+from vlm_jax.models.decoder import decoder_config
+from vlm_jax.models.projector import ProjectorConfig
+from vlm_jax.models.siglip import VisionConfig
+from vlm_jax.models.vlm import VLMConfig
+from vlm_jax.train import param_groups, phases
+from vlm_jax.train.optimizer import (OptimizerConfig, make_schedule, optimizer_config,
+                                     weight_decay_mask)
+from vlm_jax.train.step import TrainStepConfig, create_train_state, make_train_step, plan_training
+
+STEPS = 5
+MESHES = {"one_device": (sharding.MeshConfig(), 1),
+          "fsdp4_tensor2": (sharding.MeshConfig(data=1, fsdp=4, tensor=2), 8)}
+
+
+def _config():
+    return VLMConfig(
+        vision=VisionConfig(image_size=16, patch_size=8, width=16, depth=2, num_heads=2, mlp_dim=32,
+                            use_head=False),
+        projector=ProjectorConfig(type="mlp2x_gelu"),
+        llm=decoder_config("llama", vocab_size=64, hidden_size=16, num_layers=2, num_heads=4,
+                           num_kv_heads=2, head_dim=8, mlp_dim=32),
+        image_token_id=63)
+
+
+def _batches(config, batch_size=8):
+    """STEPS different batches with uneven loss-token counts per row."""
+    rng = np.random.default_rng(0)
+    n = config.tokens_per_image
+    t = n + 8
+    out = []
+    for _ in range(STEPS):
+        ids = rng.integers(0, 63, (batch_size, t)).astype(np.int32)
+        ids[:, 1:1 + n] = config.image_token_id
+        loss_mask = (rng.random((batch_size, t)) < np.linspace(0.1, 0.9, batch_size)[:, None])
+        loss_mask[:, :1 + n] = False
+        out.append(dict(input_ids=ids, target_ids=np.roll(ids, -1, 1),
+                        loss_mask=loss_mask.astype(np.float32),
+                        positions=np.broadcast_to(np.arange(t, dtype=np.int32), (batch_size, t)).copy(),
+                        mask_ar=np.ones((batch_size, t), np.int32),
+                        images=rng.standard_normal((batch_size, 1, 16, 16, 3)).astype(np.float32)))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(mesh_name, micro_batches):
+    mesh_config, num_devices = MESHES[mesh_name]
+    mesh = sharding.make_mesh(mesh_config, devices=jax.devices()[:num_devices])
+    optimizer = OptimizerConfig(learning_rate=3e-3, schedule="cosine", warmup_steps=2,
+                                total_steps=10, weight_decay=0.1, grad_clip_norm=1.0)
+    step_config = TrainStepConfig(phase=phases.PhaseConfig("instruct"), optimizer=optimizer,
+                                  micro_batches=micro_batches)
+    plan = plan_training(_config(), step_config, mesh)
+    return plan, make_train_step(plan)
+
+
+@functools.lru_cache(maxsize=None)
+def _run(mesh_name, micro_batches):
+    """(metrics per step, final trainable params on the host) from the same init and batches."""
+    plan, train_step = _setup(mesh_name, micro_batches)
+    state = create_train_state(plan, jax.random.key(0))
+    metrics = []
+    for batch in _batches(plan.model_config):
+        state, m = train_step(state, sharding.global_batch(batch, plan.mesh))
+        metrics.append({k: float(v) for k, v in m.items()})
+    return metrics, jax.tree.map(np.asarray, state.trainable)
+
+
+def test_eight_device_fsdp_tensor_mesh_matches_one_device():
+    single, _ = _run("one_device", 1)
+    sharded, _ = _run("fsdp4_tensor2", 1)
+    for key in ("loss", "token_accuracy", "grad_norm", "lr", "num_loss_tokens"):
+        np.testing.assert_allclose([m[key] for m in sharded], [m[key] for m in single], atol=1e-5,
+                                   err_msg=key)
+    assert single[-1]["loss"] < single[0]["loss"]
+    assert [m["lr"] for m in single][:3] == pytest.approx([0.0, 1.5e-3, 3e-3])
+
+
+def test_state_is_born_sharded_on_the_mesh():
+    plan, _ = _setup("fsdp4_tensor2", 1)
+    state = create_train_state(plan, jax.random.key(0))
+    q = state.trainable["llm"]["layers"]["attention"]["q"]["kernel"]   # [L, D, H, hd]
+    assert tuple(q.sharding.spec)[1:3] == ("fsdp", "tensor")
+    assert q.addressable_shards[0].data.shape == (q.shape[0], q.shape[1] // 4, q.shape[2] // 2, q.shape[3])
+    # Adam's moments are sharded like their params
+    for moment in jax.tree.leaves(state.opt_state):
+        if moment.shape == q.shape:
+            assert moment.sharding.spec == q.sharding.spec
+    emb = state.trainable["llm"]["embed"]["embedding"]
+    assert emb.addressable_shards[0].data.size == emb.size // 8
+    # the frozen vision tower is sharded too (no whole copy on one device)
+    patch = state.frozen["vision_tower"]["encoder"]["mlp"]["fc1"]["kernel"]  # [L, D, F]
+    assert patch.addressable_shards[0].data.size == patch.size // 8
+
+
+def test_two_micro_batches_equal_one_batch():
+    whole, whole_params = _run("fsdp4_tensor2", 1)
+    accumulated, accumulated_params = _run("fsdp4_tensor2", 2)
+    for key in ("loss", "token_accuracy", "grad_norm", "num_loss_tokens"):
+        np.testing.assert_allclose([m[key] for m in accumulated], [m[key] for m in whole],
+                                   rtol=1e-6, atol=1e-6, err_msg=key)
+    flat_whole = param_groups.flatten(whole_params)
+    for path, value in param_groups.flatten(accumulated_params).items():
+        np.testing.assert_allclose(value, flat_whole[path], atol=1e-6, err_msg=path)
+
+
+def test_nan_in_batch_or_params_sets_the_non_finite_flag_and_skips_the_update():
+    plan, train_step = _setup("one_device", 1)
+    batch = _batches(plan.model_config)[0]
+
+    state = create_train_state(plan, jax.random.key(0))
+    state, metrics = train_step(state, sharding.global_batch(batch, plan.mesh))
+    assert metrics["is_finite"] == 1.0
+    before = jax.tree.map(np.asarray, state.trainable)
+    bad = dict(batch, images=batch["images"].copy())
+    bad["images"][3, 0, 2, 2, 0] = np.nan
+    state, metrics = train_step(state, sharding.global_batch(bad, plan.mesh))
+    assert metrics["is_finite"] == 0.0
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.trainable), before)
+    state, metrics = train_step(state, sharding.global_batch(batch, plan.mesh))
+    assert metrics["is_finite"] == 1.0  # a skipped step leaves a usable state
+
+    poisoned = jax.tree.map(np.asarray, state.trainable)
+    poisoned["projector"] = jax.tree.map(lambda x: np.full_like(x, np.nan), poisoned["projector"])
+    state = state.replace(trainable=jax.device_put(poisoned, plan.state_shardings.trainable))
+    _, metrics = train_step(state, sharding.global_batch(batch, plan.mesh))
+    assert metrics["is_finite"] == 0.0
+
+
+def test_schedules_and_decay_mask_from_a_config_dict():
+    base = dict(learning_rate=1.0, warmup_steps=4, total_steps=14, end_lr_ratio=0.1)
+    steps = np.arange(15)
+    warm = steps / 4
+    frac = np.clip((steps - 4) / 10, 0, 1)
+    want = {"cosine": 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * frac)),
+            "linear": 1.0 - 0.9 * frac,
+            "constant": np.ones_like(frac)}
+    for kind, after in want.items():
+        schedule = make_schedule(optimizer_config({**base, "schedule": kind}))
+        got = np.array([float(schedule(s)) for s in steps])
+        np.testing.assert_allclose(got, np.where(steps < 4, warm, after), atol=1e-6, err_msg=kind)
+    with pytest.raises(ValueError, match="train.optimizer.betas"):
+        optimizer_config({"betas": (0.9, 0.95)})
+    with pytest.raises(ValueError, match="schedule"):
+        optimizer_config({"schedule": "step"})
+
+    params = {"llm": {"embed": {"embedding": 0}, "layers": {"pre_mlp_norm": {"scale": 0},
+                                                             "mlp": {"up": {"kernel": 0}}}},
+              "projector": {"fc1": {"kernel": 0, "bias": 0}}}
+    mask = weight_decay_mask(params, optimizer_config({}))
+    assert mask == {"llm": {"embed": {"embedding": False},
+                            "layers": {"pre_mlp_norm": {"scale": False}, "mlp": {"up": {"kernel": True}}}},
+                    "projector": {"fc1": {"kernel": True, "bias": False}}}
+    custom = optimizer_config({"weight_decay_rules": [["projector/.*", False]]})
+    assert weight_decay_mask(params, custom)["projector"]["fc1"]["kernel"] is False
