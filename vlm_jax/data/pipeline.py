@@ -1,4 +1,4 @@
-"""The grain input pipeline: sources -> shard -> shuffle -> mix -> repeat -> transform -> skip
+"""The grain input pipeline: sources -> shard -> shuffle -> repeat -> transform -> mix -> skip
 accounting -> rows (packed or not) -> batches, with an exactly resumable iterator state.
 
     it = build_pipeline(cfg, tokenizer)            # a grain DatasetIterator of BATCHes
@@ -23,7 +23,9 @@ Order of operations, and why:
     `SkipAccountingIterDataset` counts it by reason and drops it. Counting therefore happens in
     one place, after the workers, whatever `worker_count` is, and the counters are part of the
     iterator state (a resumed run continues the counts of the run it resumes);
-  * packing and batching are cheap numpy work and run in the main process.
+  * packing and batching are cheap numpy work and run in the main process. The last, partial
+    batch of a finite run is padded with empty rows (segment 0); contrastive batches have no
+    padding rows, so their last partial batch is dropped.
 
 Each process may yield a different number of batches in a finite run (shards differ by one
 example, and packing depends on lengths); a multi-host trainer should count steps, not epochs.
@@ -399,8 +401,9 @@ class _OrderedThreadMapIterator(grain.DatasetIterator):
 class PipelineIterator(grain.DatasetIterator):
     """The pipeline's batches, state and skip counters.
 
-    `skip_counts()` are those of the examples read so far. With `read_threads` / workers the
-    reading runs a little ahead of the batches handed out; `get_state()` is always exact.
+    `skip_counts()` counts every raw example that reached the main process so far: up to one
+    example (the one the packer holds for its next row) ahead of the batches handed out.
+    `get_state()` is exact, and restoring it restores the counters of that point.
     """
 
     def __init__(self, batches: grain.DatasetIterator):
