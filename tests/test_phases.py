@@ -36,7 +36,8 @@ def _config(text_tower=True):
 @functools.lru_cache(maxsize=None)
 def _base_params():
     """One random init shared by every phase, kept on the host (steps donate device buffers)."""
-    return jax.tree.map(np.asarray, init_params(_config(), jax.random.key(0)))
+    params = jax.jit(lambda rng: init_params(_config(), rng))(jax.random.key(0))
+    return jax.tree.map(np.asarray, params)
 
 
 def _batch(config, with_images=True, batch_size=4):
@@ -158,7 +159,8 @@ def test_lora_trains_adapters_on_a_frozen_llm():
 def test_phase_config_errors_name_the_field():
     mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
     with pytest.raises(ValueError, match="model.text_tower"):
-        plan_training(_config(text_tower=False), TrainStepConfig(phase=phases.PhaseConfig("contrastive")), mesh)
+        plan_training(_config(text_tower=False),
+                      TrainStepConfig(phase=phases.PhaseConfig("contrastive")), mesh)
     with pytest.raises(ValueError, match="vision_lr_mult"):
         phases.PhaseConfig("align", vision_lr_mult=0.1)
     with pytest.raises(ValueError, match="supported"):

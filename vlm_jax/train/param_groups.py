@@ -17,7 +17,6 @@ import re
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
-import jax
 from flax import traverse_util
 
 Rules = Sequence[tuple[str, Any]]
@@ -90,14 +89,7 @@ def merge_trees(*trees: dict) -> dict:
     return unflatten(merged)
 
 
-def paths(tree: Any) -> list[str]:
-    return list(flatten(tree))
-
-
 def map_with_path(fn: Callable[[str, Any], Any], tree: Any) -> dict:
     """`fn(path, leaf)` over a nested dict, keeping the structure."""
     return unflatten({p: fn(p, v) for p, v in flatten(tree).items()})
 
-
-def leaf_count(tree: Any) -> int:
-    return len(jax.tree.leaves(tree, is_leaf=_IS_BOXED))

@@ -1,11 +1,11 @@
 """Training phases: which params train (and at what lr multiplier), as param-group rules per phase.
 
-| phase         | trains                                   | step kind   | needs                       |
-|---------------|------------------------------------------|-------------|-----------------------------|
-| `contrastive` | vision_tower, text_tower, contrastive    | contrastive | model.vision (use_head), model.text_tower |
-| `lm`          | llm (or LoRA adapters on it)             | next_token  | model.llm                   |
-| `align`       | projector                                | next_token  | model.vision, projector, llm |
-| `instruct`    | projector + llm (or LoRA on the llm); optionally the vision tower at `vision_lr_mult` | next_token | model.vision, projector, llm |
+    phase        trains                                        step kind    needs model.
+    contrastive  vision_tower, text_tower, contrastive         contrastive  vision (use_head), text_tower
+    lm           llm (or LoRA adapters on it)                  next_token   llm
+    align        projector                                     next_token   vision, projector, llm
+    instruct     projector + llm (or LoRA adapters on it),     next_token   vision, projector, llm
+                 optionally vision_tower at vision_lr_mult
 
 A rule's value is an lr multiplier (float) or None = frozen. `PhaseConfig.param_groups` rules are
 prepended to the phase's defaults, so a config can freeze or re-weight any part. Frozen params are

@@ -252,9 +252,12 @@ def make_train_step(plan: TrainPlan) -> Callable[[TrainState, dict], tuple[Train
     num_loss_tokens (next-token) or num_examples (contrastive)."""
     phase = plan.config.phase
     contrastive = phase.step_kind == "contrastive"
+    required_keys = CONTRASTIVE_KEYS if contrastive else NEXT_TOKEN_KEYS
+    if phase.name in ("align", "instruct"):
+        required_keys += ("images",)
 
     def train_step(state: TrainState, batch: dict):
-        _require(batch, CONTRASTIVE_KEYS if contrastive else NEXT_TOKEN_KEYS, phase.name)
+        _require(batch, required_keys, phase.name)
         grads_fn = _contrastive_grads if contrastive else _next_token_grads
         grads, metrics = grads_fn(plan, state, batch)
         grad_norm = optax.tree.norm(grads)
