@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
         results = {"num_images": args.num_images, "image_size": args.image_size,
                    "settings": vars(args), "cpu_count": os.cpu_count(),
                    "load_average_1min": os.getloadavg()[0], "python": platform.python_version(),
+                   # numpy madvises >= 4 MB arrays for huge pages; with THP defrag=madvise a
+                   # fresh batch buffer can then fault slowly (NUMPY_MADVISE_HUGEPAGE=0 turns it off)
+                   "NUMPY_MADVISE_HUGEPAGE": os.environ.get("NUMPY_MADVISE_HUGEPAGE"),
                    "plain_loop_images_per_s": plain, "plain_loop_runs": plain_rates,
                    "pipelines": {}}
         print(f"plain PIL decode+resize loop: {plain:8.1f} images/s (median of {args.repeats})")
