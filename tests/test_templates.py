@@ -122,7 +122,8 @@ def test_targets_are_answers_and_end_of_turn(name):
                                        "<bos>", "<eos>")
     targets = [text for text, is_target in pieces if is_target]
     end_of_turn = {"llama2": " <eos>", "llama3": "<|eot_id|>", "qwen2": "<|im_end|>",
-                   "gemma": "<end_of_turn>", "vicuna": "<eos>"}[name]
+                   "gemma": "<end_of_turn>", "vicuna": "<eos>",
+                   "minimal": "<eos>"}[name]
     assert len(targets) == 2
     for target, answer in zip(targets, ["red", "2"]):
         assert target.endswith(end_of_turn)
@@ -136,6 +137,15 @@ def test_plain_is_images_then_caption():
                 {"role": "assistant", "content": "a red circle "}]
     assert get_template("plain").render(messages, "<bos>", "<eos>") == [
         ("<bos><image>\n", False), ("a red circle<eos>", True)]
+
+
+def test_minimal_is_questions_then_answers():
+    pieces = get_template("minimal").render(CONVERSATION, "<bos>", "<eos>")
+    assert pieces == [("<bos>", False), ("<image>\nWhat color is the circle?\n", False),
+                      ("red<eos>", True), ("How many objects are there? \n", False),
+                      (" 2<eos>", True)]
+    with_system = get_template("minimal").text(WITH_SYSTEM, "<bos>", "<eos>")
+    assert with_system.startswith(f"<bos>{SYSTEM}\n<image>\n")
 
 
 def test_bad_conversations_raise():

@@ -159,6 +159,20 @@ def _plain(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
     return [(bos + f"{IMAGE_TOKEN}\n" * num_images, False), (answers[0].strip() + eos, True)]
 
 
+def _minimal(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
+    """No role names and no default system prompt: "{bos}[{system}\\n]{q}\\n{a}{eos}{q}\\n{a}{eos}".
+    For models trained from scratch with a tiny tokenizer (the shapes recipe), where every prompt
+    token costs compute and a role name teaches nothing."""
+    system, turns = _split_system(messages)
+    pieces: list[Piece] = [(bos if system is None else f"{bos}{system}\n", False)]
+    for message in turns:
+        if message["role"] == "user":
+            pieces.append((message["content"] + "\n", False))
+        else:
+            pieces.append((message["content"] + eos, True))
+    return pieces
+
+
 TEMPLATES: dict[str, ChatTemplate] = {
     name: ChatTemplate(name, fn, special) for name, fn, special in [
         ("llama2", _llama2, ()),
@@ -166,7 +180,8 @@ TEMPLATES: dict[str, ChatTemplate] = {
         ("qwen2", _qwen2, ("<|im_start|>", "<|im_end|>")),
         ("gemma", _gemma, ("<start_of_turn>", "<end_of_turn>")),
         ("vicuna", _vicuna, ()),
-        ("plain", _plain, ())]
+        ("plain", _plain, ()),
+        ("minimal", _minimal, ())]
 }
 
 
