@@ -21,6 +21,57 @@ def _inspect_data(argv: list[str]) -> int:
     return inspect.main(argv) or 0
 
 
+def _train(argv: list[str]) -> int:
+    """`vlm-jax train --config FILE[:ARG] [--config.a.b=VALUE ...] --workdir DIR`."""
+    parser = argparse.ArgumentParser(prog="vlm-jax train", description=_train.__doc__)
+    parser.add_argument("--config", required=True,
+                        help="config file and its argument, e.g. configs/tiny.py:phase=align")
+    parser.add_argument("--workdir", required=True, help="checkpoints, logs and the final model")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the validated config as JSON and exit (nothing compiles)")
+    args, rest = parser.parse_known_args(argv)
+    overrides = _config_overrides(rest, parser)
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain workers read absl flags
+        flags.FLAGS.mark_as_parsed()
+    import jax
+    from vlm_jax import config as config_lib
+    config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
+    run = config_lib.build_run_config(config, jax.device_count(), jax.process_count())
+    if args.print_config:
+        import json
+        print(json.dumps(run.to_dict(), indent=2))
+        return 0
+    from vlm_jax.train.loop import TrainingStopped, train
+    try:
+        metrics = train(run, args.workdir)
+    except TrainingStopped as e:
+        print(f"vlm-jax train: stopped: {e}", file=sys.stderr)
+        return 3
+    shown = {k: v for k, v in metrics.items() if not k.startswith("data/")}
+    print("vlm-jax train: " + ("preempted" if metrics["preempted"] else "done") + " "
+          + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in shown.items()))
+    return 0
+
+
+def _config_overrides(rest: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """`--config.a.b=V` / `--config.a.b V` -> ["a.b=V", ...]; anything else is an error."""
+    overrides, i = [], 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--config."):
+            parser.error(f"unrecognized argument {arg!r} (overrides look like --config.a.b=VALUE)")
+        key, sep, value = arg[len("--config."):].partition("=")
+        if not sep:
+            if i + 1 >= len(rest):
+                parser.error(f"{arg} needs a value")
+            value, i = rest[i + 1], i + 1
+        overrides.append(f"{key}={value}")
+        i += 1
+    return overrides
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output model directory")
     p.set_defaults(func=_import_hf)
 
+    sub.add_parser("train", add_help=False,
+                   help="train per a config file (see `vlm-jax train --help`)")
     sub.add_parser("inspect-data", add_help=False,
                    help="show examples as the model sees them (see `vlm-jax inspect-data --help`)")
     return parser
@@ -46,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "inspect-data":
         return _inspect_data(argv[1:])
+    if argv and argv[0] == "train":
+        try:
+            return _train(argv[1:])
+        except (ValueError, FileNotFoundError) as e:
+            print(f"vlm-jax train: error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

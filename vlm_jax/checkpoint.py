@@ -1,0 +1,193 @@
+"""Training checkpoints (orbax): train state + data-iterator state + run config per step, resume
+onto any mesh, and `init_from` (starting a phase from another model's params).
+
+    workdir/checkpoints/<step>/state/       TrainState (trainable, frozen, opt_state, step)
+    workdir/checkpoints/<step>/data_iter/   the pipeline iterator state, one JSON per process
+    workdir/checkpoints/<step>/config/      the RunConfig that wrote it (JSON)
+
+Saves are asynchronous (arrays are copied to host before `save` returns, so the train step may
+donate them right after). Orbax writes into a temporary directory and renames it when complete,
+so a crash mid-save leaves a `<step>.orbax-checkpoint-tmp-*` directory that is never listed as a
+step: resume always picks the latest COMPLETE checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from vlm_jax import model_dir, sharding
+from vlm_jax.models.vlm import VLMConfig, init_params
+from vlm_jax.train import param_groups
+
+# Model fields that change how it computes, not what it holds: a checkpoint restores across them.
+_COMPUTE_ONLY_FIELDS = ("dtype", "attention_backend", "remat_policy")
+
+
+class _IteratorStateSnapshot:
+    """The iterator state at save time. Grain's handler calls `get_state()` when it writes, which
+    with async saves may be after the loop has moved on; a snapshot pins the saved position."""
+
+    def __init__(self, state: dict):
+        self._encoded = json.dumps(state, indent=1).encode()
+
+    def get_state(self) -> bytes:
+        return self._encoded
+
+
+class Checkpointer:
+    """orbax CheckpointManager over `workdir/checkpoints` with items state / data_iter / config."""
+
+    def __init__(self, workdir: str, keep: int, async_save: bool, run_config: dict):
+        self.directory = epath.Path(os.path.abspath(workdir)) / "checkpoints"
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                               enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data_iter", "config"))
+        self.run_config = run_config
+
+    def latest_step(self) -> int | None:
+        self.manager.reload()
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iter_state: dict | None) -> None:
+        items = dict(state=ocp.args.StandardSave(state),
+                     config=ocp.args.JsonSave(self.run_config))
+        if data_iter_state is not None:
+            items["data_iter"] = grain.checkpoint.CheckpointSave(
+                _IteratorStateSnapshot(data_iter_state))
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def saved_config(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore()))["config"]
+
+    def restore(self, step: int, abstract_state: Any, data_iter: Any | None) -> Any:
+        """The state at `step`, placed as `abstract_state`'s shardings (any mesh); `data_iter`
+        is moved to the saved position in place."""
+        check_compatible(self.saved_config(step), self.run_config, f"{self.directory}/{step}")
+        items = dict(state=ocp.args.StandardRestore(abstract_state))
+        if data_iter is not None:
+            items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def check_compatible(saved: dict, current: dict, where: str) -> None:
+    """Refuse to resume from a checkpoint written for another model or another phase."""
+    def model_fields(config):
+        flat = _flatten_dict(config["model"])
+        return {k: v for k, v in flat.items() if k.split(".")[-1] not in _COMPUTE_ONLY_FIELDS}
+    saved_model, model = model_fields(saved), model_fields(current)
+    differing = sorted(k for k in saved_model.keys() | model.keys()
+                       if saved_model.get(k) != model.get(k))
+    if differing:
+        shown = ", ".join(f"model.{k}: checkpoint {saved_model.get(k)!r} vs config {model.get(k)!r}"
+                          for k in differing[:5])
+        raise ValueError(f"checkpoint {where} was written for another model ({shown}); use a new "
+                         f"--workdir or the config that wrote it")
+    if saved["train"]["phase"] != current["train"]["phase"]:
+        raise ValueError(f"checkpoint {where} was written by train.phase={saved['train']['phase']}, "
+                         f"the config has train.phase={current['train']['phase']}; start the new "
+                         f"phase in a new --workdir with train.init_from.path pointing at this one")
+
+
+def _flatten_dict(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten_dict(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def abstract_train_state(plan) -> Any:
+    """ShapeDtypeStructs of the plan's TrainState carrying the plan's shardings (restore target)."""
+    from vlm_jax.train.step import create_train_state
+    shapes = jax.eval_shape(lambda rng: create_train_state(plan, rng), jax.random.key(0))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        shapes, plan.state_shardings)
+
+
+# ----------------------------------------------------------------------------- init_from
+
+def resolve_model_dir(path: str) -> str:
+    """A model directory, or a finished run's workdir (its `model/`)."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    if os.path.exists(os.path.join(path, "model", "config.json")):
+        return os.path.join(path, "model")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        raise ValueError(f"train.init_from.path={path} is a workdir without model/ (its run did "
+                         f"not finish): resume that run to the end first, or point at a model "
+                         f"directory")
+    raise ValueError(f"train.init_from.path={path} is neither a model directory (config.json) "
+                     f"nor a finished run's workdir (model/config.json)")
+
+
+def _abstract_params(config: VLMConfig) -> dict:
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def _taken_paths(run, source_config: VLMConfig) -> list[str]:
+    """Target param paths to copy from the source; raises naming a param whose shape differs."""
+    groups = param_groups.normalize_rules([(g, True) for g in run.train.init_from.groups],
+                                          "train.init_from.groups")
+    compiled = [re.compile(pattern) for pattern, _ in groups]
+    target = param_groups.flatten(_abstract_params(run.model))
+    source = param_groups.flatten(_abstract_params(source_config))
+    taken = [p for p in target if any(c.fullmatch(p) for c in compiled)]
+    if not taken:
+        raise ValueError(f"train.init_from.groups={list(run.train.init_from.groups)} match no "
+                         f"param of the model (e.g. {sorted(target)[:3]})")
+    for path in taken:
+        if path not in source:
+            raise ValueError(f"train.init_from: param {path} is not in {run.train.init_from.path} "
+                             f"(narrow train.init_from.groups)")
+        if (source[path].shape, source[path].dtype) != (target[path].shape, target[path].dtype):
+            raise ValueError(f"train.init_from: param {path} has shape {source[path].shape} "
+                             f"{source[path].dtype} in {run.train.init_from.path} but "
+                             f"{target[path].shape} {target[path].dtype} in this model config")
+    return taken
+
+
+def check_init_from(run) -> None:
+    """Validate train.init_from against the model config (shapes only, nothing loaded)."""
+    source_dir = resolve_model_dir(run.train.init_from.path)
+    _taken_paths(run, model_dir.load_config(source_dir))
+
+
+def load_init_params(run, mesh, rules, rng: jax.Array) -> dict:
+    """Full model params on `mesh`: the init_from groups restored from the source, the rest
+    freshly initialised (born sharded)."""
+    source_dir = resolve_model_dir(run.train.init_from.path)
+    source_config = model_dir.load_config(source_dir)
+    taken = set(_taken_paths(run, source_config))
+
+    def boxed(config):
+        with sharding.rules_context(mesh, rules):
+            return jax.eval_shape(lambda: init_params(config, jax.random.key(0), boxed=True))
+    target_shardings = sharding.param_shardings(boxed(run.model), mesh, rules)
+    with sharding.rules_context(mesh, rules):
+        fresh = jax.jit(lambda r: init_params(run.model, r), out_shardings=target_shardings)(rng)
+    _, source_params, _ = model_dir.load_model(
+        source_dir, shardings=sharding.param_shardings(boxed(source_config), mesh, rules),
+        load_tokenizer=False)
+    flat_source = param_groups.flatten(source_params)
+    flat = param_groups.flatten(fresh)
+    flat.update({path: flat_source[path] for path in taken})
+    return param_groups.unflatten(flat)

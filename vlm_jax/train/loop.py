@@ -1,0 +1,325 @@
+"""The training loop: a validated config -> tokenizer, data, mesh, plan, state (fresh, init_from or
+resumed), steps, periodic eval, logs and checkpoints, then the final model directory.
+
+    metrics = train(config, workdir)      # config: ConfigDict from configs/*.py, or a RunConfig
+
+Steps are counted, not epochs (processes may yield different numbers of batches). A run resumes
+from the latest complete checkpoint in `workdir` by itself. SIGTERM (preemption) saves at the
+next step boundary and returns with `metrics["preempted"] = True`. A non-finite loss or gradient
+norm, or too many skipped examples, stops the run with `TrainingStopped` naming the step and the
+last good checkpoint. The finished run writes `workdir/model` (a model directory: generation,
+export and the next phase's `train.init_from` read it).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from vlm_jax import checkpoint, model_dir, sharding
+from vlm_jax.config import RunConfig, build_run_config
+from vlm_jax.data.pipeline import TooManySkippedExamples, build_pipeline
+from vlm_jax.train import flops, losses
+from vlm_jax.train.metrics_log import RunLogger, flat_skip_counts
+from vlm_jax.train.step import (CONTRASTIVE_KEYS, NEXT_TOKEN_KEYS, TrainStepConfig,
+                                create_train_state, make_train_step, plan_training)
+from vlm_jax.models.vlm import VLM
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (non-finite loss, bad data); the message says where and why."""
+
+
+class _Preemption:
+    """SIGTERM -> a flag the loop reads at step boundaries (installed on the main thread only)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config: Any, workdir: str) -> dict:
+    """Train per `config` in `workdir`; returns the last logged metrics (+ final eval)."""
+    run = config if isinstance(config, RunConfig) else build_run_config(
+        config, jax.device_count(), jax.process_count())
+    os.makedirs(workdir, exist_ok=True)
+    with _Preemption() as preemption:
+        return _Trainer(run, workdir, preemption).run()
+
+
+def build_tokenizer(run: RunConfig, workdir: str):
+    """The run's tokenizer; a fitted one (kind='shapes') is saved in `workdir/tokenizer` and
+    reloaded on resume so ids never change under a checkpoint."""
+    from vlm_jax.data.tokenizer import Tokenizer, train_word_tokenizer
+    cfg = run.tokenizer
+    if cfg.kind == "path":
+        path = cfg.path
+        if os.path.isdir(os.path.join(path, "tokenizer")):  # a model directory
+            path = os.path.join(path, "tokenizer")
+        tokenizer = Tokenizer.from_path(path)
+    else:
+        saved = os.path.join(workdir, "tokenizer")
+        if os.path.isdir(saved):
+            tokenizer = Tokenizer.from_path(saved)
+        else:
+            from vlm_jax.data.sources import shapes
+            texts = [" ".join(shapes.vocabulary())] + shapes.corpus(cfg.corpus_examples,
+                                                                      cfg.corpus_seed)
+            tokenizer = train_word_tokenizer(texts, vocab_size=cfg.vocab_size)
+            if jax.process_index() == 0:
+                tokenizer.save(saved)
+    _check_tokenizer_fits(run, tokenizer)
+    return tokenizer
+
+
+def _check_tokenizer_fits(run: RunConfig, tokenizer) -> None:
+    model = run.model
+    vocab_owner = ("model.llm.vocab_size", model.llm.vocab_size) if model.llm is not None else (
+        ("model.text_tower.vocab_size", model.text_tower.vocab_size)
+        if model.text_tower is not None else (None, None))
+    if vocab_owner[0] and tokenizer.vocab_size > vocab_owner[1]:
+        raise ValueError(f"{vocab_owner[0]}={vocab_owner[1]} is smaller than the tokenizer's "
+                         f"{tokenizer.vocab_size} ids (tokenizer section)")
+    if model.vision is not None and model.llm is not None \
+            and tokenizer.image_token_id != model.image_token_id:
+        raise ValueError(f"model.image_token_id={model.image_token_id} but the tokenizer's "
+                         f"{tokenizer.image_token} is id {tokenizer.image_token_id}")
+
+
+def batch_keys(phase_name: str) -> tuple[str, ...]:
+    """The batch arrays the step reads (the rest stays on the host)."""
+    if phase_name == "contrastive":
+        return CONTRASTIVE_KEYS
+    keys = NEXT_TOKEN_KEYS + ("segment_ids",)
+    return keys + ("images",) if phase_name in ("align", "instruct") else keys
+
+
+def batch_counts(batch: dict) -> tuple[int, int, int]:
+    """(examples, real tokens, images) in a local batch."""
+    if "text_ids" in batch:
+        return len(batch["text_ids"]), 0, len(batch["text_ids"])
+    segments = batch["segment_ids"]
+    return (int(segments.max(axis=1).sum()), int((segments > 0).sum()),
+            int(batch["num_images"].sum()) if "num_images" in batch else 0)
+
+
+def batch_digest(batch: dict) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted(batch):
+        digest.update(key.encode())
+        digest.update(np.ascontiguousarray(batch[key]).tobytes())
+    return digest.hexdigest()
+
+
+class _Trainer:
+    def __init__(self, run: RunConfig, workdir: str, preemption: _Preemption):
+        self.cfg, self.workdir, self.preemption = run, workdir, preemption
+        self.is_writer = jax.process_index() == 0
+        self.tokenizer = build_tokenizer(run, workdir)
+        self.mesh = sharding.make_mesh(run.mesh)
+        self.plan = plan_training(run.model, TrainStepConfig(
+            phase=run.train.phase, optimizer=run.train.optimizer,
+            micro_batches=run.train.micro_batches), self.mesh)
+        self.keys = batch_keys(run.train.phase.name)
+        self.checkpointer = checkpoint.Checkpointer(workdir, run.checkpoint.keep,
+                                                    run.checkpoint.async_save, run.to_dict())
+        self.last_saved: int | None = None
+        self.trainable_groups = flops.trainable_groups(self.plan.lr_multipliers)
+        dtype = run.model.dtype or (run.model.resolved("llm").dtype if run.model.llm is not None
+                                    else run.model.resolved("vision").dtype)
+        self.peak_flops = flops.peak_flops_per_device(
+            dtype=dtype, configured=run.log.peak_flops_per_device,
+            measure_cpu=run.log.measure_cpu_peak) if self.is_writer else None
+
+    # ------------------------------------------------------------------ setup
+
+    def _initial_state(self, data_iter):
+        rng = jax.random.key(self.cfg.train.seed)
+        latest = self.checkpointer.latest_step()
+        if latest is not None:
+            state = self.checkpointer.restore(latest, checkpoint.abstract_train_state(self.plan),
+                                              data_iter)
+            self.last_saved = latest
+            return state, latest
+        if self.cfg.train.init_from.path:
+            params = checkpoint.load_init_params(self.cfg, self.mesh, self.plan.rules, rng)
+            return create_train_state(self.plan, rng, params), 0
+        return create_train_state(self.plan, rng), 0
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> dict:
+        run, total = self.cfg, self.cfg.train.steps
+        data_iter = build_pipeline(run.data, self.tokenizer)
+        state, start = self._initial_state(data_iter)
+        if self.is_writer:
+            with open(os.path.join(self.workdir, "config.json"), "w") as f:
+                json.dump(run.to_dict(), f, indent=2)
+        self.logger = RunLogger(self.workdir, total, start, self.is_writer, run.log.progress_bar,
+                                run.log.tensorboard, run.log.batch_hash)
+        if start:
+            self.logger.message(f"resumed from {self.checkpointer.directory}/{start}")
+        train_step = make_train_step(self.plan)
+        self.eval_step = _make_eval_step(self.plan) if run.eval_data is not None else None
+        step, pending, last_row, preempted = start, None, {}, False
+        clock = time.perf_counter()
+        try:
+            while step < total:
+                if self._preempted(step):
+                    preempted = True
+                    break
+                local = self._next_batch(data_iter, step)
+                if local is None:
+                    break
+                state, metrics = train_step(state, sharding.global_batch(
+                    {k: local[k] for k in self.keys}, self.mesh))
+                step += 1
+                if run.log.batch_hash:
+                    self.logger.batch_hash(step, batch_digest(local))
+                if pending is not None:  # read the previous step's metrics while this one runs
+                    last_row = self._finish_step(*pending, data_iter) or last_row
+                pending = (step, metrics, batch_counts(local), clock)
+                clock = time.perf_counter()
+                if step % run.checkpoint.every_steps == 0 or step == total:
+                    last_row = self._finish_step(*pending, data_iter, force_row=True) or last_row
+                    pending = None
+                    self._save(step, state, data_iter)
+                if self.eval_step is not None and run.eval.every_steps \
+                        and step % run.eval.every_steps == 0 and step < total:
+                    last_row.update(self._evaluate(step, state))
+            if pending is not None:
+                last_row = self._finish_step(*pending, data_iter, force_row=True) or last_row
+            if self.last_saved != step:
+                self._save(step, state, data_iter)
+            self.checkpointer.wait()
+            if preempted:
+                self.logger.message(f"SIGTERM: saved checkpoint {self.checkpointer.directory}/"
+                                    f"{step}; exiting")
+                self.logger.write(step, {"event/preempted": 1.0})
+            else:
+                if self.eval_step is not None:
+                    last_row.update(self._evaluate(step, state))
+                model_dir.save_model(os.path.join(self.workdir, "model"), run.model,
+                                     self.plan.model_params(state), self.tokenizer)
+        finally:
+            self.checkpointer.close()
+            self.logger.close()
+        return {**last_row, "step": step, "preempted": preempted,
+                "checkpoint": f"{self.checkpointer.directory}/{step}"}
+
+    def _preempted(self, step: int) -> bool:
+        if jax.process_count() > 1:  # every process must stop at the same step
+            return bool(self.checkpointer.manager.reached_preemption(step))
+        return self.preemption.requested
+
+    def _next_batch(self, data_iter, step: int) -> dict | None:
+        try:
+            return next(data_iter)
+        except StopIteration:
+            self.logger.message(f"data ran out after step {step} (data.num_epochs="
+                                f"{self.cfg.data.num_epochs}); stopping")
+            return None
+        except TooManySkippedExamples as e:
+            raise TrainingStopped(f"step {step + 1}: {e}; last good checkpoint: "
+                                  f"{self._last_good()}") from e
+
+    def _last_good(self) -> str:
+        return ("none" if self.last_saved is None
+                else f"{self.checkpointer.directory}/{self.last_saved}")
+
+    def _finish_step(self, step: int, metrics, counts, started: float, data_iter,
+                     force_row: bool = False) -> dict | None:
+        """Fetch a step's metrics (blocks until it ran), stop on non-finite, log."""
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if values.pop("is_finite") != 1.0:
+            self.checkpointer.wait()
+            raise TrainingStopped(
+                f"step {step}: loss {values['loss']} / grad norm {values['grad_norm']} is not "
+                f"finite; the update was not applied. Last good checkpoint: {self._last_good()}")
+        log_now = force_row or step % self.cfg.log.every_steps == 0
+        if not log_now:
+            self.logger.step(step, None)
+            return None
+        seconds = time.perf_counter() - started
+        examples, tokens, images = (n * jax.process_count() for n in counts)
+        row = {**values, "step_time_s": seconds, "examples_per_s": examples / seconds,
+               "tokens_per_s": tokens / seconds if tokens else None}
+        if self.peak_flops is not None:
+            seq_len = self.cfg.data.seq_len if "text_ids" not in self.keys else None
+            step_flops = flops.train_step_flops(
+                self.cfg.model, self.cfg.train.phase, self.cfg.data.batch_size * jax.process_count(),
+                seq_len=seq_len, num_images=images, trainable=self.trainable_groups).total
+            row["mfu"] = flops.mfu(step_flops, seconds, self.peak_flops, jax.device_count())
+        row.update(flat_skip_counts(data_iter.skip_counts()))
+        self.logger.step(step, row)
+        return row
+
+    def _save(self, step: int, state, data_iter) -> None:
+        self.checkpointer.save(step, state, data_iter.get_state())
+        self.last_saved = step
+
+    # ------------------------------------------------------------------ eval
+
+    def _evaluate(self, step: int, state) -> dict:
+        eval_iter = build_pipeline(self.cfg.eval_data, self.tokenizer)
+        params = self.plan.model_params(state)
+        totals: dict[str, float] = {}
+        for _, local in zip(range(self.cfg.eval.num_batches), eval_iter):
+            sums = jax.device_get(self.eval_step(params, sharding.global_batch(
+                {k: local[k] for k in self.keys}, self.mesh)))
+            for key, value in sums.items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+        count = max(totals.get("count", 0.0), 1.0)
+        row = {"eval/loss": totals.get("loss_sum", 0.0) / count}
+        if "correct" in totals:
+            row["eval/token_accuracy"] = totals["correct"] / count
+        row["eval/count"] = totals.get("count", 0.0)
+        self.logger.write(step, row)
+        return row
+
+
+def _make_eval_step(plan):
+    """(params, batch) -> sums {loss_sum, count[, correct]} over the global batch (jitted)."""
+    contrastive = plan.config.phase.step_kind == "contrastive"
+
+    def eval_sums(params, batch):
+        if contrastive:
+            images = batch["images"][:, 0] if batch["images"].ndim == 5 else batch["images"]
+            zimg, ztxt, (scale, bias) = plan.model.apply(
+                {"params": params}, images, batch["text_ids"], method=VLM.contrastive_embeddings)
+            loss = losses.sigmoid_loss_chunked(zimg, ztxt, scale, bias, plan.mesh)
+            count = jax.numpy.asarray(images.shape[0], jax.numpy.float32)
+            return {"loss_sum": loss * count, "count": count}
+        images = batch.get("images") if plan.model_config.vision is not None else None
+        logits = plan.model.apply({"params": params}, batch["input_ids"], images,
+                                  batch["positions"], batch["mask_ar"], batch.get("segment_ids"))
+        loss_sum, correct, count = losses.next_token_sums(logits, batch["target_ids"],
+                                                          batch["loss_mask"])
+        return {"loss_sum": loss_sum, "correct": correct, "count": count}
+
+    jitted = jax.jit(eval_sums)
+
+    def run(params, batch):
+        with sharding.rules_context(plan.mesh, plan.rules):
+            return jitted(params, batch)
+    return run
