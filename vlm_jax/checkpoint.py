@@ -8,17 +8,21 @@ onto any mesh, and `init_from` (starting a phase from another model's params).
 Saves are asynchronous (arrays are copied to host before `save` returns, so the train step may
 donate them right after). Orbax writes into a temporary directory and renames it when complete,
 so a crash mid-save leaves a `<step>.orbax-checkpoint-tmp-*` directory that is never listed as a
-step: resume always picks the latest COMPLETE checkpoint.
+step, and a step directory without orbax's commit timestamp is skipped too (`is_complete`):
+resume always picks the latest COMPLETE checkpoint.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from typing import Any
 
+import flax.linen as nn
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -54,8 +58,23 @@ class Checkpointer:
         self.run_config = run_config
 
     def latest_step(self) -> int | None:
+        """The newest COMPLETE step (see `is_complete`), or None. Incomplete step directories
+        after it are deleted, so that the run can save those steps again."""
         self.manager.reload()
-        return self.manager.latest_step()
+        latest, incomplete = None, []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            if is_complete(self.directory / str(step)):
+                latest = step
+                break
+            incomplete.append(step)
+        for step in incomplete:
+            logging.warning("deleting incomplete checkpoint %s (no commit timestamp)",
+                            self.directory / str(step))
+            if jax.process_index() == 0:
+                (self.directory / str(step)).rmtree()
+        if incomplete:
+            self.manager.reload()
+        return latest
 
     def save(self, step: int, state: Any, data_iter_state: dict | None) -> None:
         items = dict(state=ocp.args.StandardSave(state),
@@ -84,6 +103,19 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def is_complete(step_dir: epath.Path) -> bool:
+    """Orbax stamps `_CHECKPOINT_METADATA` with a commit time when a save finalizes. On a local
+    disk orbax trusts the directory name alone (it renames a tmp dir when done), so a step
+    directory copied or written by hand without that stamp would otherwise count as complete."""
+    metadata = step_dir / "_CHECKPOINT_METADATA"
+    if not metadata.exists():
+        return False
+    try:
+        return json.loads(metadata.read_text()).get("commit_timestamp_nsecs") is not None
+    except json.JSONDecodeError:
+        return False
 
 
 def check_compatible(saved: dict, current: dict, where: str) -> None:
@@ -117,8 +149,11 @@ def _flatten_dict(tree: dict, prefix: str = "") -> dict:
 
 def abstract_train_state(plan) -> Any:
     """ShapeDtypeStructs of the plan's TrainState carrying the plan's shardings (restore target)."""
-    from vlm_jax.train.step import create_train_state
-    shapes = jax.eval_shape(lambda rng: create_train_state(plan, rng), jax.random.key(0))
+    from vlm_jax.train import phases
+    from vlm_jax.train.step import TrainState
+    trainable, frozen = phases.split_trainable(nn.unbox(plan.abstract_boxed), plan.lr_multipliers)
+    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), trainable=trainable,
+                        frozen=frozen, opt_state=jax.eval_shape(plan.optimizer.init, trainable))
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         shapes, plan.state_shardings)
 
@@ -171,23 +206,23 @@ def check_init_from(run) -> None:
     _taken_paths(run, model_dir.load_config(source_dir))
 
 
-def load_init_params(run, mesh, rules, rng: jax.Array) -> dict:
-    """Full model params on `mesh`: the init_from groups restored from the source, the rest
-    freshly initialised (born sharded)."""
+def apply_init_from(run, plan, state):
+    """`state` (freshly created) with the train.init_from groups replaced by the source's params,
+    restored straight onto the state's shardings. The optimizer state needs no change: Adam's
+    moments start at zero whatever the params are, and LoRA adapters depend on shapes only."""
     source_dir = resolve_model_dir(run.train.init_from.path)
     source_config = model_dir.load_config(source_dir)
-    taken = set(_taken_paths(run, source_config))
-
-    def boxed(config):
-        with sharding.rules_context(mesh, rules):
-            return jax.eval_shape(lambda: init_params(config, jax.random.key(0), boxed=True))
-    target_shardings = sharding.param_shardings(boxed(run.model), mesh, rules)
-    with sharding.rules_context(mesh, rules):
-        fresh = jax.jit(lambda r: init_params(run.model, r), out_shardings=target_shardings)(rng)
+    taken = _taken_paths(run, source_config)
+    with sharding.rules_context(plan.mesh, plan.rules):
+        source_boxed = jax.eval_shape(lambda: init_params(source_config, jax.random.key(0),
+                                                          boxed=True))
     _, source_params, _ = model_dir.load_model(
-        source_dir, shardings=sharding.param_shardings(boxed(source_config), mesh, rules),
+        source_dir, shardings=sharding.param_shardings(source_boxed, plan.mesh, plan.rules),
         load_tokenizer=False)
-    flat_source = param_groups.flatten(source_params)
-    flat = param_groups.flatten(fresh)
-    flat.update({path: flat_source[path] for path in taken})
-    return param_groups.unflatten(flat)
+    source = param_groups.flatten(source_params)
+    trainable, frozen = param_groups.flatten(state.trainable), param_groups.flatten(state.frozen)
+    for path in taken:
+        tree = trainable if path in trainable else frozen
+        tree[path] = jax.device_put(source[path], tree[path].sharding)
+    return state.replace(trainable=param_groups.unflatten(trainable),
+                         frozen=param_groups.unflatten(frozen))

@@ -161,10 +161,10 @@ class _Trainer:
                                               data_iter)
             self.last_saved = latest
             return state, latest
+        state = create_train_state(self.plan, rng)
         if self.cfg.train.init_from.path:
-            params = checkpoint.load_init_params(self.cfg, self.mesh, self.plan.rules, rng)
-            return create_train_state(self.plan, rng, params), 0
-        return create_train_state(self.plan, rng), 0
+            state = checkpoint.apply_init_from(self.cfg, self.plan, state)
+        return state, 0
 
     # ------------------------------------------------------------------ the loop
 

@@ -1,0 +1,132 @@
+"""Checkpoints: a state saved on a data=8 mesh restores onto fsdp4 x tensor2 and onto one device
+with identical values (data-iterator position included), half-written checkpoints are never
+picked up, a checkpoint of another model is refused, and init_from takes only the named groups."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from vlm_jax import checkpoint, config as config_lib, model_dir, sharding
+from vlm_jax.data.pipeline import build_pipeline
+from vlm_jax.models.vlm import init_params
+from vlm_jax.train import param_groups
+from vlm_jax.train.loop import build_tokenizer
+from vlm_jax.train.step import TrainStepConfig, plan_training
+
+TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+
+
+def _run_config(overrides=(), mesh=None, num_devices=8):
+    config = config_lib.apply_overrides(config_lib.load_config_file(TINY), list(overrides))
+    if mesh is not None:
+        config.mesh = mesh
+    return config_lib.build_run_config(config, num_devices)
+
+
+def _plan(run, num_devices):
+    mesh = sharding.make_mesh(run.mesh, devices=jax.devices()[:num_devices])
+    step_config = TrainStepConfig(phase=run.train.phase, optimizer=run.train.optimizer)
+    return plan_training(run.model, step_config, mesh)
+
+
+def _random_state(plan, seed=0):
+    """A TrainState of random values placed on the plan's shardings (no compile needed)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: jax.device_put(
+        rng.standard_normal(a.shape).astype(a.dtype) if a.dtype == np.float32
+        else np.full(a.shape, 5, a.dtype), a.sharding), checkpoint.abstract_train_state(plan))
+
+
+def _random_params(model_config, seed):
+    rng = np.random.default_rng(seed)
+    abstract = jax.eval_shape(lambda: init_params(model_config, jax.random.key(0)))
+    return jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(a.dtype), abstract)
+
+
+def _host(tree):
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def test_restore_onto_other_meshes_and_ignore_half_written(tmp_path):
+    run = _run_config(mesh=dict(data=8, fsdp=1, tensor=1))
+    tokenizer = build_tokenizer(run, str(tmp_path))
+    plan = _plan(run, 8)
+    state = _random_state(plan)  # random Adam moments too: zeros would restore from anything
+    data_iter = build_pipeline(run.data, tokenizer)
+    for _ in range(2):
+        next(data_iter)
+    saver = checkpoint.Checkpointer(str(tmp_path), keep=2, async_save=True,
+                                    run_config=run.to_dict())
+    saver.save(2, state, data_iter.get_state())
+    saver.close()
+    expected_state, expected_batch = _host(state), next(data_iter)
+
+    # A crash mid-save: orbax's tmp directory, and a step directory without a commit stamp.
+    os.makedirs(tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1700000000" / "state")
+    os.makedirs(tmp_path / "checkpoints" / "6" / "state")
+    (tmp_path / "checkpoints" / "6" / "state" / "junk").write_text("half")
+
+    for mesh, num_devices in ((dict(data=1, fsdp=4, tensor=2), 8), (dict(data=1), 1)):
+        target_run = _run_config(mesh=mesh, num_devices=num_devices)
+        target_plan = _plan(target_run, num_devices)
+        loader = checkpoint.Checkpointer(str(tmp_path), keep=2, async_save=True,
+                                         run_config=target_run.to_dict())
+        assert loader.latest_step() == 2
+        fresh_iter = build_pipeline(target_run.data, tokenizer)
+        abstract = checkpoint.abstract_train_state(target_plan)
+        restored = loader.restore(2, abstract, fresh_iter)
+        loader.close()
+        for got, want, target in zip(jax.tree.leaves(restored), jax.tree.leaves(expected_state),
+                                     jax.tree.leaves(abstract)):
+            assert got.sharding == target.sharding
+            np.testing.assert_array_equal(np.asarray(got), want)
+        batch = next(fresh_iter)
+        for key in expected_batch:
+            np.testing.assert_array_equal(batch[key], expected_batch[key])
+    assert not (tmp_path / "checkpoints" / "6").exists()
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    run = _run_config(num_devices=8)
+    plan = _plan(run, 8)
+    saver = checkpoint.Checkpointer(str(tmp_path), 1, False, run.to_dict())
+    saver.save(1, _random_state(plan), None)
+    saver.close()
+    other = _run_config(["model.llm.mlp_dim=128"], num_devices=8)
+    loader = checkpoint.Checkpointer(str(tmp_path), 1, False, other.to_dict())
+    with pytest.raises(ValueError, match=r"model\.llm\.mlp_dim: checkpoint 64 vs config 128"):
+        loader.restore(1, checkpoint.abstract_train_state(_plan(other, 8)), None)
+    loader.close()
+
+
+def test_init_from_takes_only_named_groups(tmp_path):
+    source_run = _run_config(num_devices=8)
+    source_params = _random_params(source_run.model, seed=7)
+    model_dir.save_model(str(tmp_path / "source"), source_run.model, source_params)
+    run = _run_config([f"train.init_from.path={tmp_path / 'source'}",
+                       "train.init_from.groups=('vision_tower/.*', 'llm/embed/.*')"], num_devices=8)
+    plan = _plan(run, 8)
+    fresh = _random_state(plan, seed=1)
+    state = checkpoint.apply_init_from(run, plan, fresh)
+    got = param_groups.flatten(_host(param_groups.merge_trees(state.trainable, state.frozen)))
+    want = param_groups.flatten(source_params)
+    before = param_groups.flatten(_host(param_groups.merge_trees(fresh.trainable, fresh.frozen)))
+    taken = [p for p in got if p.startswith(("vision_tower/", "llm/embed/"))]
+    assert taken and len(taken) < len(got)
+    for path in got:
+        np.testing.assert_array_equal(got[path], want[path] if path in taken else before[path])
+    leaves = zip(jax.tree.leaves(state), jax.tree.leaves(checkpoint.abstract_train_state(plan)))
+    assert all(leaf.sharding == target.sharding for leaf, target in leaves)
+
+
+def test_init_from_shape_mismatch_names_the_param(tmp_path):
+    source_run = _run_config(["model.llm.mlp_dim=48"], num_devices=8)
+    model_dir.save_model(str(tmp_path / "source"), source_run.model,
+                         _random_params(source_run.model, seed=0))
+    with pytest.raises(ValueError, match=r"param llm/layers/mlp/\w+/kernel has shape"):
+        _run_config([f"train.init_from.path={tmp_path / 'source'}",
+                     "train.init_from.groups=('llm/.*',)"], num_devices=8)
+    # The vision tower alone is compatible: no error.
+    _run_config([f"train.init_from.path={tmp_path / 'source'}",
+                 "train.init_from.groups=('vision_tower/.*',)"], num_devices=8)
