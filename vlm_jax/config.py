@@ -240,7 +240,9 @@ def _scalar_type(hint: Any) -> type | None:
 
 
 def _suggestion(key: str, known, prefix: Sequence[str] = ()) -> str:
-    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.5)
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.5) or [
+        k for k in sorted(known)  # abbreviations: lr -> learning_rate
+        if "".join(word[:1] for word in k.split("_")) == key or k.startswith(key)][:1]
     base = ".".join(prefix) + "." if prefix else ""
     hint = f"; did you mean {base}{close[0]}?" if close else ""
     return f"{hint} (known: {', '.join(sorted(known))})"
@@ -298,11 +300,12 @@ def _train_config(values: Mapping[str, Any]) -> TrainConfig:
 
 def _data_config(values: Mapping[str, Any], model: VLMConfig, where: str) -> DataConfig:
     values = dict(values)
-    if "num_image_tokens" in values:
-        raise ValueError(f"{where}.num_image_tokens is set from the model (model.tokens_per_image); "
-                         f"remove it from the config")
     has_images = model.vision is not None and model.llm is not None
-    values["num_image_tokens"] = model.tokens_per_image if has_images else 0
+    num_image_tokens = model.tokens_per_image if has_images else 0
+    if values.setdefault("num_image_tokens", num_image_tokens) != num_image_tokens:
+        raise ValueError(f"{where}.num_image_tokens={values['num_image_tokens']} but the model "
+                         f"gives {num_image_tokens} (model.tokens_per_image); leave it out, it is "
+                         f"set from the model")
     if model.vision is not None:
         size = values.setdefault("image_size", model.vision.image_size)
         if size != model.vision.image_size:

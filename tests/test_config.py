@@ -1,0 +1,129 @@
+"""Config files, overrides and validation: every error names its field and comes before anything
+is compiled (each check is timed)."""
+import os
+import time
+
+import jax
+import pytest
+
+from vlm_jax import config as config_lib
+
+TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+
+
+def _build(arg=None, overrides=(), num_devices=8, process_count=1):
+    config = config_lib.load_config_file(TINY + (f":{arg}" if arg else ""))
+    config_lib.apply_overrides(config, list(overrides))
+    return config_lib.build_run_config(config, num_devices, process_count)
+
+
+def test_parse_arg_types_values_by_default_and_refuses_unknown_keys():
+    args = config_lib.parse_arg("phase=align,res=64,lr=0.5,lora", phase="x", res=1, lr=1.0,
+                                lora=False)
+    assert (args.phase, args.res, args.lr, args.lora) == ("align", 64, 0.5, True)
+    assert isinstance(args.res, int)
+    with pytest.raises(ValueError, match="'ress'.*did you mean res"):
+        config_lib.parse_arg("ress=3", res=1)
+    with pytest.raises(ValueError, match="config argument res"):
+        config_lib.parse_arg("res=big", res=1)
+
+
+def test_overrides_are_typed_by_the_field():
+    run = _build(overrides=["train.optimizer.learning_rate=1e-4", "train.steps=7",
+                            "log.tensorboard=false", "train.optimizer.b2=0.95",
+                            "train.phase.param_groups=[('projector/.*', 2.0)]"])
+    assert run.train.optimizer.learning_rate == 1e-4
+    assert run.train.steps == 7 and run.train.optimizer.total_steps == 7  # schedule ends with the run
+    assert run.log.tensorboard is False
+    assert run.train.optimizer.b2 == 0.95  # not in the file: typed by the dataclass field
+    assert run.train.phase.param_groups[0] == ("projector/.*", 2.0)
+    assert run.data.num_image_tokens == run.model.tokens_per_image == 16
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.optimizer.lr=1e-4", r"unknown config key train\.optimizer\.lr; did you mean "
+                                r"train\.optimizer\.learning_rate"),
+    ("trian.steps=3", r"unknown config key trian; did you mean train"),
+    ("train.steps=many", r"train\.steps='many': not a valid int"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        _build(overrides=[override])
+
+
+@pytest.mark.parametrize("arg, overrides, kwargs, message", [
+    # unknown keys in a typed section
+    (None, ["model.llm.hidden=3"], {}, r"unknown config key model\.llm\.hidden; did you mean "
+                                       r"model\.llm\.hidden_size"),
+    # the global batch and the data-parallel size
+    (None, ["data.batch_size=4"], {}, r"data\.batch_size=4 .* not divisible by the data-parallel "
+                                      r"size 8"),
+    (None, ["data.batch_size=16", "train.micro_batches=4"], {}, r"train\.micro_batches=4"),
+    (None, ["data.batch_size=6"], {"process_count": 2},
+     r"data\.batch_size=6 x 2 process\(es\) = global batch 12 is not divisible by the "
+     r"data-parallel size 8"),
+    # the mesh and the device count
+    (None, ["mesh.data=3"], {}, r"mesh: data\*fsdp\*tensor = 3 .* but there are 8 devices "
+                                r"\(config field mesh\)"),
+    (None, ["mesh.data=2", "mesh.fsdp=2"], {}, r"but there are 8 devices \(config field mesh\)"),
+    # image tokens and the sequence length
+    (None, ["data.seq_len=17"], {}, r"data\.seq_len=17 cannot hold one image of "
+                                    r"model\.tokens_per_image=16 tokens"),
+    ("res=64", ["model.vision.patch_size=4", "data.seq_len=128"], {},
+     r"data\.seq_len=128 cannot hold one image of model\.tokens_per_image=256"),
+    (None, ["data.num_image_tokens=15"], {}, r"data\.num_image_tokens=15 but the model gives 16"),
+    (None, ["data.image_size=64"], {}, r"data\.image_size=64 but model\.vision\.image_size=32"),
+    # phase and data / model
+    (None, ["train.phase.name=contrastive"], {}, r"phase 'contrastive' needs model\.text_tower"),
+    ("phase=contrastive", ["data.task=instruct"], {},
+     r"data\.task='instruct' does not fit train\.phase\.name='contrastive'"),
+    ("phase=lm", ["train.phase.name=align"], {}, r"phase 'align' needs model\.vision"),
+    (None, ["train.phase.name=lm"], {}, r"data\.task='instruct' does not fit "
+                                        r"train\.phase\.name='lm'"),
+    (None, ["train.phase.name=warmup"], {}, r"train\.phase\.name='warmup'"),
+    # other sections
+    (None, ["train.optimizer.schedule=step"], {}, r"train\.optimizer\.schedule='step'"),
+    (None, ["tokenizer.kind=sentencepiece"], {}, r"tokenizer\.kind='sentencepiece'"),
+    (None, ["train.init_from.path=/nonexistent"], {}, r"train\.init_from\.path=/nonexistent"),
+])
+def test_validation_names_the_field_before_compiling(arg, overrides, kwargs, message):
+    compiles_before = _compile_count()
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=message):
+        _build(arg, overrides, **kwargs)
+    assert time.perf_counter() - start < 2.0
+    assert _compile_count() == compiles_before
+
+
+def test_every_phase_of_the_tiny_config_validates():
+    for phase in ("contrastive", "lm", "align", "instruct"):
+        run = _build(f"phase={phase}")
+        assert run.train.phase.name == phase
+        assert config_lib.build_run_config(run.to_dict(), 8) == run  # the saved form round-trips
+
+
+def test_unknown_keys_in_the_file_are_named():
+    config = config_lib.load_config_file(TINY)
+    config.model.llm.hidden = 3
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) model\.llm\.hidden for "
+                                         r"DecoderConfig"):
+        config_lib.build_run_config(config, 8)
+    config = config_lib.load_config_file(TINY)
+    config.evaluation = {}
+    with pytest.raises(ValueError, match="unknown config section evaluation; did you mean eval"):
+        config_lib.build_run_config(config, 8)
+
+
+_COMPILES = []
+
+
+def _compile_count() -> int:
+    return len(_COMPILES)
+
+
+def _on_event(event, *args, **kwargs):
+    if "backend_compile" in event:
+        _COMPILES.append(event)
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
