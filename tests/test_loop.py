@@ -1,0 +1,114 @@
+"""The training loop in-process on the 8-device fake mesh: JSONL and TensorBoard logs hold the
+metrics (event files decoded with protobuf's own parser), the final model directory, the
+non-finite stop naming the step, and the too-many-skipped stop."""
+import json
+import os
+import re
+import struct
+
+import pytest
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from vlm_jax import config as config_lib, model_dir
+from vlm_jax.train import event_file
+from vlm_jax.train.loop import TrainingStopped, train
+
+TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+
+
+def _config(overrides=(), arg="steps=4"):
+    config = config_lib.load_config_file(f"{TINY}:{arg}")
+    return config_lib.apply_overrides(config, ["log.progress_bar=false", *overrides])
+
+
+def _event_class():
+    """tensorflow's Event / Summary protos (the fields we write), declared independently here."""
+    proto = descriptor_pb2.FileDescriptorProto(name="test_event.proto", package="t",
+                                               syntax="proto3")
+    f = descriptor_pb2.FieldDescriptorProto
+    value = proto.message_type.add(name="Value")
+    value.field.add(name="tag", number=1, type=f.TYPE_STRING, label=f.LABEL_OPTIONAL)
+    value.field.add(name="simple_value", number=2, type=f.TYPE_FLOAT, label=f.LABEL_OPTIONAL)
+    summary = proto.message_type.add(name="Summary")
+    summary.field.add(name="value", number=1, type=f.TYPE_MESSAGE, type_name=".t.Value",
+                      label=f.LABEL_REPEATED)
+    event = proto.message_type.add(name="Event")
+    event.field.add(name="wall_time", number=1, type=f.TYPE_DOUBLE, label=f.LABEL_OPTIONAL)
+    event.field.add(name="step", number=2, type=f.TYPE_INT64, label=f.LABEL_OPTIONAL)
+    event.field.add(name="file_version", number=3, type=f.TYPE_STRING, label=f.LABEL_OPTIONAL)
+    event.field.add(name="summary", number=5, type=f.TYPE_MESSAGE, type_name=".t.Summary",
+                    label=f.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("t.Event"))
+
+
+def _read_records(path):
+    data = open(path, "rb").read()
+    records, offset = [], 0
+    while offset < len(data):
+        header = data[offset:offset + 8]
+        (length,) = struct.unpack("<Q", header)
+        (header_crc,) = struct.unpack("<I", data[offset + 8:offset + 12])
+        assert header_crc == event_file.masked_crc32c(header)
+        record = data[offset + 12:offset + 12 + length]
+        (record_crc,) = struct.unpack("<I", data[offset + 12 + length:offset + 16 + length])
+        assert record_crc == event_file.masked_crc32c(record)
+        records.append(record)
+        offset += 16 + length
+    return records
+
+
+def test_crc32c_matches_the_castagnoli_check_value():
+    assert event_file.crc32c(b"123456789") == 0xE3069283  # the CRC-32C standard check value
+    assert event_file.crc32c(b"") == 0
+
+
+def test_logs_hold_the_metrics_and_the_model_is_written(tmp_path):
+    workdir = str(tmp_path / "run")
+    metrics = train(_config(["log.every_steps=2", "log.peak_flops_per_device=1e9"]), workdir)
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4]
+    for row in train_rows:
+        for key in ("loss", "lr", "grad_norm", "token_accuracy", "step_time_s", "examples_per_s",
+                    "tokens_per_s", "mfu", "data/seen"):
+            assert key in row and row[key] == row[key], key  # present and not NaN
+        assert 0 < row["mfu"] and row["data/seen"] >= 8
+    eval_rows = [r for r in rows if "eval/loss" in r]
+    assert len(eval_rows) == 1 and eval_rows[0]["step"] == 4 and eval_rows[0]["eval/count"] > 0
+    assert metrics["step"] == 4 and metrics["loss"] == train_rows[-1]["loss"]
+
+    event_dir = os.path.join(workdir, "tensorboard")
+    (name,) = os.listdir(event_dir)
+    event_class = _event_class()
+    events = [event_class.FromString(r) for r in _read_records(os.path.join(event_dir, name))]
+    assert events[0].file_version == "brain.Event:2"
+    scalars = {(e.step, v.tag): v.simple_value for e in events for v in e.summary.value}
+    for row in train_rows:
+        assert scalars[(row["step"], "train/loss")] == pytest.approx(row["loss"], rel=1e-6)
+        assert scalars[(row["step"], "train/lr")] == pytest.approx(row["lr"], rel=1e-6)
+        assert scalars[(row["step"], "data/seen")] == row["data/seen"]
+    assert scalars[(4, "eval/loss")] == pytest.approx(eval_rows[0]["eval/loss"], rel=1e-6)
+
+    assert model_dir.load_config(os.path.join(workdir, "model")).llm.vocab_size == 2048
+    assert os.path.isdir(os.path.join(workdir, "model", "tokenizer"))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
+
+
+def test_non_finite_loss_stops_naming_the_step_and_checkpoint(tmp_path):
+    # A huge lr blows the params up after the first update; step 2 is then not finite.
+    config = _config(["train.optimizer.learning_rate=1e30", "train.optimizer.warmup_steps=0",
+                      "checkpoint.every_steps=1", "train.steps=6"])
+    with pytest.raises(TrainingStopped, match=r"step (\d+): loss .* is not finite.*Last good "
+                                              r"checkpoint: .*checkpoints/(\d+)") as info:
+        train(config, str(tmp_path))
+    bad, good = map(int, re.search(r"step (\d+):.*checkpoints/(\d+)", str(info.value)).groups())
+    assert good == bad - 1 and not os.path.exists(tmp_path / "model")
+
+
+def test_too_many_skipped_examples_stops_with_the_counts(tmp_path):
+    # One image (16 tokens) + the question and answer never fit 20 tokens.
+    config = _config(["data.seq_len=20", "data.min_seen_for_skip_check=8"])
+    with pytest.raises(TrainingStopped, match=r"step 1: skipped \d+ of \d+ examples .*too_long"):
+        train(config, str(tmp_path))
