@@ -38,6 +38,7 @@ def test_overrides_are_typed_by_the_field():
     assert run.train.optimizer.b2 == 0.95  # not in the file: typed by the dataclass field
     assert run.train.phase.param_groups[0] == ("projector/.*", 2.0)
     assert run.data.num_image_tokens == run.model.tokens_per_image == 16
+    assert run.eval_data is not None and _build(overrides=["eval_data=None"]).eval_data is None
 
 
 @pytest.mark.parametrize("override, message", [

@@ -24,7 +24,7 @@ def _command(workdir):
             os.path.join(ROOT, "configs", "tiny.py") + f":steps={STEPS}", "--workdir", workdir,
             "--config.checkpoint.every_steps=5", "--config.log.batch_hash=true",
             "--config.log.progress_bar=false", "--config.log.tensorboard=false",
-            "--config.eval.num_batches=1"]
+            "--config.eval_data=None"]
 
 
 def _env():

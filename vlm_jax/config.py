@@ -176,6 +176,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]
             if depth == len(keys) - 1:
                 current = node.get(key)
                 if isinstance(current, (ml_collections.ConfigDict, dict)) and current:
+                    if text.strip().lower() == "none" and type(None) in typing.get_args(field_type):
+                        node[key] = None  # drop an optional section, e.g. eval_data=None
+                        continue
                     raise ValueError(f"{where} is a section; override one of its keys")
                 node[key] = _typed(text, current, where, field_type)
             else:
