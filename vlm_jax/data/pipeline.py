@@ -89,6 +89,7 @@ class DataConfig:
     task: str = "instruct"              # "instruct" | "align" | "lm" | "contrastive"
     template: str = "vicuna"            # chat template name (see data/templates.py)
     seq_len: int = 512
+    prefix_lm: bool = False             # PaliGemma style: image + prompt attend bidirectionally
     text_len: int = 64                  # caption tokens per example ("contrastive" only)
     image_size: int = 224
     num_image_tokens: int = 196
@@ -536,7 +537,7 @@ def make_source(source_cfg: SourceConfig, process_index: int = 0, process_count:
 def make_example_transform(cfg: DataConfig, tokenizer: Any) -> Callable[[Mapping[str, Any]], dict]:
     """raw example -> TOKENIZED EXAMPLE for `cfg.task` (see data/transforms.py)."""
     from vlm_jax.data import transforms
-    return transforms.make_transform(cfg, tokenizer)
+    return transforms.make_transform(cfg, tokenizer, prefix_lm=cfg.prefix_lm)
 
 
 def _fold_seed(seed: int, number: int) -> int:
