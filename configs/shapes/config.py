@@ -1,0 +1,96 @@
+"""The embedded default: one tiny VLM trained on the shapes world in four phases; this file is
+the config of each phase (`phase=contrastive|lm|align|instruct`), `run.py` runs them in order.
+
+    vlm-jax train --config configs/shapes/config.py:phase=align,init_from=RUN/lm \\
+        --config.tokenizer.path=RUN/tokenizer --workdir RUN/align
+
+Why these choices (measured on a 2-core CPU, see README "The shapes recipe"):
+  * 48x48 images, 8x8 patches: a 6x6 patch grid where every cell of the world's 3x3 position grid
+    is exactly 2x2 patches; the pixel-shuffle projector folds each 2x2 block into one LLM token,
+    so the LLM reads 9 image tokens, one per grid cell.
+  * `posemb="sincos2d"`: fixed 2-D positions the encoder never has to learn (learned tables
+    left position questions at chance in a first attempt).
+  * The contrastive captions name colour, shape, size and position of every object: the
+    encoder learns to see what and where before the LLM ever reads it.
+  * Every phase uses the same model config (towers a phase does not train stay frozen and are
+    carried along), so `init_from` takes the whole previous model.
+  * The `minimal` chat template (question, newline, answer, EOS): no tokens spent on a system
+    prompt or role names; several Q/A turns per image make one image encode serve many answers.
+"""
+import ml_collections
+
+from vlm_jax.config import parse_arg
+
+PHASES = ("contrastive", "lm", "align", "instruct")
+# phase -> (shapes source task, pipeline task)
+TASKS = {"contrastive": ("caption", "contrastive"), "lm": ("text", "lm"),
+         "align": ("caption", "align"), "instruct": ("qa", "instruct")}
+QUESTION_TYPES = ("color", "shape", "count", "exists", "position", "relation")
+IMAGE_SIZE = 48
+VOCAB_SIZE = 1024       # the recipe's tokenizer (run.py: fit_tokenizer) has exactly this many ids
+IMAGE_TOKEN_ID = 4      # <image> in every tokenizer from `train_word_tokenizer`
+TEXT_LEN = 48           # contrastive caption tokens (a 4-object caption is ~40)
+
+# phase -> steps, per-process batch, peak lr, sequence length, Q/A turns per image
+SCHEDULE = {
+    "contrastive": dict(steps=200, batch=64, lr=1e-3, seq_len=TEXT_LEN, turns=1),
+    "lm": dict(steps=150, batch=32, lr=1e-3, seq_len=128, turns=6),
+    "align": dict(steps=100, batch=64, lr=1e-3, seq_len=64, turns=1),
+    "instruct": dict(steps=300, batch=32, lr=5e-4, seq_len=96, turns=6),
+}
+
+
+def model_config() -> dict:
+    width = 128
+    vision = dict(image_size=IMAGE_SIZE, patch_size=8, width=width, depth=3, num_heads=4,
+                  mlp_dim=4 * width, posemb="sincos2d", use_head=True)
+    text_tower = dict(vocab_size=VOCAB_SIZE, width=width, depth=2, num_heads=4,
+                      mlp_dim=4 * width, max_len=TEXT_LEN, projection_dim=width)
+    projector = dict(type="pixel_shuffle", pixel_shuffle_factor=2, mlp_depth=2)
+    llm = dict(family="llama", vocab_size=VOCAB_SIZE, hidden_size=width, num_layers=3,
+               num_heads=4, num_kv_heads=4, head_dim=width // 4, mlp_dim=3 * width,
+               max_position_embeddings=512)
+    return dict(vision=vision, text_tower=text_tower, projector=projector, llm=llm,
+                image_token_id=IMAGE_TOKEN_ID)
+
+
+def get_config(arg=None):
+    args = parse_arg(arg, phase="instruct", steps=0, batch=0, init_from="", tokenizer="",
+                     vision_lr_mult=0.3)
+    if args.phase not in PHASES:
+        raise ValueError(f"configs/shapes/config.py: phase={args.phase!r}; supported: {PHASES}")
+    schedule = SCHEDULE[args.phase]
+    steps = args.steps or schedule["steps"]
+    batch = args.batch or schedule["batch"]
+    source_task, task = TASKS[args.phase]
+
+    config = ml_collections.ConfigDict()
+    config.model = model_config()
+    options = dict(split="train", image_size=IMAGE_SIZE, task=source_task)
+    eval_options = dict(options, split="validation", num_examples=256)
+    if source_task != "caption":
+        types = tuple(t for t in QUESTION_TYPES if source_task != "text" or t != "grounding")
+        for opts in (options, eval_options):
+            opts.update(turns_per_example=schedule["turns"], question_types=types)
+    config.data = dict(sources=[dict(kind="shapes", options=options)], task=task,
+                       template="minimal", seq_len=schedule["seq_len"], text_len=TEXT_LEN,
+                       batch_size=batch, packing=args.phase == "lm", max_images_per_row=1,
+                       read_threads=1, prefetch_buffer_size=2 * batch, seed=PHASES.index(args.phase))
+    config.eval_data = dict(sources=[dict(kind="shapes", options=eval_options)], shuffle=False,
+                            num_epochs=1)
+    config.tokenizer = (dict(kind="path", path=args.tokenizer) if args.tokenizer
+                        else dict(kind="shapes", vocab_size=VOCAB_SIZE))
+    config.mesh = dict(data=-1, fsdp=1, tensor=1)
+    phase = dict(name=args.phase)
+    if args.phase == "instruct" and args.vision_lr_mult > 0:
+        phase["vision_lr_mult"] = args.vision_lr_mult
+    config.train = dict(
+        steps=steps, seed=0, phase=phase,
+        optimizer=dict(learning_rate=schedule["lr"], warmup_steps=max(1, steps // 10),
+                       schedule="cosine", weight_decay=0.0),
+        init_from=dict(path=args.init_from or None, groups=[".*"]))
+    # One save at the end: each phase is minutes long and the next phase starts from its model.
+    config.checkpoint = dict(every_steps=steps, keep=1, async_save=True)
+    config.log = dict(every_steps=25, progress_bar=True, tensorboard=True, measure_cpu_peak=False)
+    config.eval = dict(every_steps=0, num_batches=2)
+    return config

@@ -1,0 +1,152 @@
+"""The shapes recipe end to end: fit the tokenizer, train the four phases in order (each starting
+from the previous phase's model), then evaluate on held-out test scenes against two baselines.
+
+    python -m configs.shapes.run --workdir runs/shapes          # what `bash launch/local.sh` runs
+
+Layout of the workdir: tokenizer/ (shared by all phases), one `vlm-jax train` workdir per phase
+(contrastive/ lm/ align/ instruct/, each ending in a model/ directory), results.json. A phase
+whose model/ exists is skipped, and an interrupted phase resumes from its checkpoint, so running
+the command again continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from configs.shapes import config as recipe
+
+CORE_TYPES = ("color", "shape", "count", "exists", "position")
+
+
+def fit_tokenizer(num_examples: int = 3000, seed: int = 12345,
+                  vocab_size: int = recipe.VOCAB_SIZE):
+    """A byte-level BPE fitted on texts exactly as the phases render them (captions, and Q/A in
+    the `minimal` template), so that every word, also right after a newline, is one token."""
+    from vlm_jax.data.sources import shapes
+    from vlm_jax.data.templates import get_template
+    from vlm_jax.data.tokenizer import train_word_tokenizer
+
+    template = get_template("minimal")
+    source = shapes.ShapesSource("train", seed=seed, image_size=8, turns_per_example=4)
+    texts = []
+    for index in range(num_examples):
+        scene, turns = source.sample(index)
+        conversation = []
+        for _, question, answer in turns:
+            conversation += [{"role": "user", "content": question},
+                             {"role": "assistant", "content": answer}]
+        conversation[0]["content"] = shapes.caption(scene) + ". " + conversation[0]["content"]
+        texts += [shapes.caption(scene), template.text(conversation)]
+    tokenizer = train_word_tokenizer(texts, vocab_size=vocab_size)
+    if tokenizer.vocab_size > vocab_size or tokenizer.image_token_id != recipe.IMAGE_TOKEN_ID:
+        raise ValueError(f"the fitted tokenizer has {tokenizer.vocab_size} ids and <image> = "
+                         f"{tokenizer.image_token_id}; the recipe's model expects at most "
+                         f"{vocab_size} and {recipe.IMAGE_TOKEN_ID}")
+    return tokenizer
+
+
+def train_phases(workdir: str, steps: int = 0, batch: int = 0, log=print) -> dict[str, float]:
+    """Run the four phases (skipping finished ones); returns wall seconds per phase.
+    steps / batch: 0 = the recipe's own per-phase values (config.SCHEDULE)."""
+    from vlm_jax.train.loop import train
+
+    tokenizer_dir = os.path.join(workdir, "tokenizer")
+    seconds = {}
+    started = time.perf_counter()
+    if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
+        fit_tokenizer().save(tokenizer_dir)
+    seconds["tokenizer"] = time.perf_counter() - started
+    previous = ""
+    for phase in recipe.PHASES:
+        phase_dir = os.path.join(workdir, phase)
+        started = time.perf_counter()
+        if os.path.exists(os.path.join(phase_dir, "model", "config.json")):
+            log(f"== {phase}: done before ({phase_dir}/model), skipped")
+        else:
+            log(f"== {phase}")
+            arg = f"phase={phase},steps={steps},batch={batch},tokenizer={tokenizer_dir}"
+            if previous:
+                arg += f",init_from={previous}"
+            metrics = train(recipe.get_config(arg), phase_dir)
+            if metrics["preempted"]:
+                raise SystemExit(f"{phase} was preempted; run the command again to resume")
+        seconds[phase] = time.perf_counter() - started
+        previous = os.path.join(phase_dir, "model")
+    return seconds
+
+
+def evaluate_model(model_path: str, num_per_type: int, image_size: int = recipe.IMAGE_SIZE,
+                   num_samples: int = 3) -> dict:
+    """Per-type accuracy of the model, the blank-image model and the majority answer on
+    `num_per_type` held-out test questions per type, plus a few sample conversations."""
+    from vlm_jax import evaluate
+    from vlm_jax.model_dir import load_model
+
+    config, params, tokenizer = load_model(model_path)
+    items = evaluate.shapes_vqa_items("test", num_per_type, image_size, recipe.QUESTION_TYPES)
+    train_items = evaluate.shapes_vqa_items("train", 500, 8, recipe.QUESTION_TYPES)
+    majority = evaluate.majority_baseline(train_items)
+    predictions = evaluate.predict_answers(config, params, tokenizer, items, "minimal")
+    blank = evaluate.predict_answers(config, params, tokenizer, items, "minimal",
+                                     blank_images=True)
+    columns = {"model": evaluate.accuracy_by_type(items, predictions),
+               "blank image": evaluate.accuracy_by_type(items, blank),
+               "majority": evaluate.accuracy_by_type(
+                   items, evaluate.majority_predictions(items, majority))}
+    # Sample conversations: every question type asked about the same few test scenes.
+    samples = []
+    for scene in range(min(num_samples, num_per_type)):
+        turns = [(items[k].question, predictions[k], items[k].answer)
+                 for k in range(scene, len(items), num_per_type)]
+        samples.append({"image": items[scene].example_id.rsplit(":", 1)[0], "turns": turns})
+    return {"columns": columns, "samples": samples, "majority_answers": majority,
+            "table": evaluate.format_table(columns, CORE_TYPES),
+            "overall_core": {name: evaluate.mean_accuracy(table, CORE_TYPES)
+                             for name, table in columns.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m configs.shapes.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="runs/shapes")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="steps of every phase (0 = the recipe's own, per phase)")
+    parser.add_argument("--batch", type=int, default=0,
+                        help="batch of every phase (0 = the recipe's own, per phase)")
+    parser.add_argument("--eval-per-type", type=int, default=200,
+                        help="held-out test questions per question type")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain reads absl flags
+        flags.FLAGS.mark_as_parsed()
+
+    started = time.perf_counter()
+    seconds = train_phases(args.workdir, args.steps, args.batch)
+    eval_started = time.perf_counter()
+    results = evaluate_model(os.path.join(args.workdir, "instruct", "model"), args.eval_per_type)
+    seconds["evaluate"] = time.perf_counter() - eval_started
+    seconds["total"] = time.perf_counter() - started
+
+    from vlm_jax.evaluate import is_correct
+    print("\n== sample conversations (held-out test scenes)")
+    for sample in results["samples"]:
+        print(f"[{sample['image']}]")
+        for question, answer, reference in sample["turns"]:
+            mark = "ok" if is_correct(answer, reference) else f"expected {reference!r}"
+            print(f"  Q: {question}\n  A: {answer}    ({mark})")
+    print(f"\n== exact-match accuracy, {args.eval_per_type} held-out test questions per type")
+    print(results["table"])
+    print("\n== wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+    with open(os.path.join(args.workdir, "results.json"), "w") as f:
+        json.dump({"seconds": seconds, "overall_core": results["overall_core"],
+                   "columns": results["columns"], "samples": results["samples"]}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
