@@ -268,17 +268,24 @@ class Decoder(nn.Module):
             x = x * jnp.asarray(np.sqrt(cfg.hidden_size), dtype=x.dtype)
         return x
 
-    def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-                 return_hidden: bool = False):
-        """inputs_embeds [B, T, D], positions i32[B, T], attention_mask bool[B, 1, T, T]
-        -> logits f32[B, T, V] (and the final-normed hidden [B, T, D] if `return_hidden`)."""
+    def hidden_states(self, inputs_embeds: jax.Array, positions: jax.Array,
+                      attention_mask: jax.Array) -> jax.Array:
+        """The final-normed hidden states [B, T, D] that the LM head reads (no logits: a loss
+        that needs them at a few positions only applies `lm_head_weight` itself)."""
         cfg = self.config
         if self.is_initializing() and not cfg.tie_embeddings:
             # `init` through __call__ alone must still create the (input-only) embedding table.
             self.token_embedding(jnp.zeros((1, 1), jnp.int32), _dtype(cfg.dtype))
         x = layers.constrain(inputs_embeds.astype(_dtype(cfg.dtype)))
         x, _ = self.blocks(x, positions, attention_mask)
-        hidden = self.final_norm(x)
+        return self.final_norm(x)
+
+    def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array,
+                 return_hidden: bool = False):
+        """inputs_embeds [B, T, D], positions i32[B, T], attention_mask bool[B, 1, T, T]
+        -> logits f32[B, T, V] (and the final-normed hidden [B, T, D] if `return_hidden`)."""
+        cfg = self.config
+        hidden = self.hidden_states(inputs_embeds, positions, attention_mask)
         if cfg.tie_embeddings:
             logits = self.token_embedding.attend(hidden)
         else:
@@ -286,3 +293,12 @@ class Decoder(nn.Module):
         if return_hidden:
             return logits, hidden
         return logits
+
+
+def lm_head_weight(llm_params: dict, config: DecoderConfig) -> tuple[jax.Array, int]:
+    """The LM head's matrix from the decoder's params and which of its axes is the vocabulary:
+    the tied embedding table [V, D] (axis 0) or the untied kernel [D, V] (axis 1).
+    logits = hidden @ W^T (axis 0) or hidden @ W (axis 1), as `Decoder.__call__` computes them."""
+    if config.tie_embeddings:
+        return llm_params["embed"]["embedding"], 0
+    return llm_params["lm_head"]["kernel"], 1

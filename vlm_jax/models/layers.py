@@ -216,7 +216,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     if logits_soft_cap is not None:
         logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
     if mask is not None:
-        logits = jnp.where(mask[:, :, None], logits, MASK_VALUE)  # mask: [B, 1, 1, T, S]
+        # An additive bias rather than a select: the select's backward materialises a zeros
+        # tensor of the logits' size per layer; adding a constant passes the gradient as is.
+        # |logits| << |MASK_VALUE| rounds masked entries to exactly MASK_VALUE, as a select would.
+        bias = jnp.where(mask, 0.0, MASK_VALUE).astype(jnp.float32)
+        logits = logits + bias[:, :, None]  # bias: [B, 1, 1, T, S]
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, hd)

@@ -129,6 +129,13 @@ class VLM(nn.Module):
         mask = layers.make_attention_mask(mask_ar, segment_ids)
         return self.llm(embeds, positions, mask, return_hidden=return_hidden)
 
+    def hidden_states(self, input_ids: jax.Array, images: jax.Array | None, positions: jax.Array,
+                      mask_ar: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """The LLM's final-normed hidden states [B, T, D] (what `__call__` turns into logits)."""
+        embeds = layers.constrain(self.embed(input_ids, images))
+        mask = layers.make_attention_mask(mask_ar, segment_ids)
+        return self.llm.hidden_states(embeds, positions, mask)
+
     def contrastive_embeddings(self, images: jax.Array, text_ids: jax.Array):
         """SigLIP: L2-normalised image and text embeddings f32[B, P] plus (logit_scale, logit_bias)."""
         zimg = self.vision_tower.pool(images)

@@ -11,6 +11,7 @@ device keeps its image-embedding shard and passes the text shards around the rin
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -31,6 +32,101 @@ def next_token_sums(logits: jax.Array, target_ids: jax.Array, loss_mask: jax.Arr
     nll = log_norm - target_logit
     correct = (jnp.argmax(logits, axis=-1) == target_ids).astype(jnp.float32)
     return jnp.sum(nll * mask), jnp.sum(correct * mask), jnp.sum(mask)
+
+
+def _first_argmax(logits: jax.Array, row_max: jax.Array) -> jax.Array:
+    """`jnp.argmax(logits, -1)` (first maximal index) as compare + min: XLA's CPU argmax is a
+    variadic (value, index) reduce that does not vectorise and cost more than the LM head."""
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where(logits == row_max[..., None], iota, logits.shape[-1]), axis=-1)
+
+
+def next_token_sums_from_hidden(hidden: jax.Array, head: jax.Array, vocab_axis: int,
+                                target_ids: jax.Array, loss_mask: jax.Array,
+                                chunk_size: int = 128) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`next_token_sums(logits, ...)` with logits = the LM head applied to `hidden`, computed only
+    where `loss_mask` is non-zero and never materialised whole.
+
+    hidden [B, T, D] (final-normed); head: [V, D] (vocab_axis=0, tied embedding) or [D, V]
+    (vocab_axis=1). Each row's loss positions are moved to its front (a stable sort keeps their
+    order); a loop then runs over chunks of `chunk_size` positions of all rows, only as many as
+    the row with the most loss tokens needs (a dynamic trip count: shapes stay static, the work
+    follows the data: packed rows, any image count, any prompt masking). Each chunk computes
+    logits [B, C, V] in f32, the loss, the argmax, and at once the gradients of the loss sum
+    w.r.t. the chunk's hidden states and the head ("fused linear cross entropy"), so the backward
+    pass only scales them and no [*, V] tensor outlives its chunk.
+    """
+    batch, length, _ = hidden.shape
+    has_loss = loss_mask != 0
+    order = jnp.argsort(jnp.logical_not(has_loss), axis=-1, stable=True)             # [B, T]
+    num_chunks = -(-length // chunk_size)
+    pad = num_chunks * chunk_size - length
+
+    def sort_pad(x):
+        x = jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
+        return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+
+    most_loss_tokens = jnp.max(jnp.sum(has_loss, axis=-1))
+    chunks_needed = (most_loss_tokens + chunk_size - 1) // chunk_size
+    head_vd = head if vocab_axis == 0 else head.T
+    return _fused_head_ce(sort_pad(hidden), head_vd.astype(hidden.dtype), sort_pad(target_ids),
+                          sort_pad(loss_mask.astype(jnp.float32)), chunks_needed, chunk_size)
+
+
+def _fused_head_ce_forward(hidden, head, target_ids, weights, chunks_needed, chunk_size):
+    """(loss sum, correct sum, token sum) and their gradients w.r.t. hidden and head (see above).
+    hidden [B, Tp, D], head [V, D], target_ids i32[B, Tp], weights f32[B, Tp]."""
+    batch, _, width = hidden.shape
+
+    def chunk(i, carry):
+        loss_sum, correct_sum, grad_hidden, grad_head = carry
+        start = i * chunk_size
+        h = jax.lax.dynamic_slice_in_dim(hidden, start, chunk_size, axis=1)          # [B, C, D]
+        tgt = jax.lax.dynamic_slice_in_dim(target_ids, start, chunk_size, axis=1)    # [B, C]
+        w = jax.lax.dynamic_slice_in_dim(weights, start, chunk_size, axis=1)         # [B, C]
+        logits = jnp.einsum("bcd,vd->bcv", h, head, preferred_element_type=jnp.float32)
+        row_max = jnp.max(logits, axis=-1)
+        shifted = logits - row_max[..., None]
+        log_norm = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))                        # [B, C]
+        target_shifted = jnp.take_along_axis(shifted, tgt[..., None], axis=-1)[..., 0]
+        nll = log_norm - target_shifted
+        correct = (_first_argmax(logits, row_max) == tgt).astype(jnp.float32)
+        # d(sum w * nll)/d logits = w * (softmax - onehot)
+        vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
+        probs = jnp.exp(shifted - log_norm[..., None])
+        grad_logits = (w[..., None] * (probs - (vocab == tgt[..., None]))).astype(hidden.dtype)
+        grad_h = jnp.einsum("bcv,vd->bcd", grad_logits, head, preferred_element_type=jnp.float32)
+        grad_head = grad_head + jnp.einsum("bcv,bcd->vd", grad_logits, h,
+                                           preferred_element_type=jnp.float32)
+        grad_hidden = jax.lax.dynamic_update_slice_in_dim(
+            grad_hidden, grad_h.astype(grad_hidden.dtype), start, axis=1)
+        return (loss_sum + jnp.sum(nll * w), correct_sum + jnp.sum(correct * w), grad_hidden,
+                grad_head)
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros_like(hidden),
+            jnp.zeros(head.shape, jnp.float32))
+    loss_sum, correct_sum, grad_hidden, grad_head = jax.lax.fori_loop(0, chunks_needed, chunk, init)
+    return (loss_sum, correct_sum, jnp.sum(weights)), (grad_hidden, grad_head.astype(head.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _fused_head_ce(hidden, head, target_ids, weights, chunks_needed, chunk_size):
+    return _fused_head_ce_forward(hidden, head, target_ids, weights, chunks_needed, chunk_size)[0]
+
+
+def _fused_head_ce_fwd(hidden, head, target_ids, weights, chunks_needed, chunk_size):
+    return _fused_head_ce_forward(hidden, head, target_ids, weights, chunks_needed, chunk_size)
+
+
+def _fused_head_ce_bwd(chunk_size, grads, cotangents):
+    grad_hidden, grad_head = grads
+    loss_cotangent = cotangents[0]
+    # Only the loss sum is differentiable (the correct count and the mask sum are counts).
+    return (grad_hidden * loss_cotangent.astype(grad_hidden.dtype),
+            grad_head * loss_cotangent.astype(grad_head.dtype), None, None, None)
+
+
+_fused_head_ce.defvjp(_fused_head_ce_fwd, _fused_head_ce_bwd)
 
 
 def next_token_loss(logits: jax.Array, target_ids: jax.Array, loss_mask: jax.Array

@@ -24,6 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vlm_jax import sharding
+from vlm_jax.models.decoder import lm_head_weight
 from vlm_jax.models.vlm import VLM, VLMConfig, dummy_inputs
 from vlm_jax.train import losses, param_groups, phases
 from vlm_jax.train.lora import init_lora, merge_lora
@@ -181,10 +182,13 @@ def _require(batch: dict, keys: tuple, phase: str) -> None:
 
 
 def _next_token_sums(plan: TrainPlan, params: dict, batch: dict):
+    """(masked CE sum, correct count, token count); logits only where the loss is taken."""
     images = batch.get("images") if plan.model_config.vision is not None else None
-    logits = plan.model.apply({"params": params}, batch["input_ids"], images, batch["positions"],
-                              batch["mask_ar"], batch.get("segment_ids"))
-    return losses.next_token_sums(logits, batch["target_ids"], batch["loss_mask"])
+    hidden = plan.model.apply({"params": params}, batch["input_ids"], images, batch["positions"],
+                              batch["mask_ar"], batch.get("segment_ids"), method=VLM.hidden_states)
+    head, vocab_axis = lm_head_weight(params["llm"], plan.model_config.llm)
+    return losses.next_token_sums_from_hidden(hidden, head, vocab_axis, batch["target_ids"],
+                                              batch["loss_mask"])
 
 
 def _split_micro_batches(batch: dict, num: int, mesh: Mesh) -> dict:
