@@ -67,17 +67,14 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict()
     config.model = model_config()
     options = dict(split="train", image_size=IMAGE_SIZE, task=source_task)
-    eval_options = dict(options, split="validation", num_examples=256)
     if source_task != "caption":
-        types = tuple(t for t in QUESTION_TYPES if source_task != "text" or t != "grounding")
-        for opts in (options, eval_options):
-            opts.update(turns_per_example=schedule["turns"], question_types=types)
+        options.update(turns_per_example=schedule["turns"], question_types=QUESTION_TYPES)
     config.data = dict(sources=[dict(kind="shapes", options=options)], task=task,
                        template="minimal", seq_len=schedule["seq_len"], text_len=TEXT_LEN,
                        batch_size=batch, packing=args.phase == "lm", max_images_per_row=1,
                        read_threads=1, prefetch_buffer_size=2 * batch, seed=PHASES.index(args.phase))
-    config.eval_data = dict(sources=[dict(kind="shapes", options=eval_options)], shuffle=False,
-                            num_epochs=1)
+    # No eval_data: a validation pass per phase costs a compile each; the recipe's evaluation
+    # is run.py's exact-match VQA on held-out test scenes after the last phase.
     config.tokenizer = (dict(kind="path", path=args.tokenizer) if args.tokenizer
                         else dict(kind="shapes", vocab_size=VOCAB_SIZE))
     config.mesh = dict(data=-1, fsdp=1, tensor=1)
