@@ -86,6 +86,8 @@ def test_bad_overrides_name_the_key(override, message):
     (None, ["train.optimizer.schedule=step"], {}, r"train\.optimizer\.schedule='step'"),
     (None, ["tokenizer.kind=sentencepiece"], {}, r"tokenizer\.kind='sentencepiece'"),
     (None, ["train.init_from.path=/nonexistent"], {}, r"train\.init_from\.path=/nonexistent"),
+    (None, ["data.prefix_lm=True", "model.attention_backend=tpu_flash"], {},
+     r"data\.prefix_lm=True needs a dense attention mask"),
 ])
 def test_validation_names_the_field_before_compiling(arg, overrides, kwargs, message):
     compiles_before = _compile_count()

@@ -336,6 +336,11 @@ def _check_phase(run: RunConfig) -> None:
                                  f"model.projector)")
             if data.max_images_per_row < 1:
                 raise ValueError(f"{where}.max_images_per_row must be >= 1 for task {data.task!r}")
+        if (data.prefix_lm and run.model.llm is not None
+                and run.model.resolved("llm").attention_backend == "tpu_flash"):
+            raise ValueError(f"{where}.prefix_lm=True needs a dense attention mask, which "
+                             f"model.llm.attention_backend='tpu_flash' (causal only) cannot take; "
+                             f"use 'auto' or 'xla'")
         if data.task == "contrastive" and data.text_len > run.model.text_tower.max_len:
             raise ValueError(f"{where}.text_len={data.text_len} > model.text_tower.max_len="
                              f"{run.model.text_tower.max_len}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,9 +178,32 @@ def make_attention_mask(mask_ar: jax.Array, segment_ids: jax.Array | None = None
     return mask[:, None, :, :]
 
 
+@flax.struct.dataclass
+class SegmentMask:
+    """A causal mask within packed segments, kept as its segment ids (i32[B, T], 0 = padding)
+    instead of a dense [B, 1, T, T] array: what the TPU flash kernel takes. Only causal masks
+    have this form; prefix-LM masks (mask_ar zeros) need the dense path."""
+    segment_ids: jax.Array
+
+
+def attention_mask_for(backend: str, mask_ar: jax.Array,
+                       segment_ids: jax.Array | None) -> jax.Array | SegmentMask:
+    """The mask in the form `backend` consumes (dense for every backend but 'tpu_flash').
+
+    With 'tpu_flash' the mask is taken to be causal (mask_ar all ones), which the config
+    validation enforces by refusing prefix-LM data with that backend."""
+    if resolve_attention_backend(backend) == "tpu_flash":
+        if segment_ids is None:
+            segment_ids = jnp.ones(mask_ar.shape, jnp.int32)
+        return SegmentMask(segment_ids.astype(jnp.int32))
+    return make_attention_mask(mask_ar, segment_ids)
+
+
 # ----------------------------------------------------------------------------- attention
 
-ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "jax_dpa")
+# tpu_flash: the Pallas TPU flash-attention kernel (causal + packed segments; explicit opt-in
+# since it cannot express prefix-LM masks). On CPU it runs only in Pallas interpret mode (tests).
+ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "jax_dpa", "tpu_flash")
 
 
 def resolve_attention_backend(backend: str) -> str:
@@ -205,6 +229,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     if h % kv_heads:
         raise ValueError(f"{h} query heads is not a multiple of {kv_heads} kv heads")
     scale = hd ** -0.5 if scale is None else scale
+    if isinstance(mask, SegmentMask) or backend == "tpu_flash":
+        if not (mask is None or isinstance(mask, SegmentMask)) or logits_soft_cap is not None:
+            raise ValueError("attention_backend='tpu_flash' takes a SegmentMask (causal packed "
+                             "attention, see attention_mask_for) or no mask (bidirectional), "
+                             "and no logit soft-capping")
+        return _tpu_flash_attention(q, k, v, None if mask is None else mask.segment_ids, scale)
     if backend == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
         backend = "xla"  # cuDNN's fused kernel takes fp16/bf16 only; f32 runs the XLA path
     if backend in ("cudnn", "jax_dpa") and logits_soft_cap is None:
@@ -224,6 +254,23 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, hd)
+
+
+def _tpu_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
+                         scale: float) -> jax.Array:
+    """Pallas TPU flash attention: causal within segments, or bidirectional over everything when
+    `segment_ids` is None (the SigLIP towers). q [B, T, H, hd], k/v [B, S, K, hd]."""
+    from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+
+    groups = q.shape[2] // k.shape[2]
+    if groups > 1:  # the kernel has no GQA: share each kv head across its query group
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  [B, H, T, hd]
+    out = tpu_flash.flash_attention(
+        heads_first(q), heads_first(k), heads_first(v),
+        segment_ids=None if segment_ids is None else tpu_flash.SegmentIds(q=segment_ids, kv=segment_ids),
+        causal=segment_ids is not None, sm_scale=scale)
+    return heads_first(out)
 
 
 # ----------------------------------------------------------------------------- remat / scan

@@ -126,14 +126,16 @@ class VLM(nn.Module):
                  return_hidden: bool = False):
         """Logits f32[B, T, V] for a batch in the data pipeline's layout (see vlm_jax/data)."""
         embeds = layers.constrain(self.embed(input_ids, images))
-        mask = layers.make_attention_mask(mask_ar, segment_ids)
+        mask = layers.attention_mask_for(self.config.resolved("llm").attention_backend,
+                                         mask_ar, segment_ids)
         return self.llm(embeds, positions, mask, return_hidden=return_hidden)
 
     def hidden_states(self, input_ids: jax.Array, images: jax.Array | None, positions: jax.Array,
                       mask_ar: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """The LLM's final-normed hidden states [B, T, D] (what `__call__` turns into logits)."""
         embeds = layers.constrain(self.embed(input_ids, images))
-        mask = layers.make_attention_mask(mask_ar, segment_ids)
+        mask = layers.attention_mask_for(self.config.resolved("llm").attention_backend,
+                                         mask_ar, segment_ids)
         return self.llm.hidden_states(embeds, positions, mask)
 
     def contrastive_embeddings(self, images: jax.Array, text_ids: jax.Array):
