@@ -32,9 +32,6 @@ example, and packing depends on lengths); a multi-host trainer should count step
 """
 from __future__ import annotations
 
-import collections
-import concurrent.futures
-import copy
 import dataclasses
 import functools
 import importlib
@@ -46,9 +43,12 @@ import jax
 import numpy as np
 
 from vlm_jax.config_utils import from_dict
-from vlm_jax.data.errors import SkipExample
-from vlm_jax.data.packing import (PackedRowsIterDataset, RowSpec, assemble_batch, example_length,
+from vlm_jax.data.packing import (PackedRowsIterDataset, RowSpec, assemble_batch,
                                   example_num_images, single_example_row)
+from vlm_jax.data.skips import (GuardedSource, GuardedTransform, RowFitCheck,
+                                SkipAccountingIterDataset, SkipAccountingIterator, one_image_check)
+from vlm_jax.data.skips import TooManySkippedExamples  # noqa: F401  (raised through the pipeline)
+from vlm_jax.data.streams import OrderedThreadMapIterDataset, StreamSourceIterDataset
 
 logger = logging.getLogger(__name__)
 
@@ -133,270 +133,6 @@ class DataConfig:
         return RowSpec(self.seq_len, self.max_images_per_row, self.image_size)
 
 
-# ----------------------------------------------------------------------------- bad data
-
-@dataclasses.dataclass(frozen=True)
-class SkippedExample:
-    """Marker standing in for a dropped record on its way to the accounting stage."""
-    reason: str
-    detail: str
-    example_id: str
-
-
-class TooManySkippedExamples(RuntimeError):
-    """The fraction of skipped raw examples passed `max_skip_fraction`."""
-
-
-class _GuardedSource:
-    """A source whose bad records come back as `SkippedExample` instead of raising."""
-
-    def __init__(self, source: Any, name: str):
-        self._source = source
-        self._name = name
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def __getitem__(self, index: int) -> Mapping[str, Any] | SkippedExample:
-        try:
-            return self._source[index]
-        except SkipExample as skip:
-            return SkippedExample(skip.reason, skip.detail, f"{self._name}[{index}]")
-
-    def __repr__(self) -> str:
-        return f"_GuardedSource({self._source!r})"
-
-
-class _GuardedTransform:
-    """raw example -> TOKENIZED EXAMPLE (+ its "id"), or the `SkippedExample` the transform raised."""
-
-    def __init__(self, transform: Callable[[Mapping[str, Any]], dict]):
-        self._transform = transform
-
-    def __call__(self, raw: Mapping[str, Any] | SkippedExample) -> dict | SkippedExample:
-        if isinstance(raw, SkippedExample):
-            return raw
-        try:
-            example = dict(self._transform(raw))
-        except SkipExample as skip:
-            return SkippedExample(skip.reason, skip.detail, str(raw.get("id")))
-        example["id"] = raw["id"]
-        return example
-
-
-class RowFitCheck:
-    """Refuses examples that cannot fit an empty row ("too_long" / "too_many_images")."""
-
-    def __init__(self, spec: RowSpec):
-        self.spec = spec
-
-    def __call__(self, example: Mapping[str, Any]) -> SkippedExample | None:
-        length, num_images = example_length(example), example_num_images(example)
-        if length > self.spec.seq_len:
-            return SkippedExample("too_long", f"{length} tokens > seq_len {self.spec.seq_len}",
-                                  str(example.get("id")))
-        if num_images > self.spec.max_images:
-            return SkippedExample("too_many_images", f"{num_images} images > max_images_per_row "
-                                  f"{self.spec.max_images}", str(example.get("id")))
-        return None
-
-
-def one_image_check(example: Mapping[str, Any]) -> SkippedExample | None:
-    """Contrastive pairs need exactly one image ("image_count")."""
-    if example_num_images(example) == 1:
-        return None
-    return SkippedExample("image_count", f"{example_num_images(example)} images, a contrastive "
-                          "pair needs exactly 1", str(example.get("id")))
-
-
-ExampleCheck = Callable[[Mapping[str, Any]], "SkippedExample | None"]
-
-
-class SkipAccountingIterDataset(grain.IterDataset):
-    """Counts and drops `SkippedExample` markers and the examples `check` refuses; raises
-    `TooManySkippedExamples` past the threshold."""
-
-    def __init__(self, parent: grain.IterDataset, max_skip_fraction: float, min_seen: int,
-                 check: ExampleCheck):
-        super().__init__(parent)
-        self._max_skip_fraction = max_skip_fraction
-        self._min_seen = min_seen
-        self._check = check
-
-    def __iter__(self) -> "SkipAccountingIterator":
-        return SkipAccountingIterator(self._parent.__iter__(), self._max_skip_fraction,
-                                      self._min_seen, self._check)
-
-
-class SkipAccountingIterator(grain.DatasetIterator):
-    """State: {"parent": ..., "seen": raw examples seen, "skipped": {reason: count}}."""
-
-    def __init__(self, parent: grain.DatasetIterator, max_skip_fraction: float, min_seen: int,
-                 check: ExampleCheck):
-        super().__init__(parent)
-        self._max_skip_fraction = max_skip_fraction
-        self._min_seen = min_seen
-        self._check = check
-        self._seen = 0
-        self._skipped: dict[str, int] = {}
-
-    def __next__(self) -> dict:
-        while True:
-            element = next(self._parent)
-            self._seen += 1
-            skip = element if isinstance(element, SkippedExample) else self._check(element)
-            if skip is None:
-                return element
-            self._count(skip)
-
-    def _count(self, skip: SkippedExample) -> None:
-        first_of_its_kind = skip.reason not in self._skipped
-        self._skipped[skip.reason] = self._skipped.get(skip.reason, 0) + 1
-        log = logger.warning if first_of_its_kind else logger.debug
-        log("skipped example %s (%s): %s", skip.example_id, skip.reason, skip.detail)
-        num_skipped = sum(self._skipped.values())
-        if self._seen >= self._min_seen and num_skipped > self._max_skip_fraction * self._seen:
-            raise TooManySkippedExamples(
-                f"skipped {num_skipped} of {self._seen} examples ({num_skipped / self._seen:.1%}) > "
-                f"max_skip_fraction={self._max_skip_fraction:g} (checked after "
-                f"{self._min_seen} examples); skipped by reason: {dict(sorted(self._skipped.items()))}")
-
-    def skip_counts(self) -> dict[str, Any]:
-        return {"seen": self._seen, "skipped": dict(sorted(self._skipped.items()))}
-
-    def get_state(self) -> dict[str, Any]:
-        return {"parent": self._parent.get_state(), "seen": self._seen,
-                "skipped": dict(self._skipped)}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state["parent"])
-        self._seen = int(state["seen"])
-        self._skipped = {str(k): int(v) for k, v in state["skipped"].items()}
-
-
-# ----------------------------------------------------------------------------- streams
-
-class StreamSourceIterDataset(grain.IterDataset):
-    """An iterable source (its iterator has get_state/set_state) repeated for num_epochs, with
-    `SkipExample` turned into `SkippedExample` markers. State: {"epoch", "source"}."""
-
-    def __init__(self, source: Any, name: str, num_epochs: int | None):
-        super().__init__()
-        self._source, self._name, self._num_epochs = source, name, num_epochs
-
-    def __iter__(self) -> "_StreamSourceIterator":
-        return _StreamSourceIterator(self._source, self._name, self._num_epochs)
-
-
-class _StreamSourceIterator(grain.DatasetIterator):
-
-    def __init__(self, source: Any, name: str, num_epochs: int | None):
-        super().__init__()
-        self._source, self._name, self._num_epochs = source, name, num_epochs
-        self._epoch = 0
-        self._iterator = iter(source)
-        self._epoch_is_empty = True  # an empty source repeated forever must not spin silently
-
-    def __next__(self) -> Mapping[str, Any] | SkippedExample:
-        while True:
-            if self._num_epochs is not None and self._epoch >= self._num_epochs:
-                raise StopIteration
-            try:
-                element = next(self._iterator)
-            except SkipExample as skip:  # the source has already moved past the bad record
-                element = SkippedExample(skip.reason, skip.detail, f"{self._name}@{self._epoch}")
-            except StopIteration:
-                if self._epoch_is_empty:
-                    raise ValueError(f"stream source {self._name} ({self._source!r}) yielded "
-                                     f"nothing in epoch {self._epoch}") from None
-                self._epoch += 1
-                self._epoch_is_empty = True
-                self._iterator = iter(self._source)
-                continue
-            self._epoch_is_empty = False
-            return element
-
-    def get_state(self) -> dict[str, Any]:
-        return {"epoch": self._epoch, "source": self._iterator.get_state()}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._epoch = int(state["epoch"])
-        self._iterator = iter(self._source)
-        self._iterator.set_state(state["source"])
-        self._epoch_is_empty = False  # restored mid-epoch: what came before is not replayed
-
-
-class OrderedThreadMapIterDataset(grain.IterDataset):
-    """`map(fn)` over an IterDataset on `num_threads` threads, in order, `buffer_size` ahead.
-
-    The parent is read on the calling thread (cheap: raw bytes); only `fn` runs on the pool.
-    State: the parent's state just before the oldest element not yet handed out, so a restore
-    re-reads and re-maps exactly the elements that were in flight. num_threads=0 maps inline.
-    """
-
-    def __init__(self, parent: grain.IterDataset, fn: Callable[[Any], Any], num_threads: int,
-                 buffer_size: int):
-        super().__init__(parent)
-        self._fn, self._num_threads = fn, num_threads
-        self._buffer_size = max(buffer_size, num_threads)
-
-    def __iter__(self) -> "_OrderedThreadMapIterator":
-        return _OrderedThreadMapIterator(self._parent.__iter__(), self._fn, self._num_threads,
-                                         self._buffer_size)
-
-
-class _OrderedThreadMapIterator(grain.DatasetIterator):
-
-    def __init__(self, parent: grain.DatasetIterator, fn: Callable[[Any], Any], num_threads: int,
-                 buffer_size: int):
-        super().__init__(parent)
-        self._fn, self._buffer_size = fn, buffer_size
-        self._inline = num_threads == 0
-        self._pool = (None if self._inline
-                      else concurrent.futures.ThreadPoolExecutor(num_threads, "vlm-jax-map"))
-        self._in_flight: collections.deque = collections.deque()  # (parent state before, future)
-        self._exhausted = False
-
-    def __next__(self) -> Any:
-        if self._inline:
-            return self._fn(next(self._parent))
-        self._fill()
-        if not self._in_flight:
-            raise StopIteration
-        _, future = self._in_flight.popleft()
-        self._fill()  # keep the pool busy while the caller works on this element
-        return future.result()
-
-    def _fill(self) -> None:
-        while not self._exhausted and len(self._in_flight) < self._buffer_size:
-            state = self._parent.get_state()
-            try:
-                element = next(self._parent)
-            except StopIteration:
-                self._exhausted = True
-                return
-            self._in_flight.append((copy.deepcopy(state), self._pool.submit(self._fn, element)))
-
-    def get_state(self) -> dict[str, Any]:
-        if self._in_flight:
-            return {"parent": copy.deepcopy(self._in_flight[0][0])}
-        return {"parent": self._parent.get_state()}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        for _, future in self._in_flight:
-            future.cancel()
-        self._in_flight.clear()
-        self._exhausted = False
-        self._parent.set_state(state["parent"])
-
-    def close(self) -> None:
-        # Idempotent: grain's __del__ closes again, possibly during interpreter teardown.
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
-        super().close()
-
-
 # ----------------------------------------------------------------------------- assembly
 
 class PipelineIterator(grain.DatasetIterator):
@@ -465,7 +201,7 @@ def build_example_dataset(cfg: DataConfig, sources: Sequence[tuple[str, Any, flo
         raise ValueError(f"process_index={process_index} outside [0, process_count={process_count})")
     if not sources:
         raise ValueError("no data sources: data.sources is empty")
-    guarded_transform = _GuardedTransform(transform)
+    guarded_transform = GuardedTransform(transform)
     streams = []
     for number, (name, source, _) in enumerate(sources):
         if hasattr(source, "__getitem__"):
@@ -482,9 +218,9 @@ def build_example_dataset(cfg: DataConfig, sources: Sequence[tuple[str, Any, flo
 
 
 def _random_access_examples(cfg: DataConfig, name: str, source: Any, seed: int,
-                            transform: "_GuardedTransform", process_index: int,
+                            transform: "GuardedTransform", process_index: int,
                             process_count: int) -> grain.IterDataset:
-    shard = grain.MapDataset.source(_GuardedSource(source, name))[process_index::process_count]
+    shard = grain.MapDataset.source(GuardedSource(source, name))[process_index::process_count]
     if len(shard) == 0:
         raise ValueError(f"source {name} has {len(source)} examples: nothing for process "
                          f"{process_index} of {process_count}")
@@ -499,7 +235,7 @@ def _random_access_examples(cfg: DataConfig, name: str, source: Any, seed: int,
 
 
 def _stream_examples(cfg: DataConfig, name: str, source: Any, seed: int,
-                     transform: "_GuardedTransform") -> grain.IterDataset:
+                     transform: "GuardedTransform") -> grain.IterDataset:
     if cfg.worker_count > 0:
         raise ValueError(f"worker_count={cfg.worker_count} with the stream source {name}: grain "
                          "workers slice random-access sources only (shapes, llava_json, tfds); "
