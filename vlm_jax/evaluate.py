@@ -121,8 +121,10 @@ def majority_predictions(items: Sequence[VQAItem], majority: Mapping[str, str]) 
 def shapes_vqa_items(split: str = "test", num_per_type: int = 200, image_size: int = 224,
                      question_types: Sequence[str] = shapes.QUESTION_TYPES, seed: int = 0,
                      first_index: int = 0) -> list[VQAItem]:
-    """`num_per_type` single-question items per type from the shapes world's `split` (scene i of
-    every type is the same scene, so types are compared on the same images)."""
+    """`num_per_type` single-question items per type from the shapes world's `split`. Item i of
+    every type comes from scene i where that scene admits the type's question (a relation needs
+    two objects, a position question a uniquely named object); else from the scene the source
+    redraws in its place, so compare images before treating items as one conversation."""
     items = []
     for question_type in question_types:
         source = shapes.ShapesSource(split=split, seed=seed, image_size=image_size,

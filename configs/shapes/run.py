@@ -16,6 +16,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 from configs.shapes import config as recipe
 
 CORE_TYPES = ("color", "shape", "count", "exists", "position")
@@ -96,11 +98,12 @@ def evaluate_model(model_path: str, num_per_type: int, image_size: int = recipe.
                "blank image": evaluate.accuracy_by_type(items, blank),
                "majority": evaluate.accuracy_by_type(
                    items, evaluate.majority_predictions(items, majority))}
-    # Sample conversations: every question type asked about the same few test scenes.
+    # Sample conversations: every question the test set asks about the same few scenes.
     samples = []
     for scene in range(min(num_samples, num_per_type)):
         turns = [(items[k].question, predictions[k], items[k].answer)
-                 for k in range(scene, len(items), num_per_type)]
+                 for k in range(scene, len(items), num_per_type)
+                 if np.array_equal(items[k].image, items[scene].image)]
         samples.append({"image": items[scene].example_id.rsplit(":", 1)[0], "turns": turns})
     return {"columns": columns, "samples": samples, "majority_answers": majority,
             "table": evaluate.format_table(columns, CORE_TYPES),
