@@ -130,3 +130,16 @@ def test_init_from_shape_mismatch_names_the_param(tmp_path):
     # The vision tower alone is compatible: no error.
     _run_config([f"train.init_from.path={tmp_path / 'source'}",
                  "train.init_from.groups=('vision_tower/.*',)"], num_devices=8)
+
+
+def test_init_from_a_finished_workdir_finds_its_model_dir(tmp_path):
+    """A workdir has its own config.json (the run config) next to model/: model/ wins."""
+    workdir = tmp_path / "run"
+    (workdir / "model" / "params").mkdir(parents=True)
+    (workdir / "model" / "config.json").write_text("{}")
+    (workdir / "config.json").write_text("{}")
+    assert checkpoint.resolve_model_dir(str(workdir)) == str(workdir / "model")
+    assert checkpoint.resolve_model_dir(str(workdir / "model")) == str(workdir / "model")
+    (tmp_path / "unfinished" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ValueError, match="did not finish"):
+        checkpoint.resolve_model_dir(str(tmp_path / "unfinished"))

@@ -161,11 +161,12 @@ def abstract_train_state(plan) -> Any:
 # ----------------------------------------------------------------------------- init_from
 
 def resolve_model_dir(path: str) -> str:
-    """A model directory, or a finished run's workdir (its `model/`)."""
-    if os.path.exists(os.path.join(path, "config.json")):
-        return path
+    """A model directory, or a finished run's workdir (its `model/`). A workdir holds a
+    config.json of its own (the run config), so `model/` is looked for first."""
     if os.path.exists(os.path.join(path, "model", "config.json")):
         return os.path.join(path, "model")
+    if os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "params")):
+        return path
     if os.path.isdir(os.path.join(path, "checkpoints")):
         raise ValueError(f"train.init_from.path={path} is a workdir without model/ (its run did "
                          f"not finish): resume that run to the end first, or point at a model "
