@@ -16,6 +16,7 @@ Activations at block boundaries are constrained to ('batch', 'length', 'act_embe
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -46,6 +47,42 @@ def sharded_param(module: nn.Module, name: str, init: Initializer, shape: Sequen
     return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense_matmul(x: jax.Array, kernel: jax.Array, num_in: int) -> jax.Array:
+    """x [*batch, *in] @ kernel [*in, *out] -> [*batch, *out] (`num_in` contracted dims).
+
+    The custom VJP only changes how the kernel gradient is written: as one contraction over the
+    batch dims whose output is already [*in, *out]. JAX's generic rule computes [*out, *in] and
+    transposes; XLA:CPU then folds that transpose into the producer of the output gradient
+    (e.g. the SiLU backward), whose strided writes cost as much as the matmul itself.
+    """
+    return jax.lax.dot_general(x, kernel, _dense_dims(x.ndim, num_in))
+
+
+def _dense_dims(x_ndim: int, num_in: int):
+    return (tuple(range(x_ndim - num_in, x_ndim)), tuple(range(num_in))), ((), ())
+
+
+def _dense_matmul_fwd(x, kernel, num_in):
+    return dense_matmul(x, kernel, num_in), (x, kernel)
+
+
+def _dense_matmul_bwd(num_in, residuals, grad_y):
+    x, kernel = residuals
+    batch_dims = x.ndim - num_in
+    # dx [*batch, *in] = grad_y [*batch, *out] . kernel [*in, *out] over *out
+    grad_x = jax.lax.dot_general(
+        grad_y, kernel, ((tuple(range(batch_dims, grad_y.ndim)),
+                          tuple(range(num_in, kernel.ndim))), ((), ())))
+    # dkernel [*in, *out] = x [*batch, *in] . grad_y [*batch, *out] over *batch
+    grad_kernel = jax.lax.dot_general(
+        x, grad_y, ((tuple(range(batch_dims)), tuple(range(batch_dims))), ((), ())))
+    return grad_x.astype(x.dtype), grad_kernel.astype(kernel.dtype)
+
+
+dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
+
+
 class Dense(nn.Module):
     """y = x @ W (+ b) contracting the last `len(in_shape)` input dims into `out_shape`.
 
@@ -73,9 +110,7 @@ class Dense(nn.Module):
         kernel = sharded_param(self, "kernel", init, shape, self.kernel_axes, self.param_dtype)
         x = x.astype(self.dtype)
         kernel = kernel.astype(self.dtype)
-        batch_dims = x.ndim - n_in
-        y = jax.lax.dot_general(
-            x, kernel, (((tuple(range(batch_dims, x.ndim))), tuple(range(n_in))), ((), ())))
+        y = dense_matmul(x, kernel, n_in)
         if self.use_bias:
             bias_axes = tuple(self.kernel_axes)[n_in:]
             bias = sharded_param(self, "bias", nn.initializers.zeros, self.out_shape, bias_axes,

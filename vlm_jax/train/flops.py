@@ -18,6 +18,7 @@ counts them all; so do we by default (`vision_layers`). Our model is allowed to 
 layers after `feature_layer`, compute logits only where a loss is taken): the model-FLOP count
 stays the same, which makes achieved FLOP/s comparable across implementations; pass
 `vision_layers` / `lm_head_positions` to count what an implementation executes instead.
+Rematerialisation is never counted (model FLOPs, not hardware FLOPs).
 
 MFU = flops_per_step / step_seconds / (peak_flops_per_device * num_devices).
 
