@@ -197,11 +197,12 @@ print(2 * {n} ** 3 / best / 1e9)
 """
 
 
-def numpy_matmul_gflops(size: int = 4096, repeats: int = 3) -> float:
+def numpy_matmul_gflops(size: int = 4096, repeats: int = 3, native: bool = True) -> float:
     """Best GFLOP/s of a size^3 f32 numpy matmul, in a fresh process (OpenBLAS threads that
-    spin after a call would otherwise steal CPU from the contenders). OPENBLAS_CORETYPE is
-    dropped: this environment pins it to Haswell (AVX2), which halves the AVX-512 machine's rate."""
-    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    spin after a call would otherwise steal CPU from the contenders). `native` drops
+    OPENBLAS_CORETYPE: this environment pins it to Haswell (AVX2 kernels, ~290 GFLOP/s on a
+    quiet machine) while the CPU has AVX-512."""
+    env = {k: v for k, v in os.environ.items() if not (native and k == "OPENBLAS_CORETYPE")}
     code = NUMPY_MATMUL.format(n=size, repeats=repeats)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True)
@@ -266,9 +267,12 @@ def main():
     work = tempfile.mkdtemp(prefix="train_throughput_")
     rounds = []
     for r in range(args.rounds):
-        entry = {"loadavg_start": os.getloadavg(), "numpy_matmul_gflops": numpy_matmul_gflops()}
-        log(f"[round {r}] numpy f32 matmul: {entry['numpy_matmul_gflops']:.1f} GFLOP/s, "
-            f"load average {entry['loadavg_start']}")
+        entry = {"loadavg_start": os.getloadavg(), "numpy_matmul_gflops": numpy_matmul_gflops(),
+                 "numpy_matmul_gflops_env_coretype": numpy_matmul_gflops(native=False)}
+        log(f"[round {r}] numpy f32 matmul: {entry['numpy_matmul_gflops']:.1f} GFLOP/s "
+            f"(AVX-512 kernels), {entry['numpy_matmul_gflops_env_coretype']:.1f} GFLOP/s with "
+            f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')}; load average "
+            f"{entry['loadavg_start']}")
         ours_out = os.path.join(work, f"ours_{r}.json")
         entry["ours"] = run_subprocess(
             [sys.executable, os.path.abspath(__file__), "--worker", "--config", args.config,
@@ -330,7 +334,10 @@ def build_report(rounds: list[dict], args, bench: dict) -> dict:
             "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "flops_per_step": flops_per_step,
             "ours_executed_flops_per_step": rounds[0]["ours"]["executed_flops"]["total"],
-            "numpy_matmul_gflops": matmul, "table": rows, "rounds": rounds}
+            "numpy_matmul_gflops": matmul,
+            "numpy_matmul_gflops_env_coretype": statistics.median(
+                r["numpy_matmul_gflops_env_coretype"] for r in rounds),
+            "table": rows, "rounds": rounds}
 
 
 if __name__ == "__main__":
