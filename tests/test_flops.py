@@ -14,7 +14,7 @@ from vlm_jax.train import flops
 from vlm_jax.train.lora import LoraConfig
 from vlm_jax.train.phases import PhaseConfig
 
-# bench_s (/work/shared/bench/bench_s.json): the model, batch and phase of the peer benchmark.
+# bench_s (../shared/bench/bench_s.json beside the repo): the model, batch and phase of the peer benchmark.
 BATCH, IMAGE_TOKENS, TEXT_LEN = 8, 196, 128
 
 

@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 
 import ml_collections
 
-from vlm_jax.config_utils import from_dict, to_dict
+from vlm_jax.config_utils import dataclass_in, from_dict, to_dict
 from vlm_jax.data.pipeline import DataConfig
 from vlm_jax.models.vlm import VLMConfig
 from vlm_jax.sharding import MeshConfig
@@ -185,7 +185,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]
                 if node.get(key) is None:
                     node[key] = ml_collections.ConfigDict()
                 node = node[key]
-                schema = _dataclass_of(field_type)
+                schema = dataclass_in(field_type)
     return config
 
 
@@ -197,17 +197,6 @@ def _field_type(schema: type | None, key: str) -> Any:
     if schema is None:
         return None
     return typing.get_type_hints(schema).get(key)
-
-
-def _dataclass_of(hint: Any) -> type | None:
-    if hint is None:
-        return None
-    if dataclasses.is_dataclass(hint):
-        return hint
-    for arg in typing.get_args(hint):
-        if dataclasses.is_dataclass(arg):
-            return arg
-    return None
 
 
 def _typed(text: str, current: Any, where: str, hint: Any = None) -> Any:

@@ -29,7 +29,7 @@ def from_dict(cls: type[T], values: Mapping[str, Any] | None, where: str = "") -
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
-        sub = _dataclass_in(hints.get(name))
+        sub = dataclass_in(hints.get(name))
         path = f"{where}.{name}" if where else name
         if sub is not None and isinstance(value, Mapping):
             value = from_dict(sub, value, path)
@@ -50,7 +50,7 @@ def to_dict(obj: Any) -> dict:
     return fix(dataclasses.asdict(obj))
 
 
-def _dataclass_in(hint: Any) -> type | None:
+def dataclass_in(hint: Any) -> type | None:
     """The dataclass inside a type hint such as `VisionConfig | None`, else None."""
     if hint is None:
         return None
