@@ -16,6 +16,17 @@ def _import_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_hf(args: argparse.Namespace) -> int:
+    from vlm_jax.convert.exporter import ExportMismatch, describe, export_hf
+    try:
+        result = export_hf(args.checkpoint, args.out, dtype=args.dtype, part=args.part)
+    except ExportMismatch as e:
+        print(f"vlm-jax export-hf: self-check FAILED: {e}", file=sys.stderr)
+        return 3
+    print(describe(result))
+    return 0
+
+
 def _inspect_data(argv: list[str]) -> int:
     from vlm_jax.data import inspect
     return inspect.main(argv) or 0
@@ -87,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="init seed of new parameters")
     p.add_argument("--out", required=True, help="output model directory")
     p.set_defaults(func=_import_hf)
+
+    p = sub.add_parser("export-hf", help="write a model as a HF transformers directory (LLaVA or "
+                                         "SiglipVisionModel) and check it against ours")
+    p.add_argument("--checkpoint", required=True, help="model directory or finished workdir")
+    p.add_argument("--out", required=True, help="output HF directory")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="dtype of the written weights")
+    p.add_argument("--part", default="llava", choices=("llava", "vision"),
+                   help="llava: the whole VLM; vision: the encoder alone as SiglipVisionModel")
+    p.set_defaults(func=_export_hf)
 
     sub.add_parser("train", add_help=False,
                    help="train per a config file (see `vlm-jax train --help`)")
