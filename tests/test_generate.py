@@ -1,9 +1,9 @@
 """KV-cache generation and scoring: against step-by-step full recomputation, transformers'
 `generate` and forward on the same weights, sampling statistics, stops, an 8-device mesh, and the
 `vlm-jax generate` / `score` commands."""
+import contextlib
 import io
 import json
-import contextlib
 
 import flax.linen as nn
 import jax
@@ -177,12 +177,15 @@ def test_sampling_is_seeded_and_stays_in_top_k(tiny):
 def test_sample_tokens_frequencies_match_truncated_softmax():
     logits = np.log(np.array([[0.05, 0.4, 0.1, 0.3, 0.15]], np.float32))
     keys = jax.random.split(jax.random.key(0), 4000)
-    draw = jax.jit(jax.vmap(lambda k, **kw: gen.sample_tokens(logits, k, 1.0, **kw)[0],
-                            in_axes=(0,)), static_argnames=("top_k", "top_p"))
-    counts = np.bincount(np.asarray(draw(keys, top_k=3, top_p=1.0)), minlength=5) / 4000
+
+    def draw(keys, top_k, top_p):
+        one = lambda key: gen.sample_tokens(logits, key, 1.0, top_k, top_p)[0]  # noqa: E731
+        return np.asarray(jax.jit(jax.vmap(one))(keys))
+
+    counts = np.bincount(draw(keys, top_k=3, top_p=1.0), minlength=5) / 4000
     np.testing.assert_allclose(counts, [0, 0.4 / 0.85, 0, 0.3 / 0.85, 0.15 / 0.85], atol=0.03)
     # top_p=0.6: 0.4 alone is short of 0.6, 0.4 + 0.3 reaches it -> {1, 3}
-    counts = np.bincount(np.asarray(draw(keys, top_k=0, top_p=0.6)), minlength=5) / 4000
+    counts = np.bincount(draw(keys, top_k=0, top_p=0.6), minlength=5) / 4000
     np.testing.assert_allclose(counts, [0, 0.4 / 0.7, 0, 0.3 / 0.7, 0], atol=0.03)
 
 
