@@ -4,11 +4,12 @@ processor expands `<image>` for our model; HF -> import -> export -> HF is bit-e
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import (AutoProcessor, GemmaConfig, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig,
@@ -17,7 +18,7 @@ from transformers import (AutoProcessor, GemmaConfig, LlamaConfig, LlavaConfig,
 import vlm_jax
 from vlm_jax import model_dir
 from vlm_jax.cli import main as cli_main
-from vlm_jax.convert import exporter
+from vlm_jax.convert import exporter, hf_llava
 from vlm_jax.models.decoder import decoder_config
 from vlm_jax.models.projector import ProjectorConfig
 from vlm_jax.models.siglip import VisionConfig
@@ -25,8 +26,8 @@ from vlm_jax.models.vlm import VLMConfig, init_params
 
 VOCAB = 96
 IMAGE_TOKEN_ID = 95
-WORDS = ["<unk>", "<s>", "</s>", "<pad>", "What", "is", "in", "this", "picture", "?", "A", "red", "circle",
-         "."]
+WORDS = ["<unk>", "<s>", "</s>", "<pad>",
+         "What", "is", "in", "this", "picture", "?", "A", "red", "circle", "."]
 
 
 def _vision_config():
@@ -101,7 +102,8 @@ def _processor_inputs(out):
     processor = AutoProcessor.from_pretrained(out)
     assert isinstance(processor, transformers.LlavaProcessor)
     image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 50, 3), np.uint8))
-    batch = processor(images=[image, image], text=["<image> What is this ?", "A red <image> circle ."],
+    texts = ["<image> What is this ?", "A red <image> circle ."]
+    batch = processor(images=[image, image], text=texts,
                       padding=True, return_tensors="np")
     return batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
 
@@ -109,7 +111,8 @@ def _processor_inputs(out):
 def _hf_logits(model, input_ids, attention_mask, pixel_values):
     with torch.no_grad():
         return model(input_ids=torch.tensor(input_ids), attention_mask=torch.tensor(attention_mask),
-                     pixel_values=torch.tensor(pixel_values, dtype=model.dtype)).logits.float().numpy()
+                     pixel_values=torch.tensor(pixel_values, dtype=model.dtype)
+                     ).logits.float().numpy()
 
 
 @pytest.mark.parametrize("family,tie", [("llama", False), ("qwen2", True), ("gemma", True)])
@@ -175,16 +178,16 @@ def test_part_vision_exports_siglip_vision_model(tmp_path):
     out = _export(ckpt, tmp_path / "vision", "--part", "vision")
     exported, info = SiglipVisionModel.from_pretrained(out, output_loading_info=True)
     assert not (info["missing_keys"] or info["unexpected_keys"]), info
-    pixels = torch.tensor(np.random.default_rng(0).uniform(-1, 1, (2, 3, 32, 32)), dtype=torch.float32)
+    pixels = torch.tensor(np.random.default_rng(0).uniform(-1, 1, (2, 3, 32, 32)),
+                          dtype=torch.float32)
     with torch.no_grad():
         want = original.model.vision_tower(pixel_values=pixels).last_hidden_state
         got = exported.eval()(pixel_values=pixels).last_hidden_state
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("projector", ["pixel_shuffle", "resampler", "linear"])
-def test_projectors_llava_cannot_express_are_refused(tmp_path, capsys, projector):
-    config = VLMConfig(
+def _config_with_projector(projector):
+    return VLMConfig(
         vision=VisionConfig(image_size=16, patch_size=8, width=16, depth=1, num_heads=2, mlp_dim=32,
                             use_head=False),
         projector=ProjectorConfig(type=projector, num_queries=4, resampler_depth=1,
@@ -192,12 +195,21 @@ def test_projectors_llava_cannot_express_are_refused(tmp_path, capsys, projector
         llm=decoder_config("llama", vocab_size=32, hidden_size=16, num_layers=1, num_heads=2,
                            num_kv_heads=1, head_dim=8, mlp_dim=32),
         image_token_id=31)
+
+
+def test_projectors_llava_cannot_express_are_refused(tmp_path, capsys):
+    config = _config_with_projector("pixel_shuffle")
     ckpt = tmp_path / "ckpt"
-    model_dir.save_model(str(ckpt), config, init_params(config, __import__("jax").random.key(0)))
+    params = jax.jit(lambda key: init_params(config, key))(jax.random.key(0))
+    model_dir.save_model(str(ckpt), config, params)
     assert cli_main(["export-hf", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert f"projector type {projector!r}" in err and "LLaVA" in err
+    assert "projector type 'pixel_shuffle'" in err and "LLaVA" in err
     assert not os.path.exists(tmp_path / "x" / "model.safetensors")
+    for projector in ("resampler", "linear"):  # refused from the config alone, before any weight
+        with pytest.raises(ValueError, match=f"projector type {projector!r}"):
+            exporter.export_params(_config_with_projector(projector), {}, None, str(tmp_path / "y"))
+    assert not os.path.exists(tmp_path / "y")
 
 
 def test_bf16_export_loads_and_stays_close(tmp_path, capsys):
@@ -218,25 +230,26 @@ def test_bf16_export_loads_and_stays_close(tmp_path, capsys):
     assert np.abs(got[real] - want[real]).max() < 0.05 * max(1.0, np.abs(want).max())
 
 
-def test_self_check_fails_loudly_on_a_wrong_tensor(tmp_path):
+def test_self_check_fails_loudly_on_a_wrong_tensor(tmp_path, capsys, monkeypatch):
+    """A converter bug (linear_2 written untransposed: same shape, wrong layout) loads in
+    transformers without complaint; the self-check must catch it and the CLI exit non-zero."""
     _, hf_dir = _hf_llava(tmp_path, "llama", tie=False)
     ckpt = _import(hf_dir, tmp_path / "ckpt")
-    config, params, tokenizer = model_dir.load_model(ckpt)
-    params = model_dir.numpy_params(params)
-    out = str(tmp_path / "exported")
-    result = exporter.export_params(config, params, tokenizer, out, check=False)
-    path = os.path.join(out, "model.safetensors")
-    sd = load_file(path)
-    sd["multi_modal_projector.linear_2.weight"] = sd["multi_modal_projector.linear_2.weight"].T.copy()
-    save_file(sd, path, metadata={"format": "pt"})
-    with pytest.raises(exporter.ExportMismatch, match=r"max \|diff\|"):
-        exporter.check_llava_export(result, config, params, tokenizer)
+    right = hf_llava.projector_params_to_hf
+
+    def transposed_linear_2(params, config, prefix=hf_llava.PROJECTOR_PREFIX):
+        sd = right(params, config, prefix)
+        sd[prefix + "linear_2.weight"] = np.ascontiguousarray(sd[prefix + "linear_2.weight"].T)
+        return sd
+
+    monkeypatch.setattr(hf_llava, "projector_params_to_hf", transposed_linear_2)
+    assert cli_main(["export-hf", "--checkpoint", ckpt, "--out", str(tmp_path / "bad")]) == 3
+    err = capsys.readouterr().err
+    assert "self-check FAILED" in err and "max |diff|" in err
 
 
 def test_lora_instruct_steps_export_with_adapters_merged(tmp_path):
     """A few instruct steps with LoRA; the model that training hands over exports with parity."""
-    import jax
-
     from vlm_jax import sharding
     from vlm_jax.train import phases
     from vlm_jax.train.lora import LoraConfig
@@ -266,14 +279,15 @@ def test_lora_instruct_steps_export_with_adapters_merged(tmp_path):
     for _ in range(3):
         state, _ = train_step(state, sharding.global_batch(batch, mesh))
     trained = model_dir.numpy_params(plan.model_params(state))
-    q = "llm/layers/attention/q/kernel".split("/")
+    # the adapters moved the LLM's kernels: the export must carry W + alpha/r * A @ B
     assert not np.array_equal(trained["llm"]["layers"]["attention"]["q"]["kernel"],
-                              base["llm"]["layers"]["attention"]["q"]["kernel"]), q  # adapters moved it
+                              base["llm"]["layers"]["attention"]["q"]["kernel"])
     model_dir.save_model(str(tmp_path / "lora_model"), config, trained, tokenizer)
     out = _export(tmp_path / "lora_model", tmp_path / "exported")
     exported = _load_exported(out, dtype=torch.float32)
     input_ids, attention_mask, pixel_values = _processor_inputs(out)
-    ours = vlm_jax.load(str(tmp_path / "lora_model")).logits(input_ids, pixel_values, attention_mask)
+    ours = vlm_jax.load(str(tmp_path / "lora_model")).logits(input_ids, pixel_values,
+                                                              attention_mask)
     got = _hf_logits(exported, input_ids, attention_mask, pixel_values)
     real = attention_mask.astype(bool)
     np.testing.assert_allclose(ours[real], got[real], atol=1e-4, rtol=0)

@@ -83,7 +83,10 @@ def export_hf(checkpoint_path: str, out: str, dtype: str = "float32", part: str 
         raise ValueError(f"--dtype {dtype!r}; supported: {tuple(EXPORT_DTYPES)}")
     if part not in PARTS:
         raise ValueError(f"--part {part!r}; supported: {PARTS}")
-    source = checkpoint.resolve_model_dir(checkpoint_path)
+    try:
+        source = checkpoint.resolve_model_dir(checkpoint_path)
+    except ValueError as e:
+        raise ValueError(f"--checkpoint {checkpoint_path}: {e}") from e
     config, params, tokenizer = model_dir.load_model(source)
     params = model_dir.numpy_params(params)
     return export_params(config, params, tokenizer, out, dtype=dtype, part=part, check=check)
@@ -119,11 +122,11 @@ def export_params(config: VLMConfig, params: Any, tokenizer, out: str, dtype: st
 def _check_llava_expressible(config: VLMConfig) -> None:
     missing = [p for p in ("vision", "projector", "llm") if getattr(config, p) is None]
     if missing:
-        raise ValueError(f"a LLaVA export needs a vision tower, projector and LLM; this model lacks "
-                         f"{', '.join(missing)} (use --part vision for the encoder alone)")
+        raise ValueError(f"a LLaVA export needs a vision tower, projector and LLM; this model "
+                         f"lacks {', '.join(missing)} (use --part vision for the encoder alone)")
     if config.projector.type != "mlp2x_gelu":
-        raise ValueError(f"projector type {config.projector.type!r} cannot be exported to HF LLaVA, "
-                         f"whose projector is Linear -> act -> Linear only ('mlp2x_gelu'); "
+        raise ValueError(f"projector type {config.projector.type!r} cannot be exported to HF "
+                         f"LLaVA, whose projector is Linear -> act -> Linear only ('mlp2x_gelu'); "
                          f"'{config.projector.type}' has no LlavaForConditionalGeneration "
                          f"equivalent (export --part vision for the encoder alone)")
 
