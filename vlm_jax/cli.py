@@ -16,6 +16,17 @@ def _import_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_hf(args: argparse.Namespace) -> int:
+    from vlm_jax.convert.exporter import ExportMismatch, describe, export_hf
+    try:
+        result = export_hf(args.checkpoint, args.out, dtype=args.dtype, part=args.part)
+    except ExportMismatch as e:
+        print(f"vlm-jax export-hf: self-check FAILED: {e}", file=sys.stderr)
+        return 3
+    print(describe(result))
+    return 0
+
+
 def _inspect_data(argv: list[str]) -> int:
     from vlm_jax.data import inspect
     return inspect.main(argv) or 0
@@ -72,6 +83,101 @@ def _config_overrides(rest: list[str], parser: argparse.ArgumentParser) -> list[
     return overrides
 
 
+# Chat template per decoder family when --template is not given (LLaVA-1.5 used vicuna on Llama).
+DEFAULT_TEMPLATES = {"llama": "vicuna", "qwen2": "qwen2", "gemma": "gemma"}
+
+
+def _load_for_generation(args: argparse.Namespace):
+    import vlm_jax
+    model = vlm_jax.load(args.checkpoint)
+    if model.tokenizer is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer/ directory; generation needs one")
+    if model.config.vision is None or model.config.llm is None:
+        raise ValueError(f"{args.checkpoint} is not a vision-language model (needs a vision tower, "
+                         f"a projector and an LLM); `generate`/`score` take image + prompt")
+    template = args.template or DEFAULT_TEMPLATES[model.config.llm.family]
+    return model, template
+
+
+def _request_inputs(model, template: str, image_path: str, prompt: str):
+    """(prompt ids i32[T], image f32[1, S, S, 3]) for one request."""
+    from vlm_jax.data.images import decode_image, preprocess_image
+    from vlm_jax.evaluate import prompt_ids
+    with open(image_path, "rb") as f:
+        rgb = decode_image(f.read())
+    image = preprocess_image(rgb, model.config.vision.image_size)[None]
+    return prompt_ids(model.tokenizer, prompt, template, model.config.tokens_per_image), image
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+
+    from vlm_jax.generate import Sampling, generate, trim_at_stop_strings
+    if (args.requests is None) == (args.prompt is None):
+        raise ValueError("give either --prompt (with --image) or --requests FILE.jsonl")
+    if args.requests is not None:
+        with open(args.requests) as f:
+            requests = [json.loads(line) for line in f if line.strip()]
+        for number, request in enumerate(requests, 1):
+            if not {"image", "prompt"} <= set(request):
+                raise ValueError(f"{args.requests} line {number}: a request needs 'image' and "
+                                 f"'prompt', got keys {sorted(request)}")
+    else:
+        if args.image is None:
+            raise ValueError("--prompt needs --image")
+        requests = [{"image": args.image, "prompt": args.prompt}]
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    model, template = _load_for_generation(args)
+    tokenizer = model.tokenizer
+    stop_ids = [i for i in (tokenizer.eos_id,) if i is not None]
+    stop_sequences = [tokenizer.encode(s) for s in args.stop]
+    for start in range(0, len(requests), args.batch_size):
+        chunk = requests[start:start + args.batch_size]
+        inputs = [_request_inputs(model, template, r["image"], r["prompt"]) for r in chunk]
+        # Widths rounded up to 32 tokens: fewer distinct shapes, fewer compiles.
+        width = -(-max(len(ids) for ids, _ in inputs) // 32) * 32
+        input_ids = np.zeros((len(chunk), width), np.int32)
+        for row, (ids, _) in enumerate(inputs):
+            input_ids[row, :len(ids)] = ids
+        tokens, lengths = generate(
+            model.config, model.params, input_ids, np.array([len(ids) for ids, _ in inputs]),
+            np.stack([image for _, image in inputs]), args.max_new_tokens, sampling, stop_ids,
+            stop_sequences)
+        for row, request in enumerate(chunk):
+            ids = tokens[row, :lengths[row]].tolist()
+            text = trim_at_stop_strings(tokenizer.decode(ids), args.stop)
+            print(json.dumps({"prompt": request["prompt"], "image": request["image"],
+                              "completion": text, "tokens": ids}), flush=True)
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    import json
+
+    from vlm_jax.generate import score
+    model, template = _load_for_generation(args)
+    prompt, image = _request_inputs(model, template, args.image, args.prompt)
+    completion = model.tokenizer.encode(args.completion)
+    if not completion:
+        raise ValueError("--completion encodes to no tokens")
+    logprobs = score(model.config, model.params, prompt.tolist(), completion, image[None])
+    print(json.dumps({"tokens": completion,
+                      "pieces": [model.tokenizer.decode([i], skip_special_tokens=False)
+                                 for i in completion],
+                      "logprobs": [float(x) for x in logprobs],
+                      "total": float(logprobs.sum())}))
+    return 0
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    from vlm_jax.data.templates import TEMPLATES
+    p.add_argument("--checkpoint", required=True, help="model directory (import-hf or training)")
+    p.add_argument("--template", choices=sorted(TEMPLATES), default=None,
+                   help="chat template; default per LLM family " + str(DEFAULT_TEMPLATES))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +193,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="init seed of new parameters")
     p.add_argument("--out", required=True, help="output model directory")
     p.set_defaults(func=_import_hf)
+
+    p = sub.add_parser("export-hf", help="write a model as a HF transformers directory (LLaVA or "
+                                         "SiglipVisionModel) and check it against ours")
+    p.add_argument("--checkpoint", required=True, help="model directory or finished workdir")
+    p.add_argument("--out", required=True, help="output HF directory")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="dtype of the written weights")
+    p.add_argument("--part", default="llava", choices=("llava", "vision"),
+                   help="llava: the whole VLM; vision: the encoder alone as SiglipVisionModel")
+    p.set_defaults(func=_export_hf)
+
+    p = sub.add_parser("generate", help="answer prompts about images (KV-cache decoding)")
+    _add_generation_args(p)
+    p.add_argument("--image", help="image file (with --prompt)")
+    p.add_argument("--prompt", help="the user's message")
+    p.add_argument("--requests", help="JSONL file of {\"image\": PATH, \"prompt\": TEXT}, batched")
+    p.add_argument("--batch-size", type=int, default=8, help="requests decoded together")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = no nucleus cut")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--stop", action="append", default=[],
+                   help="stop string (repeatable); EOS always stops")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("score", help="per-token log-probabilities of a completion, as JSON")
+    _add_generation_args(p)
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--prompt", required=True, help="the user's message")
+    p.add_argument("--completion", required=True, help="the answer to score")
+    p.set_defaults(func=_score)
 
     sub.add_parser("train", add_help=False,
                    help="train per a config file (see `vlm-jax train --help`)")

@@ -1,16 +1,27 @@
-"""Greedy decoding of short answers by full recomputation (no KV cache): the evaluator's generator.
+"""Text generation with a KV cache (greedy or sampled) and scoring of given completions.
 
-    tokens, lengths = greedy_generate(model_config, params, input_ids, prompt_lengths, images,
-                                      max_new_tokens=4, stop_ids=(tokenizer.eos_id,))
+    tokens, lengths = generate(model_config, params, input_ids, prompt_lengths, images,
+                               max_new_tokens=32, sampling=Sampling(temperature=0.7, top_p=0.9),
+                               stop_ids=(tokenizer.eos_id,), stop_sequences=[[13, 13]])
+    logprobs = score(model_config, params, prompt_ids, completion_ids, images)
 
-Every step runs the decoder over the whole (fixed-size) sequence and reads the logits at each
-row's last real position; the image is encoded once, before the loop. For answers of a few
-tokens on tiny models this costs little more than a cache would, and one compiled program serves
-every step. Rows are right-padded: padding after a row's last token is invisible to it under the
-causal mask, so rows of different prompt lengths share a batch.
+Batches are **right-padded**: row b's prompt is input_ids[b, :prompt_lengths[b]] (image tokens
+already expanded). One prefill runs the whole [B, T] block (images encoded once) under a causal
+mask and writes every position's k/v into a cache of T + max_new_tokens slots; padding after a
+row's prompt is invisible to it. Row b's n-th new token then sits at position and cache slot
+prompt_lengths[b] + n, overwriting the padding's k/v, and each step reads only the slots before
+it. The steps run inside one `jax.lax.while_loop` (no Python per token) that exits when every row
+has stopped.
+
+Stopping: a row stops at the first of its stop ids or stop sequences (token-id sequences matched
+on the generated ids inside the loop); the stop itself is not part of the output. Stop *strings*
+can tokenize differently in context, so callers also cut decoded text with `trim_at_stop_strings`.
+Sampling draws each step's tokens with `fold_in(key(seed), step)`: a fixed seed reproduces the
+same tokens, on one device or on a mesh.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Sequence
 
@@ -18,19 +29,40 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.models import layers
+from vlm_jax.models.decoder import CachedDecoder, init_cache
 from vlm_jax.models.vlm import VLM, VLMConfig
 
 
-def greedy_generate(model_config: VLMConfig, params: dict, input_ids: np.ndarray,
-                    prompt_lengths: np.ndarray, images: np.ndarray | None, max_new_tokens: int,
-                    stop_ids: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy continuation of right-padded prompts.
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How a token is chosen from the logits. temperature 0 = greedy (argmax; top_k/top_p unused).
+    top_k 0 = no top-k cut; top_p 1.0 = no nucleus cut (both cuts may be combined)."""
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
 
-    input_ids: i32[B, T] prompts (image tokens already expanded), right-padded;
-    prompt_lengths: i32[B] real tokens per row (>= 1); images: f32[B, M, H, W, 3] or None.
-    Returns (tokens i32[B, max_new_tokens], lengths i32[B]): the generated ids, and how many come
-    before the first stop id (the stop id itself is not counted; ids after it are 0).
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}; supported: >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}; supported: >= 0 (0 = no top-k cut)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p}; supported: (0, 1] (1 = no nucleus cut)")
+
+
+GREEDY = Sampling()
+
+
+def generate(model_config: VLMConfig, params: dict, input_ids: np.ndarray,
+             prompt_lengths: np.ndarray, images: np.ndarray | None, max_new_tokens: int,
+             sampling: Sampling = GREEDY, stop_ids: Sequence[int] = (),
+             stop_sequences: Sequence[Sequence[int]] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """Continue right-padded prompts.
+
+    input_ids: i32[B, T] (image tokens expanded), right-padded; prompt_lengths: i32[B] (>= 1);
+    images: f32[B, M, H, W, 3] or None. Returns (tokens i32[B, max_new_tokens], lengths i32[B]):
+    the new ids and how many come before the first stop (ids from there on are 0).
     """
     input_ids = np.asarray(input_ids, np.int32)
     prompt_lengths = np.asarray(prompt_lengths, np.int32)
@@ -41,44 +73,173 @@ def greedy_generate(model_config: VLMConfig, params: dict, input_ids: np.ndarray
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if prompt_lengths.min(initial=1) < 1 or prompt_lengths.max(initial=0) > input_ids.shape[1]:
         raise ValueError(f"prompt_lengths must lie in [1, {input_ids.shape[1]}]")
-    total = input_ids.shape[1] + max_new_tokens
-    padded = np.zeros((input_ids.shape[0], total), np.int32)
-    padded[:, :input_ids.shape[1]] = input_ids
-    stops = np.asarray(sorted(set(int(s) for s in stop_ids)) or [-1], np.int32)
-    tokens, lengths = _generate(model_config, max_new_tokens, params, jnp.asarray(padded),
-                                jnp.asarray(prompt_lengths), None if images is None
-                                else jnp.asarray(images, jnp.float32), jnp.asarray(stops))
+    stop_table, stop_lengths = _stop_table(stop_ids, stop_sequences)
+    sampler = (sampling.temperature, sampling.top_k, sampling.top_p)
+    tokens, lengths = _generate(
+        model_config, max_new_tokens, sampler, params, jnp.asarray(input_ids),
+        jnp.asarray(prompt_lengths), None if images is None else jnp.asarray(images, jnp.float32),
+        jnp.asarray(stop_table), jnp.asarray(stop_lengths), jax.random.key(sampling.seed))
     return np.asarray(tokens), np.asarray(lengths)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _generate(model_config: VLMConfig, max_new_tokens: int, params: dict, ids: jax.Array,
-              prompt_lengths: jax.Array, images: jax.Array | None, stops: jax.Array):
-    model = VLM(model_config)
-    batch, total = ids.shape
-    embeds = model.apply({"params": params}, ids, images, method=VLM.embed)   # [B, T, D]
-    positions = jnp.broadcast_to(jnp.arange(total, dtype=jnp.int32), (batch, total))
-    mask = layers.make_attention_mask(jnp.ones((batch, total), jnp.int32))
-    rows = jnp.arange(batch)
+def greedy_generate(model_config: VLMConfig, params: dict, input_ids: np.ndarray,
+                    prompt_lengths: np.ndarray, images: np.ndarray | None, max_new_tokens: int,
+                    stop_ids: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """`generate` with argmax decoding (the evaluator's entry point)."""
+    return generate(model_config, params, input_ids, prompt_lengths, images, max_new_tokens,
+                    GREEDY, stop_ids)
 
-    def decode(module, x):
-        return module.llm(x, positions, mask)
 
-    def step(i, carry):
-        embeds, tokens, done, lengths = carry
-        logits = model.apply({"params": params}, embeds, method=decode)       # [B, T, V]
-        last = logits[rows, prompt_lengths + i - 1]                            # [B, V]
-        token = jnp.argmax(last, axis=-1).astype(jnp.int32)
-        is_stop = jnp.any(token[:, None] == stops[None, :], axis=-1)
-        token = jnp.where(done | is_stop, 0, token)
-        lengths = lengths + (~done & ~is_stop).astype(jnp.int32)
-        done = done | is_stop
-        tokens = tokens.at[:, i].set(token)
-        new_embed = model.apply({"params": params}, token[:, None], None, method=VLM.embed)
-        embeds = embeds.at[rows, prompt_lengths + i].set(new_embed[:, 0].astype(embeds.dtype))
-        return embeds, tokens, done, lengths
+def _stop_table(stop_ids: Sequence[int], stop_sequences: Sequence[Sequence[int]]):
+    """Stops as right-aligned rows i32[N, Lmax] (left fill -1) and their lengths i32[N]; one
+    empty (never matching) row when there are none, so the program's shapes stay valid."""
+    sequences = [[int(i)] for i in stop_ids] + [[int(i) for i in s] for s in stop_sequences]
+    if any(len(s) == 0 for s in sequences):
+        raise ValueError("an empty stop sequence would stop every row at once")
+    sequences = list(dict.fromkeys(map(tuple, sequences))) or [()]
+    width = max(max(len(s) for s in sequences), 1)
+    table = np.full((len(sequences), width), -1, np.int32)
+    for row, seq in enumerate(sequences):
+        if seq:
+            table[row, width - len(seq):] = seq
+    return table, np.asarray([len(s) for s in sequences], np.int32)
 
-    init = (embeds, jnp.zeros((batch, max_new_tokens), jnp.int32), jnp.zeros((batch,), bool),
-            jnp.zeros((batch,), jnp.int32))
-    _, tokens, _, lengths = jax.lax.fori_loop(0, max_new_tokens, step, init)
+
+def sample_tokens(logits: jax.Array, key: jax.Array, temperature: float, top_k: int,
+                  top_p: float) -> jax.Array:
+    """logits f32[B, V] -> i32[B]: argmax if temperature == 0, else a draw from
+    softmax(logits / temperature) restricted to the top_k largest and to the smallest set of
+    most likely tokens whose probability reaches top_p."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    vocab = logits.shape[-1]
+    keep = top_k if 0 < top_k < vocab else vocab
+    values, indices = jax.lax.top_k(logits, keep)  # [B, keep], descending
+    values = values / temperature
+    if top_p < 1.0:
+        probs = jax.nn.softmax(values, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # the most likely token always stays
+        values = jnp.where(mass_before < top_p, values, -jnp.inf)
+    choice = jax.random.categorical(key, values, axis=-1)
+    return jnp.take_along_axis(indices, choice[:, None], axis=1)[:, 0].astype(jnp.int32)
+
+
+def _match_stops(history: jax.Array, step: jax.Array, table: jax.Array, lengths: jax.Array):
+    """Which rows end in a stop after new token `step`; history i32[B, Lmax - 1 + N] holds token
+    n at column Lmax - 1 + n (-1 before the first). -> (hit bool[B], matched length i32[B])."""
+    width = table.shape[1]
+    window = jax.lax.dynamic_slice_in_dim(history, step, width, axis=1)  # [B, Lmax]
+    counts = jnp.arange(width)[None, :] >= width - lengths[:, None]     # [N, Lmax]
+    hit = jnp.all((window[:, None, :] == table[None]) | ~counts[None], axis=-1)
+    hit = hit & (lengths[None, :] > 0)                                   # [B, N]
+    return jnp.any(hit, axis=-1), jnp.max(jnp.where(hit, lengths[None, :], 0), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _generate(model_config: VLMConfig, max_new_tokens: int, sampler: tuple, params: dict,
+              ids: jax.Array, prompt_lengths: jax.Array, images: jax.Array | None,
+              stop_table: jax.Array, stop_lengths: jax.Array, key: jax.Array):
+    llm_config = model_config.resolved("llm")
+    decoder = CachedDecoder(llm_config)
+    llm_params = {"params": params["llm"]}
+    batch, prompt_width = ids.shape
+    cache_length = prompt_width + max_new_tokens
+    slots = jnp.arange(cache_length)
+
+    # Prefill: causal over the padded block; slot s is visible to query t iff s <= t.
+    embeds = VLM(model_config).apply({"params": params}, ids, images, method=VLM.embed)
+    positions = jnp.broadcast_to(jnp.arange(prompt_width, dtype=jnp.int32), (batch, prompt_width))
+    mask = (slots[None, :] <= jnp.arange(prompt_width)[:, None])[None, None]
+    mask = jnp.broadcast_to(mask, (batch, 1, prompt_width, cache_length))
+    cache = init_cache(llm_config, batch, cache_length)
+
+    def prefill(module):
+        hidden, new_cache = module.decode(embeds, positions, cache, jnp.zeros((batch,), jnp.int32),
+                                          mask)
+        last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)
+        return module.logits(last)[:, 0], new_cache
+
+    logits, cache = decoder.apply(llm_params, method=prefill)
+
+    def step_logits(cache, token, index):
+        """Feed token i32[B] at position/slot index i32[B]; -> (logits f32[B, V], cache)."""
+        def one(module):
+            x = module.embed(token[:, None])
+            visible = (slots[None, :] <= index[:, None])[:, None, None, :]  # [B, 1, 1, S]
+            hidden, new_cache = module.decode(x, index[:, None], cache, index, visible)
+            return module.logits(hidden)[:, 0], new_cache
+        return decoder.apply(llm_params, method=one)
+
+    stop_width = stop_table.shape[1]
+    history = jnp.full((batch, stop_width - 1 + max_new_tokens), -1, jnp.int32)
+    tokens = jnp.zeros((batch, max_new_tokens), jnp.int32)
+
+    def emit(state, logits):
+        """Choose token `step` from logits and update tokens / stop bookkeeping."""
+        step, cache, tokens, history, done, lengths = state
+        token = sample_tokens(logits, jax.random.fold_in(key, step), *sampler)
+        token = jnp.where(done, 0, token)
+        history = history.at[:, stop_width - 1 + step].set(token)
+        hit, matched = _match_stops(history, step, stop_table, stop_lengths)
+        hit = hit & ~done
+        lengths = jnp.where(hit, step + 1 - matched, lengths)
+        tokens = tokens.at[:, step].set(token)
+        return (step + 1, cache, tokens, history, done | hit, lengths), token
+
+    state, token = emit((jnp.int32(0), cache, tokens, history, jnp.zeros((batch,), bool),
+                         jnp.full((batch,), max_new_tokens, jnp.int32)), logits)
+
+    def cond(carry):
+        state, _ = carry
+        return (state[0] < max_new_tokens) & ~jnp.all(state[4])
+
+    def body(carry):
+        state, token = carry
+        step, cache = state[0], state[1]
+        logits, cache = step_logits(cache, token, prompt_lengths + step - 1)
+        return emit((step, cache) + state[2:], logits)
+
+    state, _ = jax.lax.while_loop(cond, body, (state, token))
+    _, _, tokens, _, _, lengths = state
+    tokens = jnp.where(jnp.arange(max_new_tokens)[None, :] < lengths[:, None], tokens, 0)
     return tokens, lengths
+
+
+def trim_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
+    """`text` up to the earliest occurrence of any stop string (all of it if none occurs)."""
+    cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def token_logprobs(model_config: VLMConfig, params: dict, input_ids: np.ndarray,
+                   images: np.ndarray | None) -> np.ndarray:
+    """f32[B, T - 1]: log p(input_ids[:, t + 1] | input_ids[:, :t + 1], images), causal forward."""
+    input_ids = np.asarray(input_ids, np.int32)
+    if input_ids.ndim != 2 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids must be [B, T] with T >= 2, got {input_ids.shape}")
+    return np.asarray(_token_logprobs(model_config, params, jnp.asarray(input_ids),
+                                      None if images is None else jnp.asarray(images, jnp.float32)))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _token_logprobs(model_config, params, ids, images):
+    batch, width = ids.shape
+    positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (batch, width))
+    logits = VLM(model_config).apply({"params": params}, ids, images, positions,
+                                     jnp.ones((batch, width), jnp.int32))
+    logprobs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logprobs, ids[:, 1:, None], axis=-1)[..., 0]
+
+
+def score(model_config: VLMConfig, params: dict, prompt_ids: Sequence[int],
+          completion_ids: Sequence[int], images: np.ndarray | None) -> np.ndarray:
+    """f32[C]: log-probability of each completion token given the prompt (and images
+    f32[1, M, H, W, 3] or None) and the completion tokens before it."""
+    prompt_ids, completion_ids = list(prompt_ids), list(completion_ids)
+    if not prompt_ids or not completion_ids:
+        raise ValueError("score needs a non-empty prompt and a non-empty completion")
+    ids = np.asarray([prompt_ids + completion_ids], np.int32)
+    logprobs = token_logprobs(model_config, params, ids, images)[0]
+    return logprobs[len(prompt_ids) - 1:]

@@ -209,6 +209,26 @@ class DecoderBlock(nn.Module):
         return self.finish(x, q, k, v, mask), None
 
 
+class CachedDecoderBlock(DecoderBlock):
+    """DecoderBlock with this layer's KV cache as a scanned input/output (same param tree).
+
+    The new tokens' k/v are written into the cache at each row's `write_index` (the cache slots
+    of the positions being fed), then the queries attend over the whole cache under `mask`.
+    """
+
+    def __call__(self, x: jax.Array, cache: tuple[jax.Array, jax.Array], positions: jax.Array,
+                 write_index: jax.Array, mask: jax.Array):
+        """x [B, T, D], cache (k, v) [B, S_max, K, hd], positions i32[B, T], write_index i32[B],
+        mask bool[B, 1, T, S_max] -> (x [B, T, D], updated cache)."""
+        q, k, v = self.attention_inputs(x, positions)
+        cache_k, cache_v = cache
+        write = jax.vmap(lambda c, new, start: jax.lax.dynamic_update_slice_in_dim(c, new, start, 0))
+        cache_k = write(cache_k, k.astype(cache_k.dtype), write_index)
+        cache_v = write(cache_v, v.astype(cache_v.dtype), write_index)
+        return self.finish(x, q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask), \
+            (cache_k, cache_v)
+
+
 class TokenEmbedding(nn.Module):
     """The [V, D] table: lookup for inputs, and x @ table.T for a tied lm_head."""
     vocab_size: int
@@ -253,11 +273,16 @@ class Decoder(nn.Module):
         # Named explicitly: the attribute can't be `embed`, that is the public method's name.
         self.token_embedding = TokenEmbedding(cfg.vocab_size, cfg.hidden_size, param_dtype,
                                               name="embed")
-        self.blocks = layers.stack_layers(DecoderBlock, cfg.num_layers, cfg.remat_policy)(
-            cfg, name="layers")
+        self.blocks = self.make_blocks()
         self.final_norm = layers.RMSNorm(cfg.norm_eps, cfg.norm_plus_one, _dtype(cfg.dtype), param_dtype)
         if not cfg.tie_embeddings:
             self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, param_dtype)
+
+    def make_blocks(self) -> nn.Module:
+        """The scanned block stack, named "layers" (a subclass swaps the block, not the params)."""
+        cfg = self.config
+        return layers.stack_layers(DecoderBlock, cfg.num_layers, cfg.remat_policy)(
+            cfg, name="layers")
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """input_ids: i32[B, T] -> embeddings [B, T, D] in the compute dtype (Gemma: * sqrt(D))."""
@@ -293,6 +318,43 @@ class Decoder(nn.Module):
         if return_hidden:
             return logits, hidden
         return logits
+
+
+class CachedDecoder(Decoder):
+    """The Decoder with a KV cache, for generation: apply it to the same `llm` params.
+
+    Cache: (k, v), each [L, B, S_max, K, hd] in the compute dtype (see `init_cache`). Every call
+    feeds T new tokens per row whose k/v land in cache slots write_index[b] .. write_index[b]+T-1;
+    `attention_mask` [B, 1, T, S_max] says which slots each new token may read.
+    """
+
+    def make_blocks(self) -> nn.Module:
+        # Inference only: no remat. The per-layer cache slices are scanned with the params.
+        cfg = self.config
+        return nn.scan(
+            CachedDecoderBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), out_axes=0,
+            length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(
+            cfg, name="layers")
+
+    def decode(self, inputs_embeds: jax.Array, positions: jax.Array, cache: tuple,
+               write_index: jax.Array, attention_mask: jax.Array):
+        """-> (final-normed hidden [B, T, D], updated cache)."""
+        x = layers.constrain(inputs_embeds.astype(_dtype(self.config.dtype)))
+        x, cache = self.blocks(x, cache, positions, write_index, attention_mask)
+        return self.final_norm(x), cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [B, T, D] -> logits f32[B, T, V], as `Decoder.__call__` computes them."""
+        if self.config.tie_embeddings:
+            return self.token_embedding.attend(hidden)
+        return self.lm_head(hidden)
+
+
+def init_cache(config: DecoderConfig, batch_size: int, max_length: int) -> tuple[jax.Array, jax.Array]:
+    """Zero (k, v) caches f32|bf16[L, B, max_length, K, hd] in the compute dtype."""
+    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+    return jnp.zeros(shape, _dtype(config.dtype)), jnp.zeros(shape, _dtype(config.dtype))
 
 
 def lm_head_weight(llm_params: dict, config: DecoderConfig) -> tuple[jax.Array, int]:

@@ -1,0 +1,298 @@
+"""`vlm-jax export-hf`: a vlm_jax model directory -> a HF transformers directory that checks itself.
+
+    export_hf(checkpoint, out, dtype="float32", part="llava") -> ExportResult
+
+`part="llava"` writes a `LlavaForConditionalGeneration` directory: model.safetensors with the key
+names transformers' own `save_pretrained` writes on disk (`vision_tower.*`,
+`multi_modal_projector.*`, `language_model.model.*`, `language_model.lm_head.weight`), config.json,
+the tokenizer (with `<image>`) and a LlavaProcessor config, so that `AutoProcessor` expands
+`<image>` to `image_seq_length` tokens and preprocesses images as our pipeline does.
+`part="vision"` writes the encoder alone as a `SiglipVisionModel`.
+
+After writing, the export loads the result in transformers and compares it with our model on a
+probe input; a mismatch raises `ExportMismatch` (the CLI exits non-zero), never a silently wrong
+model. Training's final `model/` already has LoRA adapters merged (`TrainPlan.model_params`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from vlm_jax import checkpoint, model_dir
+from vlm_jax.convert import hf_io, hf_llava, hf_siglip
+from vlm_jax.models.vlm import VLMConfig
+
+EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+PARTS = ("llava", "vision")
+# Same weights on both sides and f32 compute: only the order of float operations differs.
+F32_TOLERANCE = 1e-4
+# bf16 keeps 8 significant bits: each weight moves by up to 2^-9 (0.2%) relative. Through a few
+# layers of sums of such products the logits move by well under 2% of their own scale; a
+# conversion bug (a transposed or swapped tensor) moves them by O(100%).
+BF16_RELATIVE_TOLERANCE = 2e-2
+
+# In-memory (transformers 5.x) prefix -> on-disk prefix written by `save_pretrained`.
+_DISK_PREFIXES = (
+    (hf_llava.LLM_PREFIX, "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+    (hf_llava.VISION_PREFIX, "vision_tower."),
+    (hf_llava.PROJECTOR_PREFIX, "multi_modal_projector."),
+)
+_PROBE_TEXT = "<image>\nWhat is in this picture? A red circle."
+
+
+class ExportMismatch(RuntimeError):
+    """The exported model, loaded in transformers, disagrees with ours."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    out: str
+    part: str
+    dtype: str
+    max_abs_diff: float        # ours vs transformers, same (possibly bf16-rounded) weights
+    tolerance: float
+    bf16_drift: float | None   # bf16 export only: transformers vs our f32 weights
+    bf16_bound: float | None
+    processor: bool            # whether tokenizer + processor files were written
+
+
+def to_disk_keys(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """transformers 5.x in-memory LLaVA names -> the names `save_pretrained` writes."""
+    out = {}
+    for key, value in state_dict.items():
+        for memory, disk in _DISK_PREFIXES:
+            if key.startswith(memory):
+                key = disk + key[len(memory):]
+                break
+        else:
+            raise ValueError(f"tensor {key!r} is outside the LLaVA layout")
+        out[key] = value
+    return out
+
+
+def export_hf(checkpoint_path: str, out: str, dtype: str = "float32", part: str = "llava",
+              check: bool = True) -> ExportResult:
+    """Export a model directory (or a finished workdir) to `out`; checks itself unless told not."""
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"--dtype {dtype!r}; supported: {tuple(EXPORT_DTYPES)}")
+    if part not in PARTS:
+        raise ValueError(f"--part {part!r}; supported: {PARTS}")
+    try:
+        source = checkpoint.resolve_model_dir(checkpoint_path)
+    except ValueError as e:
+        raise ValueError(f"--checkpoint {checkpoint_path}: {e}") from e
+    config, params, tokenizer = model_dir.load_model(source)
+    params = model_dir.numpy_params(params)
+    return export_params(config, params, tokenizer, out, dtype=dtype, part=part, check=check)
+
+
+def export_params(config: VLMConfig, params: Any, tokenizer, out: str, dtype: str = "float32",
+                  part: str = "llava", check: bool = True) -> ExportResult:
+    """Write `params` (plain nested dict, LoRA already merged) as a HF directory, then check it."""
+    if part == "vision":
+        if config.vision is None:
+            raise ValueError("--part vision: this model has no vision tower")
+        state_dict = hf_siglip.vision_params_to_hf(params["vision_tower"], config.vision, prefix="")
+        hf_config = dict(hf_siglip.vision_config_to_hf(config.vision),
+                         architectures=["SiglipVisionModel"])
+    else:
+        _check_llava_expressible(config)
+        hf_config = hf_llava.config_to_hf(config)
+        state_dict = to_disk_keys(hf_llava.params_to_hf(params, config))
+    hf_config = _with_dtype(hf_config, dtype)
+    hf_io.write_hf_dir(out, hf_config, {k: np.asarray(v, np.float32).astype(EXPORT_DTYPES[dtype])
+                                        for k, v in state_dict.items()})
+    has_processor = False
+    if part == "llava" and tokenizer is not None:
+        _write_processor(out, config, tokenizer)
+        has_processor = True
+    result = ExportResult(out, part, dtype, float("nan"), F32_TOLERANCE, None, None, has_processor)
+    if check:
+        result = (check_vision_export if part == "vision" else check_llava_export)(
+            result, config, params, tokenizer)
+    return result
+
+
+def _check_llava_expressible(config: VLMConfig) -> None:
+    missing = [p for p in ("vision", "projector", "llm") if getattr(config, p) is None]
+    if missing:
+        raise ValueError(f"a LLaVA export needs a vision tower, projector and LLM; this model "
+                         f"lacks {', '.join(missing)} (use --part vision for the encoder alone)")
+    if config.projector.type != "mlp2x_gelu":
+        raise ValueError(f"projector type {config.projector.type!r} cannot be exported to HF "
+                         f"LLaVA, whose projector is Linear -> act -> Linear only ('mlp2x_gelu'); "
+                         f"'{config.projector.type}' has no LlavaForConditionalGeneration "
+                         f"equivalent (export --part vision for the encoder alone)")
+
+
+def _with_dtype(hf_config: dict, dtype: str) -> dict:
+    hf_config = dict(hf_config, dtype=dtype)
+    for sub in ("text_config", "vision_config"):
+        if sub in hf_config:
+            hf_config[sub] = dict(hf_config[sub], dtype=dtype)
+    return hf_config
+
+
+def _write_processor(out: str, config: VLMConfig, tokenizer) -> None:
+    """Tokenizer files with `<image>` + a LlavaProcessor whose SiglipImageProcessor matches
+    `data/images.preprocess_image` (bicubic resize to S x S, x / 127.5 - 1)."""
+    from transformers import AutoTokenizer, LlavaProcessor, SiglipImageProcessor
+
+    image_token_id = tokenizer.token_to_id(tokenizer.image_token)
+    if image_token_id != config.image_token_id:
+        raise ValueError(f"the tokenizer maps {tokenizer.image_token} to {image_token_id} but the "
+                         f"model's image_token_id is {config.image_token_id}")
+    tokenizer.save(out)
+    hf_tokenizer = AutoTokenizer.from_pretrained(out)
+    size = config.vision.image_size
+    image_processor = SiglipImageProcessor(size={"height": size, "width": size}, resample=3,
+                                           do_resize=True, do_rescale=True, rescale_factor=1 / 255,
+                                           do_normalize=True, image_mean=[0.5] * 3,
+                                           image_std=[0.5] * 3)
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=hf_tokenizer,
+                               patch_size=config.vision.patch_size,
+                               vision_feature_select_strategy=config.vision_feature_select,
+                               image_token=tokenizer.image_token, num_additional_image_tokens=0)
+    processor.save_pretrained(out)
+
+
+# ----------------------------------------------------------------------------- self-check
+
+def _probe_image(size: int):
+    """A random RGB image of another size than the model's, so the processor resizes it."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (size + 7, size + 3, 3), dtype=np.uint8))
+
+
+def _probe_inputs(result: ExportResult, config: VLMConfig, tokenizer
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids int[1, T], pixel_values f32[1, 3, S, S]): through the exported processor when
+    there is one (which checks it too), else random ids around the image tokens."""
+    per_image = config.tokens_per_image
+    if not result.processor:
+        rng = np.random.default_rng(0)
+        text = [t for t in rng.integers(0, config.llm.vocab_size, 12) if t != config.image_token_id]
+        ids = np.array([text[:4] + [config.image_token_id] * per_image + text[4:]])
+        pixels = rng.uniform(-1, 1, (1, 3, config.vision.image_size, config.vision.image_size))
+        return ids, pixels.astype(np.float32)
+    from transformers import AutoProcessor
+
+    from vlm_jax.data.images import preprocess_image
+    processor = AutoProcessor.from_pretrained(result.out)
+    image = _probe_image(config.vision.image_size)
+    batch = processor(images=image, text=_PROBE_TEXT, return_tensors="np")
+    ids, pixels = np.asarray(batch["input_ids"]), np.asarray(batch["pixel_values"], np.float32)
+    got_tokens = int((ids == config.image_token_id).sum())
+    if got_tokens != per_image:
+        raise ExportMismatch(f"the exported processor expands <image> to {got_tokens} tokens, the "
+                             f"model reads {per_image} per image")
+    ours = preprocess_image(np.asarray(image), config.vision.image_size).transpose(2, 0, 1)[None]
+    pixel_diff = float(np.abs(ours - pixels).max())
+    if pixel_diff > 1e-5:
+        raise ExportMismatch(f"the exported image processor differs from ours: max |diff| "
+                             f"{pixel_diff:.3g} in pixel values")
+    text_ids = [i for i in ids[0].tolist() if i != config.image_token_id]
+    want_ids = [i for i in tokenizer.encode(_PROBE_TEXT) if i != config.image_token_id]
+    if text_ids[-len(want_ids):] != want_ids:
+        raise ExportMismatch(f"the exported tokenizer gives ids {text_ids} for the probe text, "
+                             f"ours {want_ids}")
+    return ids, pixels
+
+
+def _rounded(params: Any, dtype: str) -> Any:
+    """Params as the exported file holds them, back in f32 (our model computes in f32)."""
+    return jax.tree.map(lambda x: np.asarray(x, np.float32).astype(EXPORT_DTYPES[dtype])
+                        .astype(np.float32), params)
+
+
+def _compare(result: ExportResult, ours_exact: np.ndarray, ours_f32: np.ndarray,
+             theirs: np.ndarray, what: str) -> ExportResult:
+    diff = float(np.abs(ours_exact - theirs).max())
+    if not diff <= F32_TOLERANCE:
+        raise ExportMismatch(f"{what}: transformers and vlm_jax disagree on the probe input: max "
+                             f"|diff| {diff:.3g} > {F32_TOLERANCE:g} (same weights, f32)")
+    drift = bound = None
+    if result.dtype == "bfloat16":
+        drift = float(np.abs(ours_f32 - theirs).max())
+        bound = BF16_RELATIVE_TOLERANCE * max(1.0, float(np.abs(ours_f32).max()))
+        if not drift <= bound:
+            raise ExportMismatch(f"{what}: bf16 weights move the outputs by max |diff| {drift:.3g} "
+                                 f"> {bound:.3g} ({BF16_RELATIVE_TOLERANCE:g} x output scale)")
+    return dataclasses.replace(result, max_abs_diff=diff, bf16_drift=drift, bf16_bound=bound)
+
+
+def check_llava_export(result: ExportResult, config: VLMConfig, params: Any,
+                       tokenizer) -> ExportResult:
+    """Load `result.out` in transformers (f32, eval) and compare logits with ours."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from vlm_jax.api import LoadedModel
+    hf_model, info = LlavaForConditionalGeneration.from_pretrained(
+        result.out, dtype=torch.float32, output_loading_info=True)
+    _check_loading_info(info, result.out)
+    ids, pixels = _probe_inputs(result, config, tokenizer)
+    with torch.no_grad():
+        theirs = hf_model.eval()(input_ids=torch.tensor(ids),
+                                 pixel_values=torch.tensor(pixels)).logits.numpy()
+    ours_exact = LoadedModel(config, _rounded(params, result.dtype), None).logits(ids, pixels)
+    ours_f32 = (ours_exact if result.dtype == "float32"
+                else LoadedModel(config, params, None).logits(ids, pixels))
+    return _compare(result, ours_exact, ours_f32, theirs, "LLaVA logits")
+
+
+def check_vision_export(result: ExportResult, config: VLMConfig, params: Any,
+                        tokenizer=None) -> ExportResult:
+    """Load `result.out` as SiglipVisionModel and compare last_hidden_state (and the pooled
+    embedding when the tower has a head) with ours."""
+    import torch
+    from transformers import SiglipVisionModel
+
+    from vlm_jax.models.siglip import SiglipVisionTower
+    hf_model, info = SiglipVisionModel.from_pretrained(result.out, dtype=torch.float32,
+                                                       output_loading_info=True)
+    _check_loading_info(info, result.out)
+    size = config.vision.image_size
+    pixels = np.random.default_rng(0).uniform(-1, 1, (2, 3, size, size)).astype(np.float32)
+    with torch.no_grad():
+        hf_out = hf_model.eval()(pixel_values=torch.tensor(pixels))
+    theirs = [hf_out.last_hidden_state.numpy()]
+    if config.vision.use_head:
+        theirs.append(hf_out.pooler_output.numpy())
+    tower = SiglipVisionTower(config.vision)
+    images = jax.numpy.asarray(pixels.transpose(0, 2, 3, 1))
+
+    def ours(vision_params):
+        hidden, pooled = tower.apply({"params": vision_params}, images, method="encode")
+        return [np.asarray(hidden)] + ([np.asarray(pooled)] if config.vision.use_head else [])
+
+    exact = ours(_rounded(params["vision_tower"], result.dtype))
+    f32 = exact if result.dtype == "float32" else ours(params["vision_tower"])
+    flat = lambda xs: np.concatenate([x.reshape(-1) for x in xs])  # noqa: E731
+    return _compare(result, flat(exact), flat(f32), flat(theirs), "SigLIP vision outputs")
+
+
+def _check_loading_info(info: dict, out: str) -> None:
+    problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                if info.get(k)}
+    if problems:
+        raise ExportMismatch(f"transformers loads {out} with {json.dumps(problems, default=str)}")
+
+
+def describe(result: ExportResult) -> str:
+    """One line for the CLI: what was written and how well it matched."""
+    line = (f"wrote {result.out} ({result.part}, {result.dtype}); self-check: max |diff| "
+            f"{result.max_abs_diff:.3g} <= {result.tolerance:g} vs transformers")
+    if result.bf16_drift is not None:
+        line += (f"; bf16 rounding moves outputs by {result.bf16_drift:.3g} "
+                 f"(bound {result.bf16_bound:.3g} = {BF16_RELATIVE_TOLERANCE:g} x output scale)")
+    if result.part == "llava" and not result.processor:
+        line += "; no tokenizer in the checkpoint: no tokenizer/processor files written"
+    return line
