@@ -27,9 +27,19 @@ def _export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inspect_data(argv: list[str]) -> int:
-    from vlm_jax.data import inspect
-    return inspect.main(argv) or 0
+# Subcommands that own their argument parsing: name -> (module with `main(argv) -> int`, help).
+MODULE_COMMANDS = {
+    "inspect-data": ("vlm_jax.data.inspect", "show examples as the model sees them"),
+    "eval": ("vlm_jax.evaluate", "score a checkpoint: VQA, captioning, grounding, retrieval"),
+    "sweep": ("vlm_jax.sweep", "expand a config's sweep() into runs, launch them, report"),
+    "plan": ("vlm_jax.plan", "fit check: compile the train step for a device mesh, report memory"),
+}
+
+
+def _run_module_command(name: str, argv: list[str]) -> int:
+    import importlib
+    module = importlib.import_module(MODULE_COMMANDS[name][0])
+    return module.main(argv) or 0
 
 
 def _train(argv: list[str]) -> int:
@@ -228,15 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("train", add_help=False,
                    help="train per a config file (see `vlm-jax train --help`)")
-    sub.add_parser("inspect-data", add_help=False,
-                   help="show examples as the model sees them (see `vlm-jax inspect-data --help`)")
+    for name, (_, help_text) in MODULE_COMMANDS.items():
+        sub.add_parser(name, add_help=False, help=f"{help_text} (see `vlm-jax {name} --help`)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "inspect-data":
-        return _inspect_data(argv[1:])
+    if argv and argv[0] in MODULE_COMMANDS:
+        return _run_module_command(argv[0], argv[1:])
     if argv and argv[0] == "train":
         try:
             return _train(argv[1:])
