@@ -56,3 +56,10 @@ def get_config(arg=None):
     config.log = dict(every_steps=5, progress_bar=True, tensorboard=True, measure_cpu_peak=False)
     config.eval = dict(every_steps=0, num_batches=2)
     return config
+
+
+def sweep():
+    """Peak learning rate x warmup: 4 runs (`vlm-jax sweep --config configs/tiny.py ...`)."""
+    from vlm_jax.sweep import product
+    return product(**{"train.optimizer.learning_rate": [1e-3, 3e-3],
+                      "train.optimizer.warmup_steps": [1, 2]})
