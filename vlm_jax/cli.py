@@ -50,8 +50,16 @@ def _train(argv: list[str]) -> int:
     parser.add_argument("--workdir", required=True, help="checkpoints, logs and the final model")
     parser.add_argument("--print-config", action="store_true",
                         help="print the validated config as JSON and exit (nothing compiles)")
+    group = parser.add_argument_group(
+        "multi-process", "one process per host; without these flags a TPU VM slice or a SLURM "
+        "step is detected by itself, anything else runs as one process (vlm_jax/distributed.py)")
+    group.add_argument("--coordinator", help="HOST:PORT of process 0, e.g. 10.0.0.2:8476")
+    group.add_argument("--num-processes", type=int, help="number of processes in the run")
+    group.add_argument("--process-id", type=int, help="this process's index, 0..N-1")
     args, rest = parser.parse_known_args(argv)
     overrides = _config_overrides(rest, parser)
+    from vlm_jax import distributed  # before anything else touches JAX
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     from absl import flags
     if not flags.FLAGS.is_parsed():  # grain workers read absl flags
         flags.FLAGS.mark_as_parsed()
@@ -69,6 +77,8 @@ def _train(argv: list[str]) -> int:
     except TrainingStopped as e:
         print(f"vlm-jax train: stopped: {e}", file=sys.stderr)
         return 3
+    if jax.process_index() != 0:  # process 0 reports for the run
+        return 0
     shown = {k: v for k, v in metrics.items() if not k.startswith("data/")}
     print("vlm-jax train: " + ("preempted" if metrics["preempted"] else "done") + " "
           + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

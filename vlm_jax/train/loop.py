@@ -9,6 +9,10 @@ next step boundary and returns with `metrics["preempted"] = True`. A non-finite 
 norm, or too many skipped examples, stops the run with `TrainingStopped` naming the step and the
 last good checkpoint. The finished run writes `workdir/model` (a model directory: generation,
 export and the next phase's `train.init_from` read it).
+
+Multi-process (one process per host, `vlm_jax/distributed.py`): every process runs this loop on
+its own data shard and writes its own checkpoint shards; only process 0 writes the logs,
+config.json, the tokenizer and the model directory's tokenizer and config.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from vlm_jax import checkpoint, model_dir, sharding
 from vlm_jax.config import RunConfig, build_run_config
@@ -79,7 +84,10 @@ def build_tokenizer(run: RunConfig, workdir: str):
         tokenizer = Tokenizer.from_path(path)
     else:
         saved = os.path.join(workdir, "tokenizer")
-        if os.path.isdir(saved):
+        resumed = os.path.isdir(saved)
+        if jax.process_count() > 1:  # all processes look before process 0 writes it below
+            multihost_utils.sync_global_devices("vlm_jax: tokenizer directory checked")
+        if resumed:
             tokenizer = Tokenizer.from_path(saved)
         else:
             from vlm_jax.data.sources import shapes
@@ -220,7 +228,8 @@ class _Trainer:
                 if self.eval_step is not None:
                     last_row.update(self._evaluate(step, state))
                 model_dir.save_model(os.path.join(self.workdir, "model"), run.model,
-                                     self.plan.model_params(state), self.tokenizer)
+                                     self.plan.model_params(state),  # params: every process
+                                     self.tokenizer if self.is_writer else None)
         finally:
             self.checkpointer.close()
             self.logger.close()
