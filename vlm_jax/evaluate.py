@@ -5,10 +5,14 @@
     table = accuracy_by_type(items, predictions)                          # {type: (correct, total)}
     majority = majority_baseline(shapes_vqa_items(split="train", ...))   # {type: answer}
 
-Scoring: an answer is right when its normalised text equals the reference's (VQA-style
-normalisation: lower case, punctuation and articles dropped, number words as digits). A
-"grounding" answer is a box "[x0, y0, x1, y1]"; it counts as right when its IoU with the reference
-box is at least 0.5 (exact integer match would be meaningless), and is reported as such.
+Scoring: an answer is right when its normalised text equals the reference's (the official VQA
+answer normalisation, `normalize_answer`). A "grounding" answer is a box "[x0, y0, x1, y1]"; it
+counts as right when its IoU with the reference box is at least 0.5 (exact integer match would be
+meaningless), and is reported as such.
+
+Answers come from batched KV-cache greedy decoding (`greedy_texts` -> vlm_jax.generate). The
+`vlm-jax eval` command (config data -> VQA / captioning / retrieval, results.json and an HTML
+report) lives in `vlm_jax/eval_command.py`; `main` here is its entry point.
 
 The two baselines: the majority answer of each question type (counted on training questions), and
 the model itself with every image blanked out (all pixels mid-grey), which shows how much of the
@@ -33,12 +37,48 @@ GROUNDING_IOU = 0.5
 _NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
                  "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = {"a", "an", "the"}
+# The VQA evaluation's punctuation list (apostrophes, colons, '$', '%', '&', '#', '*' are kept).
+_PUNCTUATION = ";/[]\"{}()=+\\_-><@`,?!"
+_DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
+# The official pattern "(?!<=\d)(\.)(?!\d)" means, as written: any period not followed by a digit.
+_PERIOD_NOT_IN_NUMBER = re.compile(r"\.(?!\d)")
+# Contractions as the VQA evaluation writes them; answers spelled without the apostrophe(s)
+# ("dont", "couldnt've") are mapped onto these.
+_CONTRACTIONS = (
+    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've "
+    "hasn't haven't he'd he'd've he's how'd how'll how's i'd i'd've i'm i've isn't it'd it'd've "
+    "it'll let's ma'am mightn't mightn't've might've mustn't must've needn't not've o'clock "
+    "oughtn't 'ow's'at shan't she'd she'd've she'll she's should've shouldn't shouldn't've "
+    "somebody'd somebody'd've somebody'll somebody's someone'd someone'd've someone'll someone's "
+    "something'd something'd've something'll that's there'd there'd've there're there's they'd "
+    "they'd've they'll they're they've 'twas wasn't we'd we'd've we'll we're we've weren't "
+    "what'll what're what's what've when's where'd where's where've who'd who'd've who'll who're "
+    "who's who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll "
+    "y'all'd've you'd you'd've you'll you're you've").split()
+
+
+def _contraction_spellings() -> dict[str, str]:
+    """Every spelling with one or more of a contraction's apostrophes left out -> the contraction
+    (for words with two apostrophes, dropping just one also counts: "couldnt've", "couldn'tve")."""
+    table = {}
+    for word in _CONTRACTIONS:
+        parts = word.split("'")
+        for keep in range(2 ** (len(parts) - 1) - 1):  # bit i set = apostrophe i kept; not all
+            spelled = parts[0]
+            for i, part in enumerate(parts[1:]):
+                spelled += ("'" if keep >> i & 1 else "") + part
+            table[spelled] = word
+    return table
+
+
+_CONTRACTION_SPELLINGS = _contraction_spellings()
 _BOX = re.compile(r"\[\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*\]")
 
 
 @dataclasses.dataclass(frozen=True)
 class VQAItem:
-    """One question about one image: image u8[S, S, 3], the reference answer and its type."""
+    """One question about one image: image u8[S, S, 3] (None where only scoring needs the item),
+    the reference answer and its type."""
     image: np.ndarray
     question: str
     answer: str
@@ -49,17 +89,36 @@ class VQAItem:
 # ----------------------------------------------------------------------------- scoring
 
 def normalize_answer(text: str) -> str:
-    """VQA-style: lower case, punctuation to spaces, number words to digits, articles dropped,
-    whitespace collapsed. ("The Red." -> "red", "Two" -> "2", "top-left" -> "top left")."""
-    words = re.sub(r"[^\w\s]", " ", text.lower()).split()
-    words = [_NUMBER_WORDS.get(w, w) for w in words if w not in _ARTICLES]
-    return " ".join(words)
+    """The VQA evaluation's answer normalisation ("The Red." -> "red", "Two" -> "2",
+    "top-left" -> "top left", "dont" -> "don't", "3,000" -> "3000").
+
+    In order: newlines and tabs to spaces; each punctuation mark of the official list removed
+    where it touches a space (or anywhere, once the text holds a digit-comma-digit) and replaced
+    by a space elsewhere; periods dropped unless followed by a digit ("3.5" stays); lower case;
+    number words zero..ten to digits; articles a/an/the dropped; contractions spelled without
+    their apostrophe(s) restored. The official script skips all of this when the ten human answers
+    agree; here it always applies (as lmms-eval does), which is what a single reference needs.
+    """
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    drop_marks = _DIGIT_COMMA_DIGIT.search(text) is not None
+    out = text
+    for mark in _PUNCTUATION:
+        touching_space = mark + " " in text or " " + mark in text
+        out = out.replace(mark, "" if touching_space or drop_marks else " ")
+    out = _PERIOD_NOT_IN_NUMBER.sub("", out)
+    words = [_NUMBER_WORDS.get(w, w) for w in out.lower().split()]
+    return " ".join(_CONTRACTION_SPELLINGS.get(w, w) for w in words if w not in _ARTICLES)
 
 
 def parse_box(text: str) -> tuple[float, float, float, float] | None:
     """The first "[x0, y0, x1, y1]" in `text`, or None."""
     match = _BOX.search(text)
     return None if match is None else tuple(float(v) for v in match.groups())
+
+
+def is_box_answer(text: str) -> bool:
+    """Whether `text` is exactly one box "[x0, y0, x1, y1]" (a grounding answer)."""
+    return _BOX.fullmatch(text.strip()) is not None
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -141,11 +200,24 @@ def shapes_vqa_items(split: str = "test", num_per_type: int = 200, image_size: i
 def prompt_ids(tokenizer: Any, question: str, template: str, num_image_tokens: int) -> np.ndarray:
     """i32[T]: the template's text up to where the answer starts, one `<image>` before the
     question, expanded to `num_image_tokens` image tokens."""
-    conversation = [{"role": "user", "content": f"{tokenizer.image_token}\n{question}"},
-                    {"role": "assistant", "content": ""}]
-    pieces = get_template(template).render(conversation, tokenizer.bos_token, tokenizer.eos_token)
-    first_target = next(i for i, (_, is_target) in enumerate(pieces) if is_target)
-    ids = np.asarray(tokenizer.encode("".join(text for text, _ in pieces[:first_target])), np.int32)
+    return conversation_prompt_ids(
+        tokenizer, [{"role": "user", "content": f"{tokenizer.image_token}\n{question}"}],
+        template, num_image_tokens)
+
+
+def conversation_prompt_ids(tokenizer: Any, conversation: Sequence[Mapping[str, str]],
+                            template: str, num_image_tokens: int) -> np.ndarray:
+    """i32[T]: `conversation` (ending with a user turn; earlier answers are context) rendered by
+    the template up to where the next answer starts, each image token repeated
+    `num_image_tokens` times: exactly the ids training saw before that answer."""
+    messages = list(conversation) + [{"role": "assistant", "content": ""}]
+    pieces = get_template(template).render(messages, tokenizer.bos_token, tokenizer.eos_token)
+    targets = [i for i, (_, is_target) in enumerate(pieces) if is_target]
+    num_answers = sum(m["role"] == "assistant" for m in messages)
+    if len(targets) != num_answers:
+        raise ValueError(f"template {template!r} renders an empty answer as no text (a tokenizer "
+                         f"without an EOS token?): cannot tell where the answer starts")
+    ids = np.asarray(tokenizer.encode("".join(text for text, _ in pieces[:targets[-1]])), np.int32)
     is_image = ids == tokenizer.image_token_id
     return np.repeat(ids, np.where(is_image, num_image_tokens, 1))
 
@@ -153,33 +225,56 @@ def prompt_ids(tokenizer: Any, question: str, template: str, num_image_tokens: i
 def predict_answers(model_config: Any, params: Any, tokenizer: Any, items: Sequence[VQAItem],
                     template: str, blank_images: bool = False, batch_size: int = 128,
                     max_new_tokens: int | None = None) -> list[str]:
-    """Greedy answers, one per item. `blank_images` replaces every image by mid-grey pixels.
-    max_new_tokens: default 24 when a grounding question is present (a box is ~20 tokens), else 6."""
+    """Greedy answers (KV-cache decoding), one per item. `blank_images` replaces every image by
+    mid-grey pixels. max_new_tokens: default 24 when a grounding question is present (a box is
+    ~20 tokens), else 6."""
     if max_new_tokens is None:
         max_new_tokens = 24 if any(i.question_type == GROUNDING for i in items) else 6
     size = model_config.vision.image_size
-    stop_ids = [i for i in (tokenizer.eos_id,) if i is not None]
     prompts = [prompt_ids(tokenizer, item.question, template, model_config.tokens_per_image)
                for item in items]
-    # One padded length for all batches: one compiled program.
+    blank = np.zeros((1, size, size, 3), np.float32)
+    images = [blank if blank_images else preprocess_image(item.image, size)[None]
+              for item in items]
+    return greedy_texts(model_config, params, tokenizer, prompts, images, batch_size,
+                        max_new_tokens)
+
+
+def greedy_texts(model_config: Any, params: Any, tokenizer: Any, prompts: Sequence[np.ndarray],
+                 images: Sequence[np.ndarray], batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy continuation of each prompt i32[T] (image tokens expanded) given its images
+    f32[M, S, S, 3] (M >= 0), up to EOS, decoded and stripped.
+
+    One padded width and one batch shape for all batches (the last is padded with copies of its
+    first row), so the generator compiles once. Rows with fewer images than the batch's most get
+    zero images, which no image token reads."""
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} image stacks")
+    if not prompts:
+        return []
+    stop_ids = [i for i in (tokenizer.eos_id,) if i is not None]
     width = max(len(p) for p in prompts)
-    answers: list[str] = []
-    for start in range(0, len(items), batch_size):
-        chunk = range(start, min(start + batch_size, len(items)))
-        rows = batch_size  # the last batch is padded with copies of its first row
-        ids = np.zeros((rows, width), np.int32)
-        lengths = np.ones((rows,), np.int32)
-        images = np.zeros((rows, 1, size, size, 3), np.float32)
-        for row, index in enumerate(list(chunk) + [chunk[0]] * (rows - len(chunk))):
+    num_images = max(len(i) for i in images)
+    image_shape = next((i.shape[1:] for i in images if len(i)), None)
+    texts: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(range(start, min(start + batch_size, len(prompts))))
+        rows = chunk + [chunk[0]] * (batch_size - len(chunk))
+        ids = np.zeros((batch_size, width), np.int32)
+        lengths = np.ones((batch_size,), np.int32)
+        batch_images = None
+        if num_images:
+            batch_images = np.zeros((batch_size, num_images) + image_shape, np.float32)
+        for row, index in enumerate(rows):
             ids[row, :len(prompts[index])] = prompts[index]
             lengths[row] = len(prompts[index])
-            if not blank_images:
-                images[row, 0] = preprocess_image(items[index].image, size)
-        tokens, counts = greedy_generate(model_config, params, ids, lengths, images,
+            if num_images and len(images[index]):
+                batch_images[row, :len(images[index])] = images[index]
+        tokens, counts = greedy_generate(model_config, params, ids, lengths, batch_images,
                                          max_new_tokens, stop_ids)
-        answers += [tokenizer.decode(tokens[row, :counts[row]]).strip()
-                    for row in range(len(chunk))]
-    return answers
+        texts += [tokenizer.decode(tokens[row, :counts[row]]).strip()
+                  for row in range(len(chunk))]
+    return texts
 
 
 # ----------------------------------------------------------------------------- report
@@ -204,3 +299,9 @@ def format_table(columns: Mapping[str, Mapping[str, tuple[int, int]]],
         cells = [f"{100.0 * mean_accuracy(columns[name], subset):>15.1f}%" for name in names]
         lines.append(f"{label:<22}" + "".join(cells))
     return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> int:
+    """`vlm-jax eval ...` (see vlm_jax/eval_command.py)."""
+    from vlm_jax import eval_command
+    return eval_command.main(argv)
