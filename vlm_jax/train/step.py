@@ -282,4 +282,10 @@ def make_train_step(plan: TrainPlan) -> Callable[[TrainState, dict], tuple[Train
     def run(state: TrainState, batch: dict):
         with sharding.rules_context(plan.mesh, plan.rules):
             return jitted(state, batch)
+
+    def lower(state: TrainState, batch: dict):
+        """Ahead-of-time lowering from ShapeDtypeStructs (`vlm-jax plan`)."""
+        with sharding.rules_context(plan.mesh, plan.rules):
+            return jitted.lower(state, batch)
+    run.lower = lower
     return run
