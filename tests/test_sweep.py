@@ -85,9 +85,9 @@ def test_swept_key_also_given_on_the_command_line_is_refused(tmp_path):
 def test_launcher_commands_for_tpu_and_slurm():
     run = {"name": "learning_rate-0.001_warmup_steps-1", "workdir": "gs://b/sweep/r1",
            "overrides": ["train.seed=1"]}
-    tpu = sweep_lib.launch_command("tpu", "configs/tiny.py", run, ["--zone=us-east5-a"])
+    tpu = sweep_lib.launch_command("tpu", "configs/tiny.py", run, ["--zone", "us-east5-a"])
     assert tpu[:2] == ["bash", "launch/tpu_pod.sh"]
-    assert tpu[tpu.index("--workdir") + 1] == "gs://b/sweep/r1" and "--zone=us-east5-a" in tpu
+    assert tpu[tpu.index("--workdir") + 1] == "gs://b/sweep/r1" and tpu[tpu.index("--zone") + 1] == "us-east5-a"
     assert tpu[tpu.index("--") + 1:] == ["--config.train.seed=1"]
     name = tpu[tpu.index("--name") + 1]
     assert len(name) <= 40 and all(ch.islower() or ch.isdigit() or ch == "-" for ch in name)

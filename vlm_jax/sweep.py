@@ -220,7 +220,9 @@ def launch(args: argparse.Namespace, overrides: list[str]) -> int:
     record = {"config": args.config, "launcher": args.launcher, "overrides": overrides,
               "validated_for": {"devices": num_devices, "processes": args.num_processes},
               "runs": runs}
-    os.makedirs(args.workdir, exist_ok=True)
+    if args.launcher == "local" and "://" in args.workdir:
+        raise ValueError(f"--launcher local writes runs on this machine; --workdir "
+                         f"{args.workdir} is remote (use --launcher tpu or slurm)")
     if args.launcher == "print":  # the record still lets --report read runs started by hand
         for run in runs:
             run["status"] = "printed"
@@ -255,10 +257,13 @@ def launch(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _write_json(path: str, value: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2)
-    os.replace(tmp, path)
+    """Write atomically on local disks; epath also reaches gs:// roots (tpu / slurm sweeps)."""
+    from etils import epath
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / (target.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    tmp.replace(target)
 
 
 # ----------------------------------------------------------------------------- report
@@ -286,11 +291,11 @@ def final_metrics(workdir: str) -> dict[str, Any] | None:
 
 def report(root: str) -> tuple[list[dict], str]:
     """(rows, markdown table) of every run in ROOT/sweep.json."""
-    sweep_file = os.path.join(root, "sweep.json")
-    if not os.path.isfile(sweep_file):
+    from etils import epath
+    sweep_file = epath.Path(root) / "sweep.json"
+    if not sweep_file.exists():
         raise FileNotFoundError(f"{sweep_file} does not exist (run `vlm-jax sweep` first)")
-    with open(sweep_file) as f:
-        record = json.load(f)
+    record = json.loads(sweep_file.read_text())
     swept_keys = list(dict.fromkeys(k for run in record["runs"] for k in run["swept"]))
     rows = []
     for run in record["runs"]:
@@ -332,9 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="devices the runs are validated for (default: this machine's)")
     parser.add_argument("--num-processes", type=int, default=1,
                         help="processes the runs are validated for (per-process batch sizes)")
-    parser.add_argument("--launcher-arg", dest="launcher_args", action="append", default=[],
-                        help="extra argument for tpu_pod.sh / sbatch (repeatable), e.g. "
-                             "--launcher-arg=--zone=us-east5-a")
+    parser.add_argument("--launcher-args", type=shlex.split, default=[],
+                        help="extra arguments for launch/tpu_pod.sh or sbatch, one string, e.g. "
+                             "\"--zone us-east5-a --accelerator-type v5p-64\"")
     return parser
 
 
@@ -347,8 +352,8 @@ def main(argv: list[str]) -> int:
         if args.report:
             rows, table = report(args.workdir)
             print(table)
-            with open(os.path.join(args.workdir, "report.md"), "w") as f:
-                f.write(table + "\n")
+            from etils import epath
+            (epath.Path(args.workdir) / "report.md").write_text(table + "\n")
             _write_json(os.path.join(args.workdir, "report.json"), rows)
             return 0
         if not args.config:
