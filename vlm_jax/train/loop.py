@@ -65,6 +65,9 @@ class _Preemption:
 
 def train(config: Any, workdir: str) -> dict:
     """Train per `config` in `workdir`; returns the last logged metrics (+ final eval)."""
+    if "://" in workdir:
+        raise ValueError(f"workdir {workdir}: training writes through the local file API; mount "
+                         f"the bucket (gcsfuse, as launch/tpu_pod.sh does) and pass the mount path")
     run = config if isinstance(config, RunConfig) else build_run_config(
         config, jax.device_count(), jax.process_count())
     os.makedirs(workdir, exist_ok=True)
