@@ -65,7 +65,7 @@ class _Preemption:
 
 def train(config: Any, workdir: str) -> dict:
     """Train per `config` in `workdir`; returns the last logged metrics (+ final eval)."""
-    if "://" in workdir:
+    if "://" in str(workdir):
         raise ValueError(f"workdir {workdir}: training writes through the local file API; mount "
                          f"the bucket (gcsfuse, as launch/tpu_pod.sh does) and pass the mount path")
     run = config if isinstance(config, RunConfig) else build_run_config(
