@@ -47,14 +47,17 @@ def _pair_env() -> dict:
     return env
 
 
-def _run_pair(command: list[str], cwd: str) -> list[str]:
-    """Run `command + [--coordinator ..., --num-processes 2, --process-id i]` as two processes;
-    returns their outputs, or fails with both outputs when either exits non-zero."""
+def _start_pair(command: list[str], cwd: str) -> list[subprocess.Popen]:
+    """Start `command + [--coordinator ..., --num-processes 2, --process-id i]` twice."""
     coordinator = f"127.0.0.1:{_free_port()}"
-    procs = [subprocess.Popen(command + ["--coordinator", coordinator, "--num-processes", "2",
-                                         "--process-id", str(i)],
-                              cwd=cwd, env=_pair_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    return [subprocess.Popen(command + ["--coordinator", coordinator, "--num-processes", "2",
+                                        "--process-id", str(i)],
+                             cwd=cwd, env=_pair_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
+
+
+def _wait_pair(procs: list[subprocess.Popen]) -> list[str]:
+    """The pair's outputs, or a failure showing both when either exits non-zero."""
     outputs = []
     try:
         for proc in procs:
@@ -131,12 +134,16 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("multiprocess")
     pair_dir, single_dir = base / "pair", base / "single"
     overrides = [f"--config.{o}" for o in OVERRIDES]
-    _run_pair([sys.executable, "-m", "vlm_jax.cli", "train", "--config",
-               TINY_ARG.format(steps=STEPS, batch=8), "--workdir", str(pair_dir), *overrides],
-              cwd=ROOT)
-    # The single-process reference runs in this process: 8 fake devices (conftest), batch 16.
-    assert cli.main(["train", "--config", TINY_ARG.format(steps=STEPS, batch=16),
-                     "--workdir", str(single_dir), *overrides]) == 0
+    pair = _start_pair([sys.executable, "-m", "vlm_jax.cli", "train", "--config",
+                        TINY_ARG.format(steps=STEPS, batch=8), "--workdir", str(pair_dir),
+                        *overrides], cwd=ROOT)
+    try:
+        # The single-process reference runs meanwhile in this process: 8 fake devices
+        # (conftest), batch 16 = the pair's 2 x 8.
+        assert cli.main(["train", "--config", TINY_ARG.format(steps=STEPS, batch=16),
+                         "--workdir", str(single_dir), *overrides]) == 0
+    finally:
+        _wait_pair(pair)
     return pair_dir, single_dir
 
 
@@ -171,7 +178,8 @@ def test_checkpoints_cross_between_pair_and_one_process(runs, tmp_path):
 
     # The single run's checkpoint restored in the pair == the same arrays.
     out = tmp_path / "restored_in_pair.npz"
-    _run_pair([sys.executable, os.path.abspath(__file__), str(single_dir), str(out)], cwd=ROOT)
+    _wait_pair(_start_pair([sys.executable, os.path.abspath(__file__), str(single_dir), str(out)],
+                           cwd=ROOT))
     in_pair = np.load(out)
     assert set(in_pair.files) == from_single.keys()
     for key in from_single:
