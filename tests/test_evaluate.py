@@ -19,9 +19,26 @@ from vlm_jax.models.vlm import VLM, VLMConfig, init_params
 
 @pytest.mark.parametrize("text, expected", [
     ("Red", "red"), ("  the red. ", "red"), ("Two", "2"), ("top-left", "top left"),
-    ("a  large\tCircle!", "large circle"), ("0", "0"), ("none", "0"), ("yes.", "yes")])
+    ("a  large\tCircle!", "large circle"), ("0", "0"), ("none", "0"), ("yes.", "yes"),
+    # the official VQA rules: a mark touching a space is deleted, elsewhere it becomes a space
+    ("yes, it is", "yes it is"), ("hello-world,foo", "hello world foo"), ("(a) dog", "dog"),
+    # ... and every mark is deleted once the answer holds a digit-comma-digit
+    ("3,000", "3000"), ("1,2-3", "123"),
+    # periods go unless a digit follows; marks outside the list (' : $ %) stay
+    ("3.5", "3.5"), ("2.", "2"), ("e.g. cat", "eg cat"), ("5:30", "5:30"), ("it's", "it's"),
+    ("50%", "50%"),
+    # contractions written without apostrophes are restored
+    ("dont", "don't"), ("Isnt", "isn't"), ("couldnt've", "couldn't've"),
+    ("couldn'tve", "couldn't've"), ("don't", "don't"),
+    ("line\nbreak", "line break")])
 def test_normalize_answer(text, expected):
     assert evaluate.normalize_answer(text) == expected
+
+
+def test_box_answers_are_recognised():
+    assert evaluate.is_box_answer(" [1, 20, 300, 4000] ")
+    assert not evaluate.is_box_answer("the box [1, 2, 3, 4]")
+    assert not evaluate.is_box_answer("[1, 2, 3]")
 
 
 def test_box_iou_matches_pixel_count():
@@ -104,6 +121,38 @@ def test_prompt_ids_minimal_template(tokenizer):
     assert tokenizer.decode(ids[4:]) == "\nwhat color is the circle?\n"
 
 
+def test_conversation_prompt_is_the_training_prefix_of_its_answer(tokenizer):
+    """The eval prompt of turn k is token for token what training fed before answer k."""
+    from vlm_jax.data.transforms import TokenizeConversation
+    conversation = [{"role": "user", "content": "<image>\nwhat color is the circle?"},
+                    {"role": "assistant", "content": "red"},
+                    {"role": "user", "content": "how many objects are there?"},
+                    {"role": "assistant", "content": "2"}]
+    example = TokenizeConversation(tokenizer, "minimal", 3, 64).map(
+        {"id": "x", "conversation": conversation, "images": np.zeros((1, 4, 4, 3), np.float32)})
+    # loss_mask[p] = 1 where position p predicts a target (answer or EOS) token p + 1: each run
+    # of ones starts one position before its answer
+    mask = example["loss_mask"] > 0
+    run_starts = np.flatnonzero(mask & ~np.concatenate([[False], mask[:-1]]))
+    assert len(run_starts) == 2
+    for turn, answer_start in ((1, run_starts[0] + 1), (2, run_starts[1] + 1)):
+        prompt = evaluate.conversation_prompt_ids(tokenizer, conversation[:2 * turn - 1],
+                                                  "minimal", 3)
+        np.testing.assert_array_equal(prompt, example["input_ids"][:answer_start])
+    with pytest.raises(ValueError, match="empty answer"):
+        evaluate.conversation_prompt_ids(_NoEos(tokenizer), conversation[:1], "minimal", 3)
+
+
+class _NoEos:
+    """A tokenizer without an EOS token: the minimal template writes nothing for an empty answer."""
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self.eos_token = None
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
 def _reference_greedy(config, params, ids, length, image, max_new_tokens, stop):
     """Greedy decoding by re-running the whole model (VLM.__call__: image encode, splice, decoder)
     on the growing sequence, one token at a time. The sequence sits in a fixed-size buffer (one
@@ -169,3 +218,19 @@ def test_predict_answers_decodes_generation_and_blanks_images(tiny_vlm, tokenize
     tokens, counts = greedy_generate(config, params, prompt[None], np.array([len(prompt)]), image,
                                      3, [tokenizer.eos_id])
     assert answers[4] == tokenizer.decode(tokens[0, :counts[0]]).strip()
+
+
+def test_predict_answers_equal_the_full_recomputation_path(tiny_vlm, tokenizer):
+    """The cached generator behind predict_answers gives the answers that the earlier evaluator
+    (greedy decoding by re-running the whole model each step) gave."""
+    config, params = tiny_vlm
+    items = evaluate.shapes_vqa_items("test", 2, 16, ("color", "count", "position"))
+    answers = evaluate.predict_answers(config, params, tokenizer, items, "minimal", batch_size=4,
+                                       max_new_tokens=4)
+    assert any(answers)  # a random model still says something, so the comparison has teeth
+    for item, answer in zip(items, answers):
+        prompt = evaluate.prompt_ids(tokenizer, item.question, "minimal", config.tokens_per_image)
+        image = evaluate.preprocess_image(item.image, 16)[None]
+        expected = _reference_greedy(config, params, prompt, len(prompt), image, 4,
+                                     tokenizer.eos_id)
+        assert answer == tokenizer.decode(expected).strip()
