@@ -24,6 +24,10 @@ NODES=2 GPUS=8 DRY_RUN=0
 SBATCH_EXTRA=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
+    --nodes|--gpus-per-node|--partition|--account|--time|--job-name)
+      [[ $# -ge 2 ]] || { echo "slurm_submit.sh: $1 needs a value" >&2; exit 2; } ;;
+  esac
+  case "$1" in
     --nodes) NODES="$2"; shift 2 ;;
     --gpus-per-node) GPUS="$2"; shift 2 ;;
     --partition|--account|--time|--job-name) SBATCH_EXTRA+=("$1=$2"); shift 2 ;;

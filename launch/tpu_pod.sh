@@ -43,6 +43,10 @@ QUEUED=0 SPOT=0 EXISTING=0 KEEP=0 DRY_RUN=0
 EXTRA=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
+    --name|--zone|--accelerator-type|--runtime-version|--project|--config|--workdir|--python)
+      [[ $# -ge 2 ]] || die "$1 needs a value" ;;
+  esac
+  case "$1" in
     --name) NAME="$2"; shift 2 ;;
     --zone) ZONE="$2"; shift 2 ;;
     --accelerator-type) TYPE="$2"; shift 2 ;;

@@ -175,3 +175,10 @@ def test_local_dry_run_keeps_the_recipe_arguments():
     assert cd == ["cd", ROOT]
     assert recipe[-5:] == ["configs.shapes.run", "--workdir", "/tmp/shapes run", "--steps", "3"]
     assert "HF_HUB_OFFLINE=1" in recipe
+
+
+@pytest.mark.parametrize("script, args", [("tpu_pod.sh", ["--dry-run", "--name"]),
+                                          ("slurm_submit.sh", ["--dry-run", "--nodes"])])
+def test_a_flag_without_its_value_is_named(script, args):
+    result = _run(script, args)
+    assert result.returncode == 2 and f"{args[-1]} needs a value" in result.stderr
