@@ -1,5 +1,7 @@
-"""LLaVA-1.5 `instruct` on SigLIP-So400m/14-384 + Gemma-2B (google/gemma-2b-it): configs/llava_so400m.py with
-llm=gemma2b. Arguments: target=v5p-64|8xh100, init=, data=, images=, ... (see that file).
+"""LLaVA-1.5 `instruct` on SigLIP-So400m/14-384 + Gemma-2B (google/gemma-2b-it).
+
+configs/llava_so400m.py with llm=gemma2b; its arguments (target=v5p-64|8xh100, init=, data=,
+images=, ...) pass through. Fit check (numbers in docs/scaling.md):
 
     vlm-jax plan --config configs/llava_so400m_gemma2b.py:target=v5p-64 --mesh data=1,fsdp=32 \\
         --devices tpu_v5p

@@ -1,5 +1,7 @@
-"""LLaVA-1.5 `instruct` on SigLIP-So400m/14-384 + Llama-3-8B (meta-llama/Meta-Llama-3-8B-Instruct): configs/llava_so400m.py with
-llm=llama3_8b. Arguments: target=v5p-64|8xh100, init=, data=, images=, ... (see that file).
+"""LLaVA-1.5 `instruct` on SigLIP-So400m/14-384 + Llama-3-8B (Meta-Llama-3-8B-Instruct).
+
+configs/llava_so400m.py with llm=llama3_8b; its arguments (target=v5p-64|8xh100, init=, data=,
+images=, ...) pass through. Fit check (numbers in docs/scaling.md):
 
     vlm-jax plan --config configs/llava_so400m_llama3_8b.py:target=v5p-64 --mesh data=1,fsdp=32 \\
         --devices tpu_v5p

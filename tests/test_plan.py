@@ -97,3 +97,16 @@ def test_another_device_count_reruns_in_a_fresh_process(capfd):
                      "--num-processes", "1"])
     err = capfd.readouterr().err
     assert code == 2 and "not divisible by the data-parallel size 3" in err
+
+
+def test_topology_needs_a_tpu_device_and_names_what_is_missing(capsys, monkeypatch):
+    assert cli_main(["plan", "--config", TINY, "--mesh", "2x4", "--devices", "h100",
+                     "--topology", "v5p:2x2x2"]) == 2
+    assert "not a TPU" in capsys.readouterr().err
+    import importlib.util
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "libtpu" else real_find_spec(name, *a))
+    assert cli_main(["plan", "--config", TINY, "--mesh", "2x4", "--devices", "tpu_v5p",
+                     "--topology", "v5p:2x2x2"]) == 2
+    assert "pip install 'libtpu==0.0.42.*'" in capsys.readouterr().err

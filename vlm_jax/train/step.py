@@ -100,8 +100,9 @@ def plan_training(model_config: VLMConfig, config: TrainStepConfig, mesh: Mesh,
     (abstractly: no param is materialised here)."""
     phases.check_model_fits(config.phase, model_config)
     rules = tuple(rules)
+    rng = jax.random.key(0)  # made off the mesh: an AOT mesh (`vlm-jax plan --topology`) has no runtime
     with sharding.rules_context(mesh, rules):
-        abstract_boxed = jax.eval_shape(_full_init(model_config, config.phase), jax.random.key(0))
+        abstract_boxed = jax.eval_shape(_full_init(model_config, config.phase), rng)
     full_shardings = sharding.param_shardings(abstract_boxed, mesh, rules)
     abstract = nn.unbox(abstract_boxed)
     multipliers = phases.lr_multipliers(abstract, config.phase)
