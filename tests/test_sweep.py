@@ -91,9 +91,11 @@ def test_launcher_commands_for_tpu_and_slurm():
     assert tpu[tpu.index("--") + 1:] == ["--config.train.seed=1"]
     name = tpu[tpu.index("--name") + 1]
     assert len(name) <= 40 and all(ch.islower() or ch.isdigit() or ch == "-" for ch in name)
-    slurm = sweep_lib.launch_command("slurm", "configs/tiny.py", run, ["--nodes=2"])
-    assert slurm[0] == "sbatch" and "launch/slurm_gpu.sbatch" in slurm and "--nodes=2" in slurm
-    assert slurm[-1] == "--config.train.seed=1"
+    slurm = sweep_lib.launch_command("slurm", "configs/tiny.py", run, ["--nodes", "2"])
+    assert slurm[:2] == ["bash", "launch/slurm_submit.sh"]
+    assert slurm[slurm.index("--nodes") + 1] == "2" and slurm.index("--nodes") < slurm.index("--")
+    assert slurm[slurm.index("--") + 1:] == ["--config", "configs/tiny.py", "--workdir",
+                                             "gs://b/sweep/r1", "--config.train.seed=1"]
 
 
 def test_local_sweep_of_four_tiny_runs_and_its_report(tmp_path, capsys):
@@ -139,3 +141,20 @@ def test_report_marks_runs_without_metrics(tmp_path, capsys):
     assert sweep_lib.main(["--report", "--workdir", str(root)]) == 0
     rows = json.loads((root / "report.json").read_text())
     assert len(rows) == 4 and all(r["status"] == "no metrics" and r["loss"] is None for r in rows)
+
+
+@pytest.mark.parametrize("launcher,extra", [("tpu", ["--zone", "us-east5-a",
+                                                      "--accelerator-type", "v5p-64"]),
+                                             ("slurm", ["--nodes", "2"])])
+def test_launcher_scripts_accept_the_sweep_commands(launcher, extra):
+    """The real launch/ scripts, in their --dry-run mode, take the commands the sweep builds
+    and start `vlm-jax train` with the run's workdir and overrides."""
+    import subprocess
+    workdir = "gs://b/sweep/r1" if launcher == "tpu" else "/shared/sweep/r1"
+    run = {"name": "seed-1", "workdir": workdir, "overrides": ["train.seed=1"]}
+    command = sweep_lib.launch_command(launcher, "configs/tiny.py", run, extra + ["--dry-run"])
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    train_lines = [line for line in result.stdout.splitlines() if "vlm-jax train" in line]
+    assert train_lines and all("--config.train.seed=1" in line for line in train_lines)
+    assert all("configs/tiny.py" in line for line in train_lines)

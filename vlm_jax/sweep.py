@@ -16,7 +16,7 @@ Each run gets a name derived from its overrides (filesystem-safe, distinct) and 
 ROOT/NAME. Every run's config is validated (`build_run_config`) before any run starts, so a typo
 in the tenth run fails in the first second. Launchers: `local` runs `vlm-jax train` for each
 run, one after another; `tpu` / `slurm` hand each run to `launch/tpu_pod.sh` /
-`launch/slurm_gpu.sbatch` (via sbatch); `print` only prints the `vlm-jax train` commands.
+`launch/slurm_gpu.sbatch` (submitted by `launch/slurm_submit.sh`); `print` only prints the `vlm-jax train` commands.
 `ROOT/sweep.json` records the runs, their commands and (local) exit codes. `--report` reads the
 last row of each run's `metrics.jsonl` and writes `ROOT/report.md` and `ROOT/report.json`.
 """
@@ -178,8 +178,8 @@ def launch_command(launcher: str, config_spec: str, run: Mapping[str, Any],
                  "--config", config_spec, "--workdir", run["workdir"], *launcher_args,
                  "--", *overrides])
     if launcher == "slurm":
-        return (["sbatch", f"--job-name={_job_name(run['name'])}", *launcher_args,
-                 "launch/slurm_gpu.sbatch", "--config", config_spec, "--workdir", run["workdir"],
+        return (["bash", "launch/slurm_submit.sh", "--job-name", _job_name(run["name"]),
+                 *launcher_args, "--", "--config", config_spec, "--workdir", run["workdir"],
                  *overrides])
     raise ValueError(f"--launcher={launcher!r}; supported: {LAUNCHERS}")
 
@@ -338,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-processes", type=int, default=1,
                         help="processes the runs are validated for (per-process batch sizes)")
     parser.add_argument("--launcher-args", type=shlex.split, default=[],
-                        help="extra arguments for launch/tpu_pod.sh or sbatch, one string, e.g. "
+                        help="extra arguments for launch/tpu_pod.sh or launch/slurm_submit.sh, one "
+                             "string, e.g. "
                              "\"--zone us-east5-a --accelerator-type v5p-64\"")
     return parser
 
