@@ -242,8 +242,8 @@ def launch(args: argparse.Namespace, overrides: list[str]) -> int:
         else:
             code = subprocess.call(run["command"])
         run.update(returncode=code, seconds=round(time.time() - started, 1),
-                   status=("done" if args.launcher == "local" else "submitted") if code == 0
-                   else "failed")
+                   status=("submitted" if args.launcher == "slurm" else "done") if code == 0
+                   else "failed")  # tpu_pod.sh returns when its run has ended
         if code:
             failed.append(run["name"])
         _write_json(os.path.join(args.workdir, "sweep.json"), record)
