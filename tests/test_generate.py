@@ -179,6 +179,25 @@ def test_sampling_is_seeded_and_stays_in_top_k(tiny):
     np.testing.assert_array_equal(sample(temperature=1.0, top_p=1e-6, seed=1), greedy)
 
 
+def test_kept_layer_split_follows_the_params_passed(tiny):
+    """The per-layer copy of the weights kept between calls (CPU) is used only for the very
+    arrays it was made from: new params with the same shapes give their own tokens."""
+    config, params, prompts, images = tiny
+    ids, lengths = _right_padded(prompts)
+    gen.clear_layer_cache()
+    first = gen.greedy_generate(config, params, ids, lengths, images, 6)[0]
+    assert len(gen._LAYER_SPLIT_CACHE) == 1
+    other = jax.tree.map(lambda x: x, params)
+    other["llm"]["layers"] = jax.tree.map(lambda w: -w, params["llm"]["layers"])
+    changed = gen.greedy_generate(config, other, ids, lengths, images, 6)[0]
+    gen.clear_layer_cache()
+    np.testing.assert_array_equal(changed,
+                                  gen.greedy_generate(config, other, ids, lengths, images, 6)[0])
+    assert not np.array_equal(first, changed)
+    np.testing.assert_array_equal(first, gen.greedy_generate(config, params, ids, lengths,
+                                                             images, 6)[0])
+
+
 def test_sample_tokens_frequencies_match_truncated_softmax():
     logits = np.log(np.array([[0.05, 0.4, 0.1, 0.3, 0.15]], np.float32))
     keys = jax.random.split(jax.random.key(0), 4000)

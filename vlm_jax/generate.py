@@ -13,6 +13,12 @@ prompt_lengths[b] + n, overwriting the padding's k/v, and each step reads only t
 it. The steps run inside one `jax.lax.while_loop` (no Python per token) that exits when every row
 has stopped.
 
+Speed (decode is memory-bound: each step reads every LLM weight once): the layers run unrolled
+on per-layer weight arrays (`per_layer_params`), so no step copies a weight out of the scanned
+[L, ...] stacks, and each layer's cache is its own [B, K, S, hd] array (heads first), so the
+one-query attention reads it in place with no per-step transpose. Prefill uses the model's own
+attention over the prompt block (`DecoderBlock.finish`) and hands its k/v to the caches.
+
 Stopping: a row stops at the first of its stop ids or stop sequences (token-id sequences matched
 on the generated ids inside the loop); the stop itself is not part of the output. Stop *strings*
 can tokenize differently in context, so callers also cut decoded text with `trim_at_stop_strings`.
@@ -29,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.models.decoder import CachedDecoder, init_cache
+from vlm_jax.models import layers
+from vlm_jax.models.decoder import CachedDecoder, DecoderBlock
 from vlm_jax.models.vlm import VLM, VLMConfig
 
 
@@ -75,8 +82,9 @@ def generate(model_config: VLMConfig, params: dict, input_ids: np.ndarray,
         raise ValueError(f"prompt_lengths must lie in [1, {input_ids.shape[1]}]")
     stop_table, stop_lengths = _stop_table(stop_ids, stop_sequences)
     sampler = (sampling.temperature, sampling.top_k, sampling.top_p)
+    layer_params = per_layer_params(params["llm"]["layers"], model_config.llm.num_layers)
     tokens, lengths = _generate(
-        model_config, max_new_tokens, sampler, params, jnp.asarray(input_ids),
+        model_config, max_new_tokens, sampler, params, layer_params, jnp.asarray(input_ids),
         jnp.asarray(prompt_lengths), None if images is None else jnp.asarray(images, jnp.float32),
         jnp.asarray(stop_table), jnp.asarray(stop_lengths), jax.random.key(sampling.seed))
     return np.asarray(tokens), np.asarray(lengths)
@@ -135,9 +143,45 @@ def _match_stops(history: jax.Array, step: jax.Array, table: jax.Array, lengths:
     return jnp.any(hit, axis=-1), jnp.max(jnp.where(hit, lengths[None, :], 0), axis=-1)
 
 
+# The CPU backend's last split of stacked layer weights: (the stacked leaves, per-layer trees).
+_LAYER_SPLIT_CACHE: list = []
+
+
+def per_layer_params(stacked: dict, num_layers: int) -> list[dict]:
+    """The scanned decoder's layer params [L, ...] as L per-layer trees.
+
+    Why: inside a compiled loop XLA:CPU copies a layer's weights out of the stacked arrays
+    before every matmul (a dynamic-slice is materialised, not fused), so a decode step that
+    scans over layers moves each weight three times (read, write, read again) where once is
+    enough; a static split inside the program costs a fresh 1x copy per call, whose page faults
+    showed up in time-to-first-token. On CPU the split of the last params used is therefore
+    kept (one extra copy of the LLM's layer weights, `clear_layer_cache()` frees it) and reused
+    while the same arrays are passed again; other backends split per call.
+    """
+    leaves = jax.tree.leaves(stacked)
+    if _LAYER_SPLIT_CACHE:
+        cached_leaves, split = _LAYER_SPLIT_CACHE[0]
+        if len(cached_leaves) == len(leaves) and all(a is b for a, b in zip(cached_leaves, leaves)):
+            return split
+    split = _split_layers(stacked, num_layers)
+    if jax.default_backend() == "cpu":
+        _LAYER_SPLIT_CACHE[:] = [(leaves, split)]
+    return split
+
+
+def clear_layer_cache() -> None:
+    """Drop the kept per-layer copy of the last generated-with weights (see per_layer_params)."""
+    _LAYER_SPLIT_CACHE.clear()
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _split_layers(stacked: dict, num_layers: int) -> list[dict]:
+    return [jax.tree.map(lambda w, i=i: w[i], stacked) for i in range(num_layers)]
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _generate(model_config: VLMConfig, max_new_tokens: int, sampler: tuple, params: dict,
-              ids: jax.Array, prompt_lengths: jax.Array, images: jax.Array | None,
+              layer_params: list[dict], ids: jax.Array, prompt_lengths: jax.Array, images: jax.Array | None,
               stop_table: jax.Array, stop_lengths: jax.Array, key: jax.Array):
     llm_config = model_config.resolved("llm")
     decoder = CachedDecoder(llm_config)
@@ -145,30 +189,38 @@ def _generate(model_config: VLMConfig, max_new_tokens: int, sampler: tuple, para
     batch, prompt_width = ids.shape
     cache_length = prompt_width + max_new_tokens
     slots = jnp.arange(cache_length)
+    layer_params = [{"params": p} for p in layer_params]  # per_layer_params: why
+    block = DecoderBlock(llm_config)
 
-    # Prefill: causal over the padded block; slot s is visible to query t iff s <= t.
-    embeds = VLM(model_config).apply({"params": params}, ids, images, method=VLM.embed)
+    # Prefill: the model's own causal attention over the padded block (padding after a row's
+    # prompt is invisible to it), each layer's k/v kept as its cache's slots 0 .. T-1.
+    x = VLM(model_config).apply({"params": params}, ids, images, method=VLM.embed)
+    x = x.astype(jnp.dtype(llm_config.dtype))
     positions = jnp.broadcast_to(jnp.arange(prompt_width, dtype=jnp.int32), (batch, prompt_width))
-    mask = (slots[None, :] <= jnp.arange(prompt_width)[:, None])[None, None]
-    mask = jnp.broadcast_to(mask, (batch, 1, prompt_width, cache_length))
-    cache = init_cache(llm_config, batch, cache_length)
-
-    def prefill(module):
-        hidden, new_cache = module.decode(embeds, positions, cache, jnp.zeros((batch,), jnp.int32),
-                                          mask)
-        last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)
-        return module.logits(last)[:, 0], new_cache
-
-    logits, cache = decoder.apply(llm_params, method=prefill)
+    mask = layers.attention_mask_for(llm_config.attention_backend,
+                                     jnp.ones((batch, prompt_width), jnp.int32), None)
+    cache = []
+    for p in layer_params:
+        q, k, v = block.apply(p, x, positions, method=DecoderBlock.attention_inputs)
+        x = block.apply(p, x, q, k, v, mask, method=DecoderBlock.finish)
+        cache += [_cache_from(k, cache_length), _cache_from(v, cache_length)]
+    last = jnp.take_along_axis(x, (prompt_lengths - 1)[:, None, None], axis=1)   # [B, 1, D]
+    logits = decoder.apply(llm_params, last, method=_final_logits)
 
     def step_logits(cache, token, index):
         """Feed token i32[B] at position/slot index i32[B]; -> (logits f32[B, V], cache)."""
-        def one(module):
-            x = module.embed(token[:, None])
-            visible = (slots[None, :] <= index[:, None])[:, None, None, :]  # [B, 1, 1, S]
-            hidden, new_cache = module.decode(x, index[:, None], cache, index, visible)
-            return module.logits(hidden)[:, 0], new_cache
-        return decoder.apply(llm_params, method=one)
+        x = decoder.apply(llm_params, token[:, None], method=CachedDecoder.embed)
+        bias = jnp.where(slots[None, :] <= index[:, None], 0.0, layers.MASK_VALUE)  # [B, S]
+        new_cache = []
+        for layer, p in enumerate(layer_params):
+            cache_k, cache_v = cache[2 * layer], cache[2 * layer + 1]
+            q, k, v = block.apply(p, x, index[:, None], method=DecoderBlock.attention_inputs)
+            cache_k = _write_slot(cache_k, k, index)
+            cache_v = _write_slot(cache_v, v, index)
+            x = block.apply(p, x, _attend_cache(q, cache_k, cache_v, bias),
+                            method=_finish_after_attention)
+            new_cache += [cache_k, cache_v]
+        return decoder.apply(llm_params, x, method=_final_logits), tuple(new_cache)
 
     stop_width = stop_table.shape[1]
     history = jnp.full((batch, stop_width - 1 + max_new_tokens), -1, jnp.int32)
@@ -186,7 +238,7 @@ def _generate(model_config: VLMConfig, max_new_tokens: int, sampler: tuple, para
         tokens = tokens.at[:, step].set(token)
         return (step + 1, cache, tokens, history, done | hit, lengths), token
 
-    state, token = emit((jnp.int32(0), cache, tokens, history, jnp.zeros((batch,), bool),
+    state, token = emit((jnp.int32(0), tuple(cache), tokens, history, jnp.zeros((batch,), bool),
                          jnp.full((batch,), max_new_tokens, jnp.int32)), logits)
 
     def cond(carry):
@@ -203,6 +255,47 @@ def _generate(model_config: VLMConfig, max_new_tokens: int, sampler: tuple, para
     _, _, tokens, _, _, lengths = state
     tokens = jnp.where(jnp.arange(max_new_tokens)[None, :] < lengths[:, None], tokens, 0)
     return tokens, lengths
+
+
+def _cache_from(new: jax.Array, cache_length: int) -> jax.Array:
+    """Prefill k or v [B, T, K, hd] -> a layer's cache [B, K, S, hd] holding it in slots 0..T-1."""
+    heads_first = new.transpose(0, 2, 1, 3)
+    return jnp.pad(heads_first, ((0, 0), (0, 0), (0, cache_length - new.shape[1]), (0, 0)))
+
+
+def _write_slot(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """cache [B, K, S, hd] with row b's new k or v [B, 1, K, hd] written at slot index[b]."""
+    update = new.transpose(0, 2, 1, 3).astype(cache.dtype)  # [B, K, 1, hd]
+    return jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice(c, u, (0, i, 0)))(
+        cache, update, index)
+
+
+def _attend_cache(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, bias: jax.Array):
+    """One query per row over the cache: q [B, 1, H, hd], cache k/v [B, K, S, hd], bias f32[B, S]
+    (0 = visible, MASK_VALUE = not) -> [B, 1, H, hd]. The arithmetic of
+    `layers.dot_product_attention` (GQA groups, f32 softmax), on the cache's heads-first layout
+    so that no step transposes the cache."""
+    batch, _, heads, head_dim = q.shape
+    kv_heads = cache_k.shape[1]
+    qg = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+    logits = jnp.einsum("bkgd,bksd->bkgs", qg, cache_k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * head_dim ** -0.5
+    probs = jax.nn.softmax(logits + bias[:, None, None, :], axis=-1).astype(cache_v.dtype)
+    out = jnp.einsum("bkgs,bksd->bkgd", probs, cache_v).astype(q.dtype)
+    return out.reshape(batch, 1, heads, head_dim)
+
+
+def _finish_after_attention(block: DecoderBlock, x: jax.Array, attention: jax.Array):
+    """`DecoderBlock.finish` from the attention core's output [B, T, H, hd] on: output
+    projection, residual, MLP."""
+    x = x + block.attention.o(attention)
+    x = x + block.mlp(block.pre_mlp_norm(x))
+    return layers.constrain(x)
+
+
+def _final_logits(decoder: CachedDecoder, x: jax.Array) -> jax.Array:
+    """Last block output [B, 1, D] -> logits f32[B, V]."""
+    return decoder.logits(decoder.final_norm(x))[:, 0]
 
 
 def trim_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
