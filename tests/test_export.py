@@ -186,12 +186,12 @@ def test_part_vision_exports_siglip_vision_model(tmp_path):
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
-def _config_with_projector(projector):
+def _config_with_projector(projector, **options):
     return VLMConfig(
         vision=VisionConfig(image_size=16, patch_size=8, width=16, depth=1, num_heads=2, mlp_dim=32,
                             use_head=False),
         projector=ProjectorConfig(type=projector, num_queries=4, resampler_depth=1,
-                                  resampler_heads=2),
+                                  resampler_heads=2, **options),
         llm=decoder_config("llama", vocab_size=32, hidden_size=16, num_layers=1, num_heads=2,
                            num_kv_heads=1, head_dim=8, mlp_dim=32),
         image_token_id=31)
@@ -209,6 +209,10 @@ def test_projectors_llava_cannot_express_are_refused(tmp_path, capsys):
     for projector in ("resampler", "linear"):  # refused from the config alone, before any weight
         with pytest.raises(ValueError, match=f"projector type {projector!r}"):
             exporter.export_params(_config_with_projector(projector), {}, None, str(tmp_path / "y"))
+    for option in ("input_norm", "pos_embed"):  # an mlp2x_gelu LLaVA has no slot for these either
+        with pytest.raises(ValueError, match=f"projector.{option}=True"):
+            exporter.export_params(_config_with_projector("mlp2x_gelu", **{option: True}), {},
+                                   None, str(tmp_path / "y"))
     assert not os.path.exists(tmp_path / "y")
 
 

@@ -12,7 +12,7 @@ from transformers import (GemmaConfig, LlamaConfig, LlavaConfig, LlavaForConditi
 
 import vlm_jax
 from vlm_jax.cli import main as cli_main
-from vlm_jax.models.projector import ProjectorConfig, num_output_tokens, pixel_shuffle
+from vlm_jax.models.projector import Projector, ProjectorConfig, num_output_tokens, pixel_shuffle
 
 VOCAB = 96
 IMAGE_TOKEN_ID = 95
@@ -163,3 +163,24 @@ def test_pixel_shuffle_matches_numpy_blocks():
         num_output_tokens(ProjectorConfig(type="pixel_shuffle", pixel_shuffle_factor=3), 16)
     with pytest.raises(ValueError, match="projector.type"):
         ProjectorConfig(type="qformer")
+
+
+def test_projector_options_norm_pos_embed_hidden_dim():
+    """input_norm, pos_embed and hidden_dim create their parameters; pos_embed gives identical
+    vision tokens different outputs by grid place (without it they stay identical)."""
+    import flax.linen as nn
+    import jax
+    tokens = np.tile(np.random.default_rng(0).standard_normal((1, 1, 8)), (2, 16, 1))
+    def run(**options):
+        module = Projector(ProjectorConfig(type="pixel_shuffle", **options), out_dim=6)
+        params = nn.unbox(module.init(jax.random.key(0), tokens)["params"])
+        return jax.tree.map(np.shape, params), np.asarray(module.apply({"params": params}, tokens))
+    shapes, out = run()
+    assert out.shape == (2, 4, 6) and np.allclose(out, out[:, :1])
+    shapes, out = run(input_norm=True, pos_embed=True, hidden_dim=24)
+    assert shapes["input_norm"]["scale"] == (8,) and shapes["pos_embed"] == (4, 32)
+    assert shapes["mlp"]["linear_1"]["kernel"] == (32, 24)
+    assert shapes["mlp"]["linear_2"]["kernel"] == (24, 6)
+    assert np.abs(out[:, 1:] - out[:, :1]).min() > 1e-3 and np.array_equal(out[0], out[1])
+    with pytest.raises(ValueError, match="pos_embed"):
+        ProjectorConfig(type="resampler", pos_embed=True)

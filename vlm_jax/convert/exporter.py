@@ -129,6 +129,11 @@ def _check_llava_expressible(config: VLMConfig) -> None:
                          f"LLaVA, whose projector is Linear -> act -> Linear only ('mlp2x_gelu'); "
                          f"'{config.projector.type}' has no LlavaForConditionalGeneration "
                          f"equivalent (export --part vision for the encoder alone)")
+    for field, what in (("input_norm", "LayerNorm"), ("pos_embed", "position embedding")):
+        if getattr(config.projector, field):
+            raise ValueError(f"model.projector.{field}=True cannot be exported to HF LLaVA: its "
+                             f"projector has no {what} before the first Linear (export --part "
+                             f"vision for the encoder alone)")
 
 
 def _with_dtype(hf_config: dict, dtype: str) -> dict:
