@@ -10,6 +10,9 @@ Why these choices (measured on a 2-core CPU, see README "The shapes recipe"):
     so the LLM reads 9 image tokens, one per grid cell.
   * `posemb="sincos2d"`: fixed 2-D positions the encoder never has to learn (learned tables
     left position questions at chance in a first attempt).
+  * The projector adds a learned embedding per image token (`pos_embed`, after a LayerNorm):
+    an object's grid cell is linearly readable from every encoder token but from only 66-78% of
+    the plain projector's outputs; with it, one-object position questions go from 23% to 100%.
   * The contrastive captions name colour, shape, size and position of every object: the
     encoder learns to see what and where before the LLM ever reads it.
   * Every phase uses the same model config (towers a phase does not train stay frozen and are
@@ -34,9 +37,9 @@ TEXT_LEN = 48           # contrastive caption tokens (a 4-object caption is ~40)
 # phase -> steps, per-process batch, peak lr, sequence length, Q/A turns per image
 SCHEDULE = {
     "contrastive": dict(steps=200, batch=64, lr=1e-3, seq_len=TEXT_LEN, turns=1),
-    "lm": dict(steps=150, batch=32, lr=1e-3, seq_len=128, turns=6),
+    "lm": dict(steps=600, batch=32, lr=2e-3, seq_len=128, turns=6),
     "align": dict(steps=100, batch=64, lr=1e-3, seq_len=64, turns=1),
-    "instruct": dict(steps=300, batch=32, lr=5e-4, seq_len=96, turns=6),
+    "instruct": dict(steps=600, batch=32, lr=1e-3, seq_len=96, turns=6),
 }
 
 
@@ -46,7 +49,8 @@ def model_config() -> dict:
                   mlp_dim=4 * width, posemb="sincos2d", use_head=True)
     text_tower = dict(vocab_size=VOCAB_SIZE, width=width, depth=2, num_heads=4,
                       mlp_dim=4 * width, max_len=TEXT_LEN, projection_dim=width)
-    projector = dict(type="pixel_shuffle", pixel_shuffle_factor=2, mlp_depth=2)
+    projector = dict(type="pixel_shuffle", pixel_shuffle_factor=2, mlp_depth=2,
+                     hidden_dim=4 * width, input_norm=True, pos_embed=True)
     llm = dict(family="llama", vocab_size=VOCAB_SIZE, hidden_size=width, num_layers=3,
                num_heads=4, num_kv_heads=4, head_dim=width // 4, mlp_dim=3 * width,
                max_position_embeddings=512)
