@@ -11,9 +11,8 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-from transformers import (AutoProcessor, GemmaConfig, LlamaConfig, LlavaConfig,
-                          LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig,
-                          SiglipVisionModel)
+from transformers import (AutoProcessor, LlavaConfig, LlavaForConditionalGeneration,
+                          SiglipVisionConfig, SiglipVisionModel)
 
 import vlm_jax
 from vlm_jax import model_dir
@@ -23,6 +22,8 @@ from vlm_jax.models.decoder import decoder_config
 from vlm_jax.models.projector import ProjectorConfig
 from vlm_jax.models.siglip import VisionConfig
 from vlm_jax.models.vlm import VLMConfig, init_params
+
+from test_vlm import _text_config  # the same tiny HF text configs per family
 
 VOCAB = 96
 IMAGE_TOKEN_ID = 95
@@ -34,18 +35,6 @@ def _vision_config():
     return SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                               num_attention_heads=4, image_size=32, patch_size=8,
                               vision_use_head=False)
-
-
-def _text_config(family, tie, vocab=VOCAB):
-    common = dict(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
-                  max_position_embeddings=256)
-    if family == "llama":
-        return LlamaConfig(**common)
-    if family == "qwen2":
-        return Qwen2Config(**common)
-    return GemmaConfig(**{**common, "head_dim": 16, "hidden_act": "gelu_pytorch_tanh",
-                          "hidden_activation": "gelu_pytorch_tanh"})
 
 
 def _save_tokenizer(directory, with_image=True):

@@ -24,8 +24,8 @@ def _vision_config(image_size=32, patch=8):
                               vision_use_head=False)
 
 
-def _text_config(family, tie):
-    common = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+def _text_config(family, tie, vocab=VOCAB):
+    common = dict(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
                   max_position_embeddings=256)
     if family == "llama":
