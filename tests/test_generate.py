@@ -179,6 +179,34 @@ def test_sampling_is_seeded_and_stays_in_top_k(tiny):
     np.testing.assert_array_equal(sample(temperature=1.0, top_p=1e-6, seed=1), greedy)
 
 
+def test_prefix_lm_greedy_matches_recomputation_under_the_prefix_mask(tiny):
+    """prefix_lengths (a model trained with data.prefix_lm, PaliGemma style): row b's first
+    prefix_lengths[b] tokens attend to each other bidirectionally in the prefill, the rest of the
+    prompt and the new tokens are causal; right-padded rows each see only their own prompt."""
+    config, params, prompts, images = tiny
+    ids, lengths = _right_padded(prompts)
+    prefixes = lengths.copy()
+    prefixes[1] = config.tokens_per_image + 2     # a prefix shorter than the prompt
+    steps = 5
+    tokens = gen.greedy_generate(config, params, ids, lengths, images, steps,
+                                 prefix_lengths=prefixes)[0]
+    causal = gen.greedy_generate(config, params, ids, lengths, images, steps)[0]
+    assert not np.array_equal(tokens, causal), "the prefix mask should change some tokens"
+    for row, prompt in enumerate(prompts):
+        sequence = np.zeros((1, len(prompt) + steps), np.int32)
+        sequence[0, :len(prompt)] = prompt
+        mask_ar = np.ones_like(sequence)
+        mask_ar[0, :prefixes[row]] = 0
+        positions = np.arange(sequence.shape[1])[None]
+        for step in range(steps):
+            logits = VLM(config).apply({"params": params}, sequence, images[row][None],
+                                       positions, mask_ar)
+            sequence[0, len(prompt) + step] = int(np.argmax(logits[0, len(prompt) + step - 1]))
+        assert tokens[row].tolist() == sequence[0, len(prompt):].tolist()
+    with pytest.raises(ValueError, match="prefix_lengths"):
+        gen.greedy_generate(config, params, ids, lengths, images, 2, prefix_lengths=lengths + 1)
+
+
 def test_kept_layer_split_follows_the_params_passed(tiny):
     """The per-layer copy of the weights kept between calls (CPU) is used only for the very
     arrays it was made from: new params with the same shapes give their own tokens."""

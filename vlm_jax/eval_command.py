@@ -116,7 +116,7 @@ def run(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         raise ValueError(f"no usable examples in the evaluation data (skipped: {dict(skipped)})")
     if task == "vqa":
         result = evaluate_vqa(model_config, params, tokenizer, examples, args,
-                              args.template or data.template)
+                              args.template or data.template, data.prefix_lm)
     elif task == "caption":
         result = evaluate_captions(model_config, params, tokenizer, examples, args)
     else:
@@ -208,22 +208,27 @@ def _question_type(example: Example, turn: int, answer: str) -> str:
 # ----------------------------------------------------------------------------- tasks
 
 def evaluate_vqa(model_config, params, tokenizer, examples: Sequence[Example], args,
-                 template: str) -> dict:
+                 template: str, prefix_lm: bool = False) -> dict:
+    """Every answer turn of every example, greedily, with the earlier turns as context. prefix_lm
+    (the data config's): as in training, the images and first question attend to each other
+    bidirectionally."""
     from vlm_jax import evaluate
     from vlm_jax.eval_report import ReportRow
 
-    questions = []  # (example, turn number, prompt ids, question, reference, type)
+    questions = []  # (example, prompt ids, question, reference, type, prefix length)
     for example in examples:
         conversation = example.raw.get("conversation") or []
-        turn = 0
+        turn, prefix = 0, 0
         for index, message in enumerate(conversation):
             if message["role"] != "assistant":
                 continue
             prompt = evaluate.conversation_prompt_ids(tokenizer, conversation[:index], template,
                                                       model_config.tokens_per_image)
+            if turn == 0 and prefix_lm:
+                prefix = len(prompt)  # training's mask_ar: 0 up to the first answer token
             question = conversation[index - 1]["content"].replace(tokenizer.image_token, "")
             questions.append((example, prompt, question.strip(), message["content"],
-                              _question_type(example, turn, message["content"])))
+                              _question_type(example, turn, message["content"]), prefix))
             turn += 1
     if not questions:
         raise ValueError("task vqa: the examples hold no conversation with an answer")
@@ -233,7 +238,8 @@ def evaluate_vqa(model_config, params, tokenizer, examples: Sequence[Example], a
     def answers(blank: bool) -> list[str]:
         images = [np.zeros_like(q[0].pixels) if blank else q[0].pixels for q in questions]
         return evaluate.greedy_texts(model_config, params, tokenizer, [q[1] for q in questions],
-                                     images, args.batch_size, max_new_tokens)
+                                     images, args.batch_size, max_new_tokens,
+                                     [q[5] for q in questions] if prefix_lm else None)
 
     predictions = answers(blank=False)
     items = [evaluate.VQAItem(None, q[2], q[3], q[4], q[0].id) for q in questions]

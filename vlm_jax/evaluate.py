@@ -241,13 +241,15 @@ def predict_answers(model_config: Any, params: Any, tokenizer: Any, items: Seque
 
 
 def greedy_texts(model_config: Any, params: Any, tokenizer: Any, prompts: Sequence[np.ndarray],
-                 images: Sequence[np.ndarray], batch_size: int, max_new_tokens: int) -> list[str]:
+                 images: Sequence[np.ndarray], batch_size: int, max_new_tokens: int,
+                 prefix_lengths: Sequence[int] | None = None) -> list[str]:
     """Greedy continuation of each prompt i32[T] (image tokens expanded) given its images
     f32[M, S, S, 3] (M >= 0), up to EOS, decoded and stripped.
 
     One padded width and one batch shape for all batches (the last is padded with copies of its
     first row), so the generator compiles once. Rows with fewer images than the batch's most get
-    zero images, which no image token reads."""
+    zero images, which no image token reads. prefix_lengths: per prompt, how many leading tokens
+    attend bidirectionally (a model trained with `data.prefix_lm`; see `generate.generate`)."""
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} image stacks")
     if not prompts:
@@ -270,8 +272,9 @@ def greedy_texts(model_config: Any, params: Any, tokenizer: Any, prompts: Sequen
             lengths[row] = len(prompts[index])
             if num_images and len(images[index]):
                 batch_images[row, :len(images[index])] = images[index]
+        prefixes = None if prefix_lengths is None else np.array([prefix_lengths[i] for i in rows])
         tokens, counts = greedy_generate(model_config, params, ids, lengths, batch_images,
-                                         max_new_tokens, stop_ids)
+                                         max_new_tokens, stop_ids, prefix_lengths=prefixes)
         texts += [tokenizer.decode(tokens[row, :counts[row]]).strip()
                   for row in range(len(chunk))]
     return texts

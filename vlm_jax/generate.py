@@ -64,12 +64,16 @@ GREEDY = Sampling()
 def generate(model_config: VLMConfig, params: dict, input_ids: np.ndarray,
              prompt_lengths: np.ndarray, images: np.ndarray | None, max_new_tokens: int,
              sampling: Sampling = GREEDY, stop_ids: Sequence[int] = (),
-             stop_sequences: Sequence[Sequence[int]] = ()) -> tuple[np.ndarray, np.ndarray]:
+             stop_sequences: Sequence[Sequence[int]] = (),
+             prefix_lengths: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Continue right-padded prompts.
 
     input_ids: i32[B, T] (image tokens expanded), right-padded; prompt_lengths: i32[B] (>= 1);
     images: f32[B, M, H, W, 3] or None. Returns (tokens i32[B, max_new_tokens], lengths i32[B]):
     the new ids and how many come before the first stop (ids from there on are 0).
+    prefix_lengths: i32[B] or None. For a model trained with `data.prefix_lm=True` (PaliGemma
+    style): row b's first prefix_lengths[b] tokens (images + first question) attend to each
+    other bidirectionally, as in training; the rest of the prompt and every new token are causal.
     """
     input_ids = np.asarray(input_ids, np.int32)
     prompt_lengths = np.asarray(prompt_lengths, np.int32)
@@ -80,22 +84,29 @@ def generate(model_config: VLMConfig, params: dict, input_ids: np.ndarray,
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if prompt_lengths.min(initial=1) < 1 or prompt_lengths.max(initial=0) > input_ids.shape[1]:
         raise ValueError(f"prompt_lengths must lie in [1, {input_ids.shape[1]}]")
+    if prefix_lengths is None:
+        prefix_lengths = np.zeros_like(prompt_lengths)
+    prefix_lengths = np.asarray(prefix_lengths, np.int32)
+    if prefix_lengths.shape != prompt_lengths.shape or np.any(prefix_lengths < 0) or \
+            np.any(prefix_lengths > prompt_lengths):
+        raise ValueError("prefix_lengths must be [B] with 0 <= prefix_lengths <= prompt_lengths")
     stop_table, stop_lengths = _stop_table(stop_ids, stop_sequences)
     sampler = (sampling.temperature, sampling.top_k, sampling.top_p)
     layer_params = per_layer_params(params["llm"]["layers"], model_config.llm.num_layers)
     tokens, lengths = _generate(
         model_config, max_new_tokens, sampler, params, layer_params, jnp.asarray(input_ids),
-        jnp.asarray(prompt_lengths), None if images is None else jnp.asarray(images, jnp.float32),
+        jnp.asarray(prompt_lengths), jnp.asarray(prefix_lengths), None if images is None else jnp.asarray(images, jnp.float32),
         jnp.asarray(stop_table), jnp.asarray(stop_lengths), jax.random.key(sampling.seed))
     return np.asarray(tokens), np.asarray(lengths)
 
 
 def greedy_generate(model_config: VLMConfig, params: dict, input_ids: np.ndarray,
                     prompt_lengths: np.ndarray, images: np.ndarray | None, max_new_tokens: int,
-                    stop_ids: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+                    stop_ids: Sequence[int] = (),
+                    prefix_lengths: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`generate` with argmax decoding (the evaluator's entry point)."""
     return generate(model_config, params, input_ids, prompt_lengths, images, max_new_tokens,
-                    GREEDY, stop_ids)
+                    GREEDY, stop_ids, prefix_lengths=prefix_lengths)
 
 
 def _stop_table(stop_ids: Sequence[int], stop_sequences: Sequence[Sequence[int]]):
@@ -181,7 +192,8 @@ def _split_layers(stacked: dict, num_layers: int) -> list[dict]:
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _generate(model_config: VLMConfig, max_new_tokens: int, sampler: tuple, params: dict,
-              layer_params: list[dict], ids: jax.Array, prompt_lengths: jax.Array, images: jax.Array | None,
+              layer_params: list[dict], ids: jax.Array, prompt_lengths: jax.Array,
+              prefix_lengths: jax.Array, images: jax.Array | None,
               stop_table: jax.Array, stop_lengths: jax.Array, key: jax.Array):
     llm_config = model_config.resolved("llm")
     decoder = CachedDecoder(llm_config)
@@ -192,13 +204,14 @@ def _generate(model_config: VLMConfig, max_new_tokens: int, sampler: tuple, para
     layer_params = [{"params": p} for p in layer_params]  # per_layer_params: why
     block = DecoderBlock(llm_config)
 
-    # Prefill: the model's own causal attention over the padded block (padding after a row's
-    # prompt is invisible to it), each layer's k/v kept as its cache's slots 0 .. T-1.
+    # Prefill: the model's own attention over the padded block, each layer's k/v kept as its
+    # cache's slots 0 .. T-1. Causal after each row's prefix (mask_ar 1; a prefix of 0 = all
+    # causal), so the padding after a row's prompt is invisible to it.
     x = VLM(model_config).apply({"params": params}, ids, images, method=VLM.embed)
     x = x.astype(jnp.dtype(llm_config.dtype))
     positions = jnp.broadcast_to(jnp.arange(prompt_width, dtype=jnp.int32), (batch, prompt_width))
-    mask = layers.attention_mask_for(llm_config.attention_backend,
-                                     jnp.ones((batch, prompt_width), jnp.int32), None)
+    mask_ar = (jnp.arange(prompt_width)[None, :] >= prefix_lengths[:, None]).astype(jnp.int32)
+    mask = layers.attention_mask_for(llm_config.attention_backend, mask_ar, None)
     cache = []
     for p in layer_params:
         q, k, v = block.apply(p, x, positions, method=DecoderBlock.attention_inputs)
