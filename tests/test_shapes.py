@@ -215,3 +215,39 @@ def test_split_sizes_and_bad_options():
                 dict(holdout=(("pink", "circle"),)), dict(compositional=True)):
         with pytest.raises(ValueError, match="supported|compositional"):
             ShapesSource(**bad)
+
+
+def test_codes_style_shows_each_objects_attributes_in_its_cell():
+    """style='codes' (the diagnostic rendering): the same scenes, questions and answers; each
+    object's cell holds its colour / a grey per shape / a grey per size / black in its quarters,
+    everything else stays pale."""
+    scene_source = ShapesSource(seed=5, image_size=48, turns_per_example=3)
+    codes_source = ShapesSource(seed=5, image_size=48, turns_per_example=3, style="codes")
+    shape_greys, size_greys = {}, {}
+    for index in range(30):
+        drawn, coded = scene_source[index], codes_source[index]
+        assert coded["conversation"] == drawn["conversation"]
+        assert coded["meta"] == drawn["meta"]
+        image = coded["images"][0]
+        occupied = set()
+        for obj in coded["meta"]["objects"]:
+            cell = POSITIONS.index(obj["position"])
+            occupied.add(cell)
+            row, col = divmod(cell, 3)
+            quarters = image[16 * row:16 * row + 16, 16 * col:16 * col + 16].reshape(2, 8, 2, 8, 3)
+            quarters = quarters.transpose(0, 2, 1, 3, 4).reshape(4, 64, 3)
+            assert all((q == q[0]).all() for q in quarters), "every quarter is one flat colour"
+            np.testing.assert_array_equal(quarters[0, 0], COLORS[obj["color"]])
+            shape_greys.setdefault(obj["shape"], set()).add(int(quarters[1, 0, 0]))
+            size_greys.setdefault(obj["size"], set()).add(int(quarters[2, 0, 0]))
+            np.testing.assert_array_equal(quarters[3, 0], [0, 0, 0])
+        for cell in set(range(9)) - occupied:
+            row, col = divmod(cell, 3)
+            assert (image[16 * row:16 * row + 16, 16 * col:16 * col + 16] == 240).all()
+    assert len(shape_greys) == len(SHAPES) and all(len(v) == 1 for v in shape_greys.values())
+    assert len({next(iter(v)) for v in shape_greys.values()}) == len(SHAPES)
+    assert len(size_greys) == len(SIZES) and len({next(iter(v)) for v in size_greys.values()}) == 2
+    with pytest.raises(ValueError, match="divisible by 6"):
+        ShapesSource(image_size=32, style="codes")[0]
+    with pytest.raises(ValueError, match="supported"):
+        ShapesSource(style="sketch")

@@ -60,7 +60,7 @@ def model_config() -> dict:
 
 def get_config(arg=None):
     args = parse_arg(arg, phase="instruct", steps=0, batch=0, init_from="", tokenizer="",
-                     vision_lr_mult=0.3)
+                     vision_lr_mult=0.3, style="scene")
     if args.phase not in PHASES:
         raise ValueError(f"configs/shapes/config.py: phase={args.phase!r}; supported: {PHASES}")
     schedule = SCHEDULE[args.phase]
@@ -70,7 +70,8 @@ def get_config(arg=None):
 
     config = ml_collections.ConfigDict()
     config.model = model_config()
-    options = dict(split="train", image_size=IMAGE_SIZE, task=source_task)
+    # style=codes: the diagnostic rendering (flat codes per cell, see shapes.render_codes).
+    options = dict(split="train", image_size=IMAGE_SIZE, task=source_task, style=args.style)
     if source_task != "caption":
         options.update(turns_per_example=schedule["turns"], question_types=QUESTION_TYPES)
     config.data = dict(sources=[dict(kind="shapes", options=options)], task=task,

@@ -50,9 +50,11 @@ def fit_tokenizer(num_examples: int = 3000, seed: int = 12345,
     return tokenizer
 
 
-def train_phases(workdir: str, steps: int = 0, batch: int = 0, log=print) -> dict[str, float]:
+def train_phases(workdir: str, steps: int = 0, batch: int = 0, log=print,
+                 style: str = "scene") -> dict[str, float]:
     """Run the four phases (skipping finished ones); returns wall seconds per phase.
-    steps / batch: 0 = the recipe's own per-phase values (config.SCHEDULE)."""
+    steps / batch: 0 = the recipe's own per-phase values (config.SCHEDULE). style: the world's
+    rendering ("codes" = the diagnostic flat codes per cell, see shapes.render_codes)."""
     from vlm_jax.train.loop import train
 
     tokenizer_dir = os.path.join(workdir, "tokenizer")
@@ -69,7 +71,8 @@ def train_phases(workdir: str, steps: int = 0, batch: int = 0, log=print) -> dic
             log(f"== {phase}: done before ({phase_dir}/model), skipped")
         else:
             log(f"== {phase}")
-            arg = f"phase={phase},steps={steps},batch={batch},tokenizer={tokenizer_dir}"
+            arg = (f"phase={phase},steps={steps},batch={batch},tokenizer={tokenizer_dir},"
+                   f"style={style}")
             if previous:
                 arg += f",init_from={previous}"
             metrics = train(recipe.get_config(arg), phase_dir)
@@ -81,14 +84,15 @@ def train_phases(workdir: str, steps: int = 0, batch: int = 0, log=print) -> dic
 
 
 def evaluate_model(model_path: str, num_per_type: int, image_size: int = recipe.IMAGE_SIZE,
-                   num_samples: int = 3) -> dict:
+                   num_samples: int = 3, style: str = "scene") -> dict:
     """Per-type accuracy of the model, the blank-image model and the majority answer on
     `num_per_type` held-out test questions per type, plus a few sample conversations."""
     from vlm_jax import evaluate
     from vlm_jax.model_dir import load_model
 
     config, params, tokenizer = load_model(model_path)
-    items = evaluate.shapes_vqa_items("test", num_per_type, image_size, recipe.QUESTION_TYPES)
+    items = evaluate.shapes_vqa_items("test", num_per_type, image_size, recipe.QUESTION_TYPES,
+                                      style=style)
     train_items = evaluate.shapes_vqa_items("train", 500, 8, recipe.QUESTION_TYPES)
     majority = evaluate.majority_baseline(train_items)
     predictions = evaluate.predict_answers(config, params, tokenizer, items, "minimal")
@@ -121,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="batch of every phase (0 = the recipe's own, per phase)")
     parser.add_argument("--eval-per-type", type=int, default=200,
                         help="held-out test questions per question type")
+    parser.add_argument("--style", default="scene", choices=("scene", "codes"),
+                        help="'codes': a diagnostic world whose images show each object's "
+                             "attributes as flat codes (what the LLM learns from perfect vision)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -129,9 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         flags.FLAGS.mark_as_parsed()
 
     started = time.perf_counter()
-    seconds = train_phases(args.workdir, args.steps, args.batch)
+    seconds = train_phases(args.workdir, args.steps, args.batch, style=args.style)
     eval_started = time.perf_counter()
-    results = evaluate_model(os.path.join(args.workdir, "instruct", "model"), args.eval_per_type)
+    results = evaluate_model(os.path.join(args.workdir, "instruct", "model"), args.eval_per_type,
+                             style=args.style)
     seconds["evaluate"] = time.perf_counter() - eval_started
     seconds["total"] = time.perf_counter() - started
 

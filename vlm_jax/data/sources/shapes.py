@@ -27,6 +27,7 @@ POSITIONS = ("top left", "top middle", "top right", "middle left", "center", "mi
 RELATIONS = ("left of", "right of", "above", "below")
 QUESTION_TYPES = ("color", "shape", "count", "exists", "position", "relation", "grounding")
 TASKS = ("qa", "caption", "text")
+STYLES = ("scene", "codes")
 SPLITS = ("train", "validation", "test")
 
 # Half the side of an object's bounding box, in units of the grid cell (cell = 1/3 of the image).
@@ -124,14 +125,17 @@ class ShapesSource:
     holdout: (colour, shape) pairs that never appear in train or validation scenes or text.
     compositional: test split only; every test scene then contains a held-out object and
       questions about an object target it when they can.
+    style: "scene" (drawn shapes) or "codes" (a diagnostic: each object's cell shows its colour,
+      shape and size as flat codes, see `render_codes`; same scenes, questions and answers).
     """
 
     def __init__(self, split: str = "train", seed: int = 0, image_size: int = 224,
                  task: str = "qa", turns_per_example: int = 3,
                  question_types: tuple[str, ...] = QUESTION_TYPES,
                  holdout: tuple[tuple[str, str], ...] = (), compositional: bool = False,
-                 num_examples: int | None = None):
+                 num_examples: int | None = None, style: str = "scene"):
         _check_choice("split", split, SPLITS)
+        _check_choice("style", style, STYLES)
         _check_choice("task", task, TASKS)
         for question_type in question_types:
             _check_choice("question_types entry", question_type, QUESTION_TYPES)
@@ -151,6 +155,7 @@ class ShapesSource:
         self.turns_per_example, self.question_types = turns_per_example, tuple(question_types)
         self.holdout = frozenset(tuple(pair) for pair in holdout)
         self.compositional = compositional
+        self.style = style
         self.num_examples = _SPLIT_SIZE[split] if num_examples is None else num_examples
         if not 0 < self.num_examples <= _SPLIT_SIZE[split]:
             raise ValueError(f"num_examples must be in [1, {_SPLIT_SIZE[split]}] for {split}")
@@ -179,7 +184,8 @@ class ShapesSource:
             conversation[0]["content"] = prefix + conversation[0]["content"]
             example["conversation"] = conversation
         if self.task != "text":
-            example["images"] = [render(scene, self.image_size)]
+            draw = render_codes if self.style == "codes" else render
+            example["images"] = [draw(scene, self.image_size)]
         return example
 
     def sample(self, index: int) -> tuple[Scene, list[tuple[str, str, str]]]:
@@ -381,6 +387,26 @@ def render(scene: Scene, image_size: int) -> np.ndarray:
     if supersample > 1:
         canvas = canvas.resize((image_size, image_size), Image.BOX)
     return np.asarray(canvas, dtype=np.uint8).copy()
+
+
+def render_codes(scene: Scene, image_size: int) -> np.ndarray:
+    """u8[S, S, 3], S divisible by 6: the scene as flat codes instead of drawn shapes, a
+    diagnostic that separates what the vision side sees from what the LLM learns. Each object's
+    grid cell is split in 2x2 quarters: top-left its colour, top-right a grey level per shape,
+    bottom-left a grey level per size, bottom-right black; empty cells and the rest are pale grey.
+    With 48 px images and 8 px patches each quarter is exactly one patch."""
+    if image_size % 6:
+        raise ValueError(f"style 'codes' needs an image size divisible by 6, got {image_size}")
+    quarter = image_size // 6
+    image = np.full((image_size, image_size, 3), 240, np.uint8)
+    for obj in scene.objects:
+        row, col = divmod(obj.cell, 3)
+        y, x = 2 * quarter * row, 2 * quarter * col
+        image[y:y + quarter, x:x + quarter] = COLORS[obj.color]
+        image[y:y + quarter, x + quarter:x + 2 * quarter] = 40 + 50 * SHAPES.index(obj.shape)
+        image[y + quarter:y + 2 * quarter, x:x + quarter] = 60 if obj.size == "small" else 180
+        image[y + quarter:y + 2 * quarter, x + quarter:x + 2 * quarter] = 0
+    return image
 
 
 def _background(scene: Scene, image_size: int) -> np.ndarray:
