@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax.models import layers
-from vlm_jax.models.decoder import CachedDecoder, DecoderBlock
+from vlm_jax.models.decoder import Decoder, DecoderBlock
 from vlm_jax.models.vlm import VLM, VLMConfig
 
 
@@ -196,7 +196,7 @@ def _generate(model_config: VLMConfig, max_new_tokens: int, sampler: tuple, para
               prefix_lengths: jax.Array, images: jax.Array | None,
               stop_table: jax.Array, stop_lengths: jax.Array, key: jax.Array):
     llm_config = model_config.resolved("llm")
-    decoder = CachedDecoder(llm_config)
+    decoder = Decoder(llm_config)
     llm_params = {"params": params["llm"]}
     batch, prompt_width = ids.shape
     cache_length = prompt_width + max_new_tokens
@@ -222,7 +222,7 @@ def _generate(model_config: VLMConfig, max_new_tokens: int, sampler: tuple, para
 
     def step_logits(cache, token, index):
         """Feed token i32[B] at position/slot index i32[B]; -> (logits f32[B, V], cache)."""
-        x = decoder.apply(llm_params, token[:, None], method=CachedDecoder.embed)
+        x = decoder.apply(llm_params, token[:, None], method=Decoder.embed)
         bias = jnp.where(slots[None, :] <= index[:, None], 0.0, layers.MASK_VALUE)  # [B, S]
         new_cache = []
         for layer, p in enumerate(layer_params):
@@ -306,7 +306,7 @@ def _finish_after_attention(block: DecoderBlock, x: jax.Array, attention: jax.Ar
     return layers.constrain(x)
 
 
-def _final_logits(decoder: CachedDecoder, x: jax.Array) -> jax.Array:
+def _final_logits(decoder: Decoder, x: jax.Array) -> jax.Array:
     """Last block output [B, 1, D] -> logits f32[B, V]."""
     return decoder.logits(decoder.final_norm(x))[:, 0]
 

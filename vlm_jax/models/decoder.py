@@ -179,9 +179,8 @@ class GatedMLP(nn.Module):
 class DecoderBlock(nn.Module):
     """x + attn(norm(x)), then x + mlp(norm(x)). Scanned: (carry, *broadcast) -> (carry, None).
 
-    `attention_inputs` and `finish` are the two halves around the attention call: a cached
-    variant (a subclass whose __call__ also takes and returns this layer's k/v cache as a
-    scanned input/output) reuses them and so keeps exactly this param tree.
+    `attention_inputs` and `finish` are the two halves around the attention call: generation
+    (`vlm_jax.generate`) calls them to keep each layer's k/v in its cache, on this param tree.
     """
     config: DecoderConfig
 
@@ -207,26 +206,6 @@ class DecoderBlock(nn.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array):
         q, k, v = self.attention_inputs(x, positions)
         return self.finish(x, q, k, v, mask), None
-
-
-class CachedDecoderBlock(DecoderBlock):
-    """DecoderBlock with this layer's KV cache as a scanned input/output (same param tree).
-
-    The new tokens' k/v are written into the cache at each row's `write_index` (the cache slots
-    of the positions being fed), then the queries attend over the whole cache under `mask`.
-    """
-
-    def __call__(self, x: jax.Array, cache: tuple[jax.Array, jax.Array], positions: jax.Array,
-                 write_index: jax.Array, mask: jax.Array):
-        """x [B, T, D], cache (k, v) [B, S_max, K, hd], positions i32[B, T], write_index i32[B],
-        mask bool[B, 1, T, S_max] -> (x [B, T, D], updated cache)."""
-        q, k, v = self.attention_inputs(x, positions)
-        cache_k, cache_v = cache
-        write = jax.vmap(lambda c, new, start: jax.lax.dynamic_update_slice_in_dim(c, new, start, 0))
-        cache_k = write(cache_k, k.astype(cache_k.dtype), write_index)
-        cache_v = write(cache_v, v.astype(cache_v.dtype), write_index)
-        return self.finish(x, q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), mask), \
-            (cache_k, cache_v)
 
 
 class TokenEmbedding(nn.Module):
@@ -305,56 +284,21 @@ class Decoder(nn.Module):
         x, _ = self.blocks(x, positions, attention_mask)
         return self.final_norm(x)
 
-    def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-                 return_hidden: bool = False):
-        """inputs_embeds [B, T, D], positions i32[B, T], attention_mask bool[B, 1, T, T]
-        -> logits f32[B, T, V] (and the final-normed hidden [B, T, D] if `return_hidden`)."""
-        cfg = self.config
-        hidden = self.hidden_states(inputs_embeds, positions, attention_mask)
-        if cfg.tie_embeddings:
-            logits = self.token_embedding.attend(hidden)
-        else:
-            logits = self.lm_head(hidden)
-        if return_hidden:
-            return logits, hidden
-        return logits
-
-
-class CachedDecoder(Decoder):
-    """The Decoder with a KV cache, for generation: apply it to the same `llm` params.
-
-    Cache: (k, v), each [L, B, S_max, K, hd] in the compute dtype (see `init_cache`). Every call
-    feeds T new tokens per row whose k/v land in cache slots write_index[b] .. write_index[b]+T-1;
-    `attention_mask` [B, 1, T, S_max] says which slots each new token may read.
-    """
-
-    def make_blocks(self) -> nn.Module:
-        # Inference only: no remat. The per-layer cache slices are scanned with the params.
-        cfg = self.config
-        return nn.scan(
-            CachedDecoderBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), out_axes=0,
-            length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(
-            cfg, name="layers")
-
-    def decode(self, inputs_embeds: jax.Array, positions: jax.Array, cache: tuple,
-               write_index: jax.Array, attention_mask: jax.Array):
-        """-> (final-normed hidden [B, T, D], updated cache)."""
-        x = layers.constrain(inputs_embeds.astype(_dtype(self.config.dtype)))
-        x, cache = self.blocks(x, cache, positions, write_index, attention_mask)
-        return self.final_norm(x), cache
-
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """hidden [B, T, D] -> logits f32[B, T, V], as `Decoder.__call__` computes them."""
+        """Final-normed hidden [B, T, D] -> logits f32[B, T, V] (tied or untied head)."""
         if self.config.tie_embeddings:
             return self.token_embedding.attend(hidden)
         return self.lm_head(hidden)
 
-
-def init_cache(config: DecoderConfig, batch_size: int, max_length: int) -> tuple[jax.Array, jax.Array]:
-    """Zero (k, v) caches f32|bf16[L, B, max_length, K, hd] in the compute dtype."""
-    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
-    return jnp.zeros(shape, _dtype(config.dtype)), jnp.zeros(shape, _dtype(config.dtype))
+    def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array,
+                 return_hidden: bool = False):
+        """inputs_embeds [B, T, D], positions i32[B, T], attention_mask bool[B, 1, T, T]
+        -> logits f32[B, T, V] (and the final-normed hidden [B, T, D] if `return_hidden`)."""
+        hidden = self.hidden_states(inputs_embeds, positions, attention_mask)
+        logits = self.logits(hidden)
+        if return_hidden:
+            return logits, hidden
+        return logits
 
 
 def lm_head_weight(llm_params: dict, config: DecoderConfig) -> tuple[jax.Array, int]:
