@@ -192,8 +192,7 @@ def shapes_vqa_items(split: str = "test", num_per_type: int = 200, image_size: i
                                      style=style)
         for index in range(first_index, first_index + num_per_type):
             scene, [(_, question, answer)] = source.sample(index)
-            draw = shapes.render_codes if style == "codes" else shapes.render
-            items.append(VQAItem(draw(scene, image_size), question, answer, question_type,
+            items.append(VQAItem(source.render(scene), question, answer, question_type,
                                  f"shapes:{split}:{seed}:{index}:{question_type}"))
     return items
 

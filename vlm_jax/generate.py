@@ -7,8 +7,9 @@
 
 Batches are **right-padded**: row b's prompt is input_ids[b, :prompt_lengths[b]] (image tokens
 already expanded). One prefill runs the whole [B, T] block (images encoded once) under a causal
-mask and writes every position's k/v into a cache of T + max_new_tokens slots; padding after a
-row's prompt is invisible to it. Row b's n-th new token then sits at position and cache slot
+mask (bidirectional over each row's first `prefix_lengths` tokens, for prefix-LM models) and
+writes every position's k/v into a cache of T + max_new_tokens slots; padding after a row's
+prompt is invisible to it. Row b's n-th new token then sits at position and cache slot
 prompt_lengths[b] + n, overwriting the padding's k/v, and each step reads only the slots before
 it. The steps run inside one `jax.lax.while_loop` (no Python per token) that exits when every row
 has stopped.
@@ -95,7 +96,8 @@ def generate(model_config: VLMConfig, params: dict, input_ids: np.ndarray,
     layer_params = per_layer_params(params["llm"]["layers"], model_config.llm.num_layers)
     tokens, lengths = _generate(
         model_config, max_new_tokens, sampler, params, layer_params, jnp.asarray(input_ids),
-        jnp.asarray(prompt_lengths), jnp.asarray(prefix_lengths), None if images is None else jnp.asarray(images, jnp.float32),
+        jnp.asarray(prompt_lengths), jnp.asarray(prefix_lengths),
+        None if images is None else jnp.asarray(images, jnp.float32),
         jnp.asarray(stop_table), jnp.asarray(stop_lengths), jax.random.key(sampling.seed))
     return np.asarray(tokens), np.asarray(lengths)
 

@@ -184,9 +184,13 @@ class ShapesSource:
             conversation[0]["content"] = prefix + conversation[0]["content"]
             example["conversation"] = conversation
         if self.task != "text":
-            draw = render_codes if self.style == "codes" else render
-            example["images"] = [draw(scene, self.image_size)]
+            example["images"] = [self.render(scene)]
         return example
+
+    def render(self, scene: Scene) -> np.ndarray:
+        """u8[S, S, 3]: `scene` drawn in this source's style at its image size."""
+        draw = render_codes if self.style == "codes" else render
+        return draw(scene, self.image_size)
 
     def sample(self, index: int) -> tuple[Scene, list[tuple[str, str, str]]]:
         """(scene, [(question_type, question, answer), ...]) for `index`, without rendering."""
