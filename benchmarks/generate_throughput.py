@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "..", "shared", "bench", "bench_s.json")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_throughput  # noqa: E402
 from train_throughput import ForeignLoad, bench_model_config, log  # noqa: E402
 
 
@@ -112,17 +112,10 @@ def run_ours(bench: dict, batch: int, reps: int, warmup: int) -> dict:
 
 
 def run_subprocess(cmd: list[str], json_out: str, label: str) -> dict:
-    log(f"[{label}] {' '.join(cmd)}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{label} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                           f"{proc.stderr[-3000:]}")
-    for line in proc.stdout.splitlines():
-        if line.startswith("[ours") or line.startswith("[generate] rep"):
-            log(f"    {line}")
-    with open(json_out) as f:
-        return json.load(f)
+    return train_throughput.run_subprocess(
+        cmd, env, json_out, label,
+        echo=lambda line: line.startswith("[ours") or line.startswith("[generate] rep"))
 
 
 def main():

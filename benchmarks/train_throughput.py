@@ -209,7 +209,13 @@ def numpy_matmul_gflops(size: int = 4096, repeats: int = 3, native: bool = True)
     return float(out.stdout.strip())
 
 
-def run_subprocess(cmd: list[str], env: dict, json_out: str, label: str) -> dict:
+def _progress_line(line: str) -> bool:
+    return line.startswith("[") and ("step" in line or "warmup" in line)
+
+
+def run_subprocess(cmd: list[str], env: dict, json_out: str, label: str,
+                   echo=_progress_line) -> dict:
+    """Run one side of the comparison; echo its stdout lines that `echo` picks; -> its JSON."""
     log(f"[{label}] {' '.join(cmd)}")
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -217,7 +223,7 @@ def run_subprocess(cmd: list[str], env: dict, json_out: str, label: str) -> dict
         raise RuntimeError(f"{label} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
                            f"{proc.stderr[-3000:]}")
     for line in proc.stdout.splitlines():
-        if line.startswith("[") and ("step" in line or "warmup" in line):
+        if echo(line):
             log(f"    {line}")
     with open(json_out) as f:
         result = json.load(f)
