@@ -145,6 +145,37 @@ def test_every_answer_is_correct_and_every_reference_unambiguous():
     assert seen_types == set(shapes.QUESTION_TYPES)
 
 
+def test_a_smaller_world_uses_only_its_values_and_never_names_a_fixed_attribute():
+    # The shapes recipe's world: 3 shapes, 4 colours, one size.
+    world = dict(shapes=("circle", "square", "triangle"),
+                 colors=("red", "green", "blue", "yellow"), sizes=("large",))
+    source = ShapesSource(seed=2, image_size=32, turns_per_example=5, **world)
+    assert source.attributes == ("color", "shape")
+    seen_types, answers = set(), collections.Counter()
+    for index in range(300):
+        scene, turns = source.sample(index)
+        for obj in scene.objects:
+            assert (obj.shape in world["shapes"] and obj.color in world["colors"]
+                    and obj.size == "large"), obj
+        objects = [dict(shape=o.shape, color=o.color, size=o.size, position=o.position,
+                        box=o.box_1000) for o in scene.objects]
+        texts = [source.caption(scene)] + [q for _, q, _ in turns]
+        assert not any(word in text.split() for text in texts for word in SIZES), texts
+        for question_type, question, answer in turns:
+            assert _answer(question, objects) == answer, (index, question, answer)
+            seen_types.add(question_type)
+            answers[question_type, answer] += 1
+    assert seen_types == set(shapes.QUESTION_TYPES)
+    assert {a for (t, a) in answers if t == "shape"} == set(world["shapes"])
+    assert {a for (t, a) in answers if t == "color"} == set(world["colors"])
+    with pytest.raises(ValueError, match="unsupported shapes entry 'hexagon'"):
+        ShapesSource(shapes=("circle", "hexagon"))
+    with pytest.raises(ValueError, match="colors must be a non-empty list"):
+        ShapesSource(colors=())
+    with pytest.raises(ValueError, match="holdout shape 'cross'"):
+        ShapesSource(shapes=("circle", "square"), holdout=(("red", "cross"),))
+
+
 def test_answers_are_balanced_over_2000_examples():
     source = ShapesSource(seed=5, turns_per_example=3)
     answers = collections.defaultdict(collections.Counter)

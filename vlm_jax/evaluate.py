@@ -179,17 +179,19 @@ def majority_predictions(items: Sequence[VQAItem], majority: Mapping[str, str]) 
 
 def shapes_vqa_items(split: str = "test", num_per_type: int = 200, image_size: int = 224,
                      question_types: Sequence[str] = shapes.QUESTION_TYPES, seed: int = 0,
-                     first_index: int = 0, style: str = "scene") -> list[VQAItem]:
+                     first_index: int = 0, style: str = "scene",
+                     world: Mapping[str, Sequence[str]] | None = None) -> list[VQAItem]:
     """`num_per_type` single-question items per type from the shapes world's `split`. Item i of
     every type comes from scene i where that scene admits the type's question (a relation needs
     two objects, a position question a uniquely named object); else from the scene the source
     redraws in its place, so compare images before treating items as one conversation.
-    style: the world's rendering ("scene" or the diagnostic "codes", see ShapesSource)."""
+    style: the world's rendering ("scene" or the diagnostic "codes", see ShapesSource).
+    world: ShapesSource's `shapes` / `colors` / `sizes` (default: the whole world)."""
     items = []
     for question_type in question_types:
         source = shapes.ShapesSource(split=split, seed=seed, image_size=image_size,
                                      turns_per_example=1, question_types=(question_type,),
-                                     style=style)
+                                     style=style, **(world or {}))
         for index in range(first_index, first_index + num_per_type):
             scene, [(_, question, answer)] = source.sample(index)
             items.append(VQAItem(source.render(scene), question, answer, question_type,

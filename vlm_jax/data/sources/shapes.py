@@ -29,6 +29,7 @@ QUESTION_TYPES = ("color", "shape", "count", "exists", "position", "relation", "
 TASKS = ("qa", "caption", "text")
 STYLES = ("scene", "codes")
 SPLITS = ("train", "validation", "test")
+ATTRIBUTES = ("size", "color", "shape")  # what names an object, in the order a phrase says it
 
 # Half the side of an object's bounding box, in units of the grid cell (cell = 1/3 of the image).
 # A small object is then 9 px wide in the recipe's 48 px images: at 0.2 (6 px) a per-cell probe
@@ -85,8 +86,9 @@ def noun_phrase(attributes: dict) -> str:
     return " ".join(words + [attributes.get("shape", "object")])
 
 
-def caption(scene: Scene) -> str:
-    parts = [f"a {o.size} {o.color} {o.shape} {position_phrase(o.cell)}"
+def caption(scene: Scene, attributes: tuple[str, ...] = ATTRIBUTES) -> str:
+    """Every object, in grid order, named by `attributes` (the ones its world varies)."""
+    parts = [f"a {noun_phrase({k: getattr(o, k) for k in attributes})} {position_phrase(o.cell)}"
              for o in sorted(scene.objects, key=lambda o: o.cell)]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
@@ -127,21 +129,33 @@ class ShapesSource:
       questions about an object target it when they can.
     style: "scene" (drawn shapes) or "codes" (a diagnostic: each object's cell shows its colour,
       shape and size as flat codes, see `render_codes`; same scenes, questions and answers).
+    shapes / colors / sizes: the world's vocabulary, subsets of SHAPES / COLORS / SIZES (default:
+      all). An attribute with a single value is never said: with sizes=("large",) captions,
+      questions and answers say "red circle", never "large red circle".
     """
 
     def __init__(self, split: str = "train", seed: int = 0, image_size: int = 224,
                  task: str = "qa", turns_per_example: int = 3,
                  question_types: tuple[str, ...] = QUESTION_TYPES,
                  holdout: tuple[tuple[str, str], ...] = (), compositional: bool = False,
-                 num_examples: int | None = None, style: str = "scene"):
+                 num_examples: int | None = None, style: str = "scene",
+                 shapes: tuple[str, ...] = SHAPES, colors: tuple[str, ...] = tuple(COLORS),
+                 sizes: tuple[str, ...] = SIZES):
         _check_choice("split", split, SPLITS)
+        self.values = {"size": _check_subset("sizes", sizes, SIZES),
+                       "color": _check_subset("colors", colors, tuple(COLORS)),
+                       "shape": _check_subset("shapes", shapes, SHAPES)}
+        # Attributes that tell objects apart here; a single-valued one is never mentioned.
+        self.attributes = tuple(k for k in ATTRIBUTES if len(self.values[k]) > 1)
+        self._subsets = [keys for n in range(1, len(self.attributes) + 1)
+                         for keys in itertools.combinations(self.attributes, n)]
         _check_choice("style", style, STYLES)
         _check_choice("task", task, TASKS)
         for question_type in question_types:
             _check_choice("question_types entry", question_type, QUESTION_TYPES)
         for color, shape in holdout:
-            _check_choice("holdout colour", color, tuple(COLORS))
-            _check_choice("holdout shape", shape, SHAPES)
+            _check_choice("holdout colour", color, self.values["color"])
+            _check_choice("holdout shape", shape, self.values["shape"])
         if compositional and (split != "test" or not holdout):
             raise ValueError("compositional=True needs split='test' and a non-empty holdout")
         if task == "text":
@@ -174,18 +188,21 @@ class ShapesSource:
         example = {"id": f"shapes:{self.split}:{self.seed}:{index}", "images": [],
                    "conversation": None, "caption": None, "meta": meta}
         if self.task == "caption":
-            example["caption"] = caption(scene)
+            example["caption"] = self.caption(scene)
         else:
             conversation = []
             for _, question, answer in turns:
                 conversation += [{"role": "user", "content": question},
                                  {"role": "assistant", "content": answer}]
-            prefix = "<image>\n" if self.task == "qa" else caption(scene) + ". "
+            prefix = "<image>\n" if self.task == "qa" else self.caption(scene) + ". "
             conversation[0]["content"] = prefix + conversation[0]["content"]
             example["conversation"] = conversation
         if self.task != "text":
             example["images"] = [self.render(scene)]
         return example
+
+    def caption(self, scene: Scene) -> str:
+        return caption(scene, self.attributes)
 
     def render(self, scene: Scene) -> np.ndarray:
         """u8[S, S, 3]: `scene` drawn in this source's style at its image size."""
@@ -205,13 +222,14 @@ class ShapesSource:
     def _sample_scene(self, rng: np.random.Generator) -> Scene:
         num_objects = int(rng.integers(1, 5))
         cells = rng.choice(9, size=num_objects, replace=False)
-        allowed = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in self.holdout]
+        allowed = [(c, s) for c in self.values["color"] for s in self.values["shape"]
+                   if (c, s) not in self.holdout]
         held_out = sorted(self.holdout)
         objects = []
         for slot, cell in enumerate(cells):
             pool = held_out if (self.compositional and slot == 0) else allowed
             color, shape = pool[int(rng.integers(len(pool)))]
-            size = SIZES[int(rng.integers(2))]
+            size = self.values["size"][int(rng.integers(len(self.values["size"])))]
             radius = _RADIUS[size] * _CELL
             slack = 0.5 * _CELL - radius - _MARGIN * _CELL
             row, col = divmod(int(cell), 3)
@@ -235,6 +253,18 @@ class ShapesSource:
                 turns.append((question_type, *turn))
         return turns
 
+    def _unique_references(self, scene: Scene, target: ShapeObject,
+                           exclude: str | None = None) -> list[dict]:
+        """Attribute combinations (not using `exclude`) that pick out `target` alone."""
+        references = []
+        for keys in self._subsets:
+            if exclude in keys:
+                continue
+            attributes = {k: getattr(target, k) for k in keys}
+            if sum(_matches(o, attributes) for o in scene.objects) == 1:
+                references.append(attributes)
+        return references
+
     # ----- question generators: each returns (question, answer) or None when infeasible -----
 
     def _target(self, candidates: list[ShapeObject], rng) -> ShapeObject:
@@ -248,7 +278,7 @@ class ShapesSource:
 
     def _ask_attribute(self, scene, rng, asked: str):
         target = self._target(list(scene.objects), rng)
-        references = _unique_references(scene, target, exclude=asked)
+        references = self._unique_references(scene, target, exclude=asked)
         choice = int(rng.integers(len(references) + 1))
         if asked == "color":
             subject = (f"the object {position_phrase(target.cell)}" if choice == len(references)
@@ -267,8 +297,8 @@ class ShapesSource:
     def _ask_count(self, scene, rng):
         # Draw the answer first (uniform over the counts this scene can produce), then a query
         # with that answer: otherwise "0" and "1" would dominate.
-        queries = [{}] + [dict(zip(keys, values)) for keys in _ATTRIBUTE_SUBSETS
-                          for values in itertools.product(*(_VALUES[k] for k in keys))]
+        queries = [{}] + [dict(zip(keys, values)) for keys in self._subsets
+                          for values in itertools.product(*(self.values[k] for k in keys))]
         queries = [q for q in queries if not self._mentions_holdout(q)]
         by_answer: dict[int, list[dict]] = {}
         for query in queries:
@@ -284,12 +314,15 @@ class ShapesSource:
     def _ask_exists(self, scene, rng):
         if rng.random() < 0.5:
             target = self._target(list(scene.objects), rng)
-            keys = _ATTRIBUTE_SUBSETS[int(rng.integers(len(_ATTRIBUTE_SUBSETS)))]
+            keys = self._subsets[int(rng.integers(len(self._subsets)))]
             attributes = {k: getattr(target, k) for k in keys}
+        elif not self._subsets:  # a world of one kind of object: nothing absent to ask about
+            return None
         else:
             for _ in range(50):
-                keys = _ATTRIBUTE_SUBSETS[int(rng.integers(len(_ATTRIBUTE_SUBSETS)))]
-                attributes = {k: _VALUES[k][int(rng.integers(len(_VALUES[k])))] for k in keys}
+                keys = self._subsets[int(rng.integers(len(self._subsets)))]
+                attributes = {k: self.values[k][int(rng.integers(len(self.values[k])))]
+                              for k in keys}
                 if not any(_matches(o, attributes) for o in scene.objects) and \
                         not self._mentions_holdout(attributes):
                     break
@@ -300,7 +333,7 @@ class ShapesSource:
 
     def _ask_position(self, scene, rng):
         target = self._target(list(scene.objects), rng)
-        references = _unique_references(scene, target)
+        references = self._unique_references(scene, target)
         if not references:
             return None
         reference = references[int(rng.integers(len(references)))]
@@ -310,7 +343,7 @@ class ShapesSource:
         want_yes = rng.random() < 0.5
         options = []
         for first, second in itertools.permutations(scene.objects, 2):
-            if _unique_references(scene, first) and _unique_references(scene, second):
+            if self._unique_references(scene, first) and self._unique_references(scene, second):
                 options += [(first, second, r) for r in RELATIONS
                             if _holds(first, second, r) == want_yes]
         if not options:
@@ -319,18 +352,19 @@ class ShapesSource:
             held = [o for o in options if (o[0].color, o[0].shape) in self.holdout]
             options = held or options
         first, second, relation = options[int(rng.integers(len(options)))]
-        first_refs, second_refs = _unique_references(scene, first), _unique_references(scene, second)
+        first_refs = self._unique_references(scene, first)
+        second_refs = self._unique_references(scene, second)
         first_ref = first_refs[int(rng.integers(len(first_refs)))]
         second_ref = second_refs[int(rng.integers(len(second_refs)))]
         question = f"is the {noun_phrase(first_ref)} {relation} the {noun_phrase(second_ref)}?"
         return question, "yes" if want_yes else "no"
 
     def _ask_grounding(self, scene, rng):
-        candidates = [o for o in scene.objects if _unique_references(scene, o)]
+        candidates = [o for o in scene.objects if self._unique_references(scene, o)]
         if not candidates:
             return None
         target = self._target(candidates, rng)
-        references = _unique_references(scene, target)
+        references = self._unique_references(scene, target)
         reference = references[int(rng.integers(len(references)))]
         x0, y0, x1, y1 = target.box_1000
         return f"give the box of the {noun_phrase(reference)}", f"[{x0}, {y0}, {x1}, {y1}]"
@@ -340,25 +374,10 @@ _GENERATORS = {"color": ShapesSource._ask_color, "shape": ShapesSource._ask_shap
                "count": ShapesSource._ask_count, "exists": ShapesSource._ask_exists,
                "position": ShapesSource._ask_position, "relation": ShapesSource._ask_relation,
                "grounding": ShapesSource._ask_grounding}
-_VALUES = {"size": SIZES, "color": tuple(COLORS), "shape": SHAPES}
-_ATTRIBUTE_SUBSETS = [keys for n in (1, 2, 3) for keys in itertools.combinations(
-    ("size", "color", "shape"), n)]
 
 
 def _matches(obj: ShapeObject, attributes: dict) -> bool:
     return all(getattr(obj, key) == value for key, value in attributes.items())
-
-
-def _unique_references(scene: Scene, target: ShapeObject, exclude: str | None = None) -> list[dict]:
-    """Attribute combinations (not using `exclude`) that pick out `target` alone in the scene."""
-    references = []
-    for keys in _ATTRIBUTE_SUBSETS:
-        if exclude in keys:
-            continue
-        attributes = {k: getattr(target, k) for k in keys}
-        if sum(_matches(o, attributes) for o in scene.objects) == 1:
-            references.append(attributes)
-    return references
 
 
 def _holds(first: ShapeObject, second: ShapeObject, relation: str) -> bool:
@@ -426,6 +445,15 @@ def _background(scene: Scene, image_size: int) -> np.ndarray:
         noise = np.random.default_rng(scene.noise_seed).normal(0, 4, (image_size, image_size, 3))
         pixels = first + noise
     return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+
+
+def _check_subset(name: str, values, supported: tuple) -> tuple:
+    values = tuple(values)
+    if not values or len(set(values)) != len(values):
+        raise ValueError(f"shapes: {name} must be a non-empty list without repeats, got {values}")
+    for value in values:
+        _check_choice(f"{name} entry", value, supported)
+    return values
 
 
 def _check_choice(name: str, value, supported: tuple) -> None:
