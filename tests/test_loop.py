@@ -5,7 +5,9 @@ import json
 import os
 import re
 import struct
+import time
 
+import jax
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
@@ -62,6 +64,37 @@ def _read_records(path):
 def test_crc32c_matches_the_castagnoli_check_value():
     assert event_file.crc32c(b"123456789") == 0xE3069283  # the CRC-32C standard check value
     assert event_file.crc32c(b"") == 0
+
+
+def test_step_time_is_one_step_not_two(tmp_path, monkeypatch):
+    # The loop reads step k's metrics after dispatching step k+1; step k's clock must start
+    # when step k-1 finished (a bug once started it one step earlier: every time doubled).
+    from vlm_jax.train import loop
+
+    def slow(plan):  # metrics come >= 0.3 s after the step; dispatch stays asynchronous
+        step = loop_make_train_step(plan)
+
+        def sleep(loss):
+            time.sleep(0.3)
+            return loss
+
+        @jax.jit
+        def delay(metrics):
+            loss = jax.pure_callback(sleep, jax.ShapeDtypeStruct((), metrics["loss"].dtype),
+                                     metrics["loss"])
+            return {**metrics, "loss": loss}
+
+        def run(state, batch):
+            state, metrics = step(state, batch)
+            return state, delay(metrics)
+        return run
+
+    loop_make_train_step = loop.make_train_step
+    monkeypatch.setattr(loop, "make_train_step", slow)
+    train(_config(["log.every_steps=1"], arg="steps=6"), str(tmp_path / "run"))
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    times = [r["step_time_s"] for r in rows if "loss" in r and r["step"] > 1]
+    assert len(times) == 5 and all(0.3 <= t < 0.55 for t in times), times
 
 
 def test_logs_hold_the_metrics_and_the_model_is_written(tmp_path):

@@ -209,12 +209,13 @@ class _Trainer:
                     self.logger.batch_hash(step, batch_digest(local))
                 if pending is not None:  # read the previous step's metrics while this one runs
                     last_row = self._finish_step(*pending, data_iter) or last_row
+                    clock = time.perf_counter()  # the previous step is done: this one's starts
                 pending = (step, metrics, batch_counts(local), clock)
-                clock = time.perf_counter()
                 if step % run.checkpoint.every_steps == 0 or step == total:
                     last_row = self._finish_step(*pending, data_iter, force_row=True) or last_row
                     pending = None
                     self._save(step, state, data_iter)
+                    clock = time.perf_counter()
                 if self.eval_step is not None and run.eval.every_steps \
                         and step % run.eval.every_steps == 0 and step < total:
                     last_row.update(self._evaluate(step, state))
