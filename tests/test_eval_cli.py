@@ -99,7 +99,7 @@ def test_vqa_multi_turn_scores_marks_and_reports(checkpoints, tmp_path):
     # Independent prompts: the training transform's ids before each answer, then the generator.
     model_config, params, tokenizer = load_model(checkpoints["instruct"])
     raw = ShapesSource("test", image_size=48, task="qa", turns_per_example=6,
-                       question_types=recipe.QUESTION_TYPES)[1]
+                       question_types=recipe.QUESTION_TYPES, **recipe.WORLDS["recipe"])[1]
     example = TokenizeConversation(tokenizer, "minimal", model_config.tokens_per_image, 256).map(
         {**raw, "images": np.zeros((1, 4, 4, 3), np.float32)})
     mask = example["loss_mask"] > 0

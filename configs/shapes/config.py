@@ -29,6 +29,13 @@ PHASES = ("contrastive", "lm", "align", "instruct")
 TASKS = {"contrastive": ("caption", "contrastive"), "lm": ("text", "lm"),
          "align": ("caption", "align"), "instruct": ("qa", "instruct")}
 QUESTION_TYPES = ("color", "shape", "count", "exists", "position", "relation")
+# The world the recipe trains and tests on (arg `world=`, ShapesSource's shapes/colors/sizes).
+# "recipe": the floor (>= 3 shapes, >= 4 colours, 9 positions, 1-4 objects) with one
+# object size; "full": the whole shapes world (4 shapes, 5 colours, 2 sizes; a small object is
+# 9 px wide at 48 px). README "The shapes recipe" has both measured.
+WORLDS = {"recipe": dict(shapes=("circle", "square", "triangle"),
+                         colors=("red", "green", "blue", "yellow"), sizes=("large",)),
+          "full": {}}
 IMAGE_SIZE = 48
 VOCAB_SIZE = 1024       # the recipe's tokenizer (run.py: fit_tokenizer) has exactly this many ids
 IMAGE_TOKEN_ID = 4      # <image> in every tokenizer from `train_word_tokenizer`
@@ -60,9 +67,12 @@ def model_config() -> dict:
 
 def get_config(arg=None):
     args = parse_arg(arg, phase="instruct", steps=0, batch=0, init_from="", tokenizer="",
-                     vision_lr_mult=0.3, style="scene")
+                     vision_lr_mult=0.3, style="scene", world="recipe")
     if args.phase not in PHASES:
         raise ValueError(f"configs/shapes/config.py: phase={args.phase!r}; supported: {PHASES}")
+    if args.world not in WORLDS:
+        raise ValueError(f"configs/shapes/config.py: world={args.world!r}; supported: "
+                         f"{tuple(WORLDS)}")
     schedule = SCHEDULE[args.phase]
     steps = args.steps or schedule["steps"]
     batch = args.batch or schedule["batch"]
@@ -71,7 +81,8 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict()
     config.model = model_config()
     # style=codes: the diagnostic rendering (flat codes per cell, see shapes.render_codes).
-    options = dict(split="train", image_size=IMAGE_SIZE, task=source_task, style=args.style)
+    options = dict(split="train", image_size=IMAGE_SIZE, task=source_task, style=args.style,
+                   **WORLDS[args.world])
     if source_task != "caption":
         options.update(turns_per_example=schedule["turns"], question_types=QUESTION_TYPES)
     config.data = dict(sources=[dict(kind="shapes", options=options)], task=task,

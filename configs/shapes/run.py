@@ -24,7 +24,7 @@ CORE_TYPES = ("color", "shape", "count", "exists", "position")
 
 
 def fit_tokenizer(num_examples: int = 3000, seed: int = 12345,
-                  vocab_size: int = recipe.VOCAB_SIZE):
+                  vocab_size: int = recipe.VOCAB_SIZE, world: str = "recipe"):
     """A byte-level BPE fitted on texts exactly as the phases render them (captions, and Q/A in
     the `minimal` template), so that every word, also right after a newline, is one token."""
     from vlm_jax.data.sources import shapes
@@ -32,7 +32,8 @@ def fit_tokenizer(num_examples: int = 3000, seed: int = 12345,
     from vlm_jax.data.tokenizer import train_word_tokenizer
 
     template = get_template("minimal")
-    source = shapes.ShapesSource("train", seed=seed, image_size=8, turns_per_example=4)
+    source = shapes.ShapesSource("train", seed=seed, image_size=8, turns_per_example=4,
+                                 **recipe.WORLDS[world])
     texts = []
     for index in range(num_examples):
         scene, turns = source.sample(index)
@@ -40,8 +41,8 @@ def fit_tokenizer(num_examples: int = 3000, seed: int = 12345,
         for _, question, answer in turns:
             conversation += [{"role": "user", "content": question},
                              {"role": "assistant", "content": answer}]
-        conversation[0]["content"] = shapes.caption(scene) + ". " + conversation[0]["content"]
-        texts += [shapes.caption(scene), template.text(conversation)]
+        conversation[0]["content"] = source.caption(scene) + ". " + conversation[0]["content"]
+        texts += [source.caption(scene), template.text(conversation)]
     tokenizer = train_word_tokenizer(texts, vocab_size=vocab_size)
     if tokenizer.vocab_size > vocab_size or tokenizer.image_token_id != recipe.IMAGE_TOKEN_ID:
         raise ValueError(f"the fitted tokenizer has {tokenizer.vocab_size} ids and <image> = "
@@ -51,17 +52,18 @@ def fit_tokenizer(num_examples: int = 3000, seed: int = 12345,
 
 
 def train_phases(workdir: str, steps: int = 0, batch: int = 0, log=print,
-                 style: str = "scene") -> dict[str, float]:
+                 style: str = "scene", world: str = "recipe") -> dict[str, float]:
     """Run the four phases (skipping finished ones); returns wall seconds per phase.
     steps / batch: 0 = the recipe's own per-phase values (config.SCHEDULE). style: the world's
-    rendering ("codes" = the diagnostic flat codes per cell, see shapes.render_codes)."""
+    rendering ("codes" = the diagnostic flat codes per cell, see shapes.render_codes). world: a
+    key of config.WORLDS."""
     from vlm_jax.train.loop import train
 
     tokenizer_dir = os.path.join(workdir, "tokenizer")
     seconds = {}
     started = time.perf_counter()
     if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
-        fit_tokenizer().save(tokenizer_dir)
+        fit_tokenizer(world=world).save(tokenizer_dir)
     seconds["tokenizer"] = time.perf_counter() - started
     previous = ""
     for phase in recipe.PHASES:
@@ -72,7 +74,7 @@ def train_phases(workdir: str, steps: int = 0, batch: int = 0, log=print,
         else:
             log(f"== {phase}")
             arg = (f"phase={phase},steps={steps},batch={batch},tokenizer={tokenizer_dir},"
-                   f"style={style}")
+                   f"style={style},world={world}")
             if previous:
                 arg += f",init_from={previous}"
             metrics = train(recipe.get_config(arg), phase_dir)
@@ -84,7 +86,7 @@ def train_phases(workdir: str, steps: int = 0, batch: int = 0, log=print,
 
 
 def evaluate_model(model_path: str, num_per_type: int, image_size: int = recipe.IMAGE_SIZE,
-                   num_samples: int = 3, style: str = "scene") -> dict:
+                   num_samples: int = 3, style: str = "scene", world: str = "recipe") -> dict:
     """Per-type accuracy of the model, the blank-image model and the majority answer on
     `num_per_type` held-out test questions per type, plus a few sample conversations."""
     from vlm_jax import evaluate
@@ -92,8 +94,9 @@ def evaluate_model(model_path: str, num_per_type: int, image_size: int = recipe.
 
     config, params, tokenizer = load_model(model_path)
     items = evaluate.shapes_vqa_items("test", num_per_type, image_size, recipe.QUESTION_TYPES,
-                                      style=style)
-    train_items = evaluate.shapes_vqa_items("train", 500, 8, recipe.QUESTION_TYPES)
+                                      style=style, world=recipe.WORLDS[world])
+    train_items = evaluate.shapes_vqa_items("train", 500, 8, recipe.QUESTION_TYPES,
+                                            world=recipe.WORLDS[world])
     majority = evaluate.majority_baseline(train_items)
     predictions = evaluate.predict_answers(config, params, tokenizer, items, "minimal")
     blank = evaluate.predict_answers(config, params, tokenizer, items, "minimal",
@@ -128,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--style", default="scene", choices=("scene", "codes"),
                         help="'codes': a diagnostic world whose images show each object's "
                              "attributes as flat codes (what the LLM learns from perfect vision)")
+    parser.add_argument("--world", default="recipe", choices=tuple(recipe.WORLDS),
+                        help="'recipe': 3 shapes, 4 colours, one size (the default); 'full': "
+                             "the whole shapes world (4 shapes, 5 colours, 2 sizes)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -136,10 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         flags.FLAGS.mark_as_parsed()
 
     started = time.perf_counter()
-    seconds = train_phases(args.workdir, args.steps, args.batch, style=args.style)
+    seconds = train_phases(args.workdir, args.steps, args.batch, style=args.style,
+                           world=args.world)
     eval_started = time.perf_counter()
     results = evaluate_model(os.path.join(args.workdir, "instruct", "model"), args.eval_per_type,
-                             style=args.style)
+                             style=args.style, world=args.world)
     seconds["evaluate"] = time.perf_counter() - eval_started
     seconds["total"] = time.perf_counter() - started
 
