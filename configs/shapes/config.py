@@ -54,7 +54,7 @@ TEXT_LEN = 48           # contrastive caption tokens (a 4-object caption is ~40)
 # phase -> steps, per-process batch, peak lr, sequence length, Q/A turns per image
 SCHEDULE = {
     "contrastive": dict(steps=200, batch=64, lr=1e-3, seq_len=TEXT_LEN, turns=1),
-    "lm": dict(steps=600, batch=32, lr=2e-3, seq_len=128, turns=6),
+    "lm": dict(steps=400, batch=32, lr=2e-3, seq_len=128, turns=6),
     "align": dict(steps=100, batch=64, lr=1e-3, seq_len=64, turns=1),
     "instruct": dict(steps=1200, batch=32, lr=1e-3, seq_len=96, turns=6),
 }
