@@ -71,8 +71,10 @@ def test_step_time_is_one_step_not_two(tmp_path, monkeypatch):
     # when step k-1 finished (a bug once started it one step earlier: every time doubled).
     from vlm_jax.train import loop
 
+    make_train_step = loop.make_train_step
+
     def slow(plan):  # metrics come >= 0.3 s after the step; dispatch stays asynchronous
-        step = loop_make_train_step(plan)
+        step = make_train_step(plan)
 
         def sleep(loss):
             time.sleep(0.3)
@@ -89,7 +91,6 @@ def test_step_time_is_one_step_not_two(tmp_path, monkeypatch):
             return state, delay(metrics)
         return run
 
-    loop_make_train_step = loop.make_train_step
     monkeypatch.setattr(loop, "make_train_step", slow)
     train(_config(["log.every_steps=1"], arg="steps=6"), str(tmp_path / "run"))
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]

@@ -41,8 +41,9 @@ def fit_tokenizer(num_examples: int = 3000, seed: int = 12345,
         for _, question, answer in turns:
             conversation += [{"role": "user", "content": question},
                              {"role": "assistant", "content": answer}]
-        conversation[0]["content"] = source.caption(scene) + ". " + conversation[0]["content"]
-        texts += [source.caption(scene), template.text(conversation)]
+        text = source.caption(scene)
+        conversation[0]["content"] = text + ". " + conversation[0]["content"]
+        texts += [text, template.text(conversation)]
     tokenizer = train_word_tokenizer(texts, vocab_size=vocab_size)
     if tokenizer.vocab_size > vocab_size or tokenizer.image_token_id != recipe.IMAGE_TOKEN_ID:
         raise ValueError(f"the fitted tokenizer has {tokenizer.vocab_size} ids and <image> = "

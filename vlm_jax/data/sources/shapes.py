@@ -170,6 +170,11 @@ class ShapesSource:
         self.holdout = frozenset(tuple(pair) for pair in holdout)
         self.compositional = compositional
         self.style = style
+        # Every count query this world can ask ({} = "objects"), fixed per source.
+        self._count_queries = [
+            q for q in [{}] + [dict(zip(keys, values)) for keys in self._subsets
+                               for values in itertools.product(*(self.values[k] for k in keys))]
+            if not self._mentions_holdout(q)]
         self.num_examples = _SPLIT_SIZE[split] if num_examples is None else num_examples
         if not 0 < self.num_examples <= _SPLIT_SIZE[split]:
             raise ValueError(f"num_examples must be in [1, {_SPLIT_SIZE[split]}] for {split}")
@@ -297,11 +302,8 @@ class ShapesSource:
     def _ask_count(self, scene, rng):
         # Draw the answer first (uniform over the counts this scene can produce), then a query
         # with that answer: otherwise "0" and "1" would dominate.
-        queries = [{}] + [dict(zip(keys, values)) for keys in self._subsets
-                          for values in itertools.product(*(self.values[k] for k in keys))]
-        queries = [q for q in queries if not self._mentions_holdout(q)]
         by_answer: dict[int, list[dict]] = {}
-        for query in queries:
+        for query in self._count_queries:
             by_answer.setdefault(sum(_matches(o, query) for o in scene.objects), []).append(query)
         answers = sorted(by_answer)
         query_pool = by_answer[answers[int(rng.integers(len(answers)))]]
@@ -341,9 +343,10 @@ class ShapesSource:
 
     def _ask_relation(self, scene, rng):
         want_yes = rng.random() < 0.5
+        references = {o.cell: self._unique_references(scene, o) for o in scene.objects}
         options = []
         for first, second in itertools.permutations(scene.objects, 2):
-            if self._unique_references(scene, first) and self._unique_references(scene, second):
+            if references[first.cell] and references[second.cell]:
                 options += [(first, second, r) for r in RELATIONS
                             if _holds(first, second, r) == want_yes]
         if not options:
@@ -352,20 +355,19 @@ class ShapesSource:
             held = [o for o in options if (o[0].color, o[0].shape) in self.holdout]
             options = held or options
         first, second, relation = options[int(rng.integers(len(options)))]
-        first_refs = self._unique_references(scene, first)
-        second_refs = self._unique_references(scene, second)
+        first_refs, second_refs = references[first.cell], references[second.cell]
         first_ref = first_refs[int(rng.integers(len(first_refs)))]
         second_ref = second_refs[int(rng.integers(len(second_refs)))]
         question = f"is the {noun_phrase(first_ref)} {relation} the {noun_phrase(second_ref)}?"
         return question, "yes" if want_yes else "no"
 
     def _ask_grounding(self, scene, rng):
-        candidates = [o for o in scene.objects if self._unique_references(scene, o)]
+        references = {o.cell: self._unique_references(scene, o) for o in scene.objects}
+        candidates = [o for o in scene.objects if references[o.cell]]
         if not candidates:
             return None
         target = self._target(candidates, rng)
-        references = self._unique_references(scene, target)
-        reference = references[int(rng.integers(len(references)))]
+        reference = references[target.cell][int(rng.integers(len(references[target.cell])))]
         x0, y0, x1, y1 = target.box_1000
         return f"give the box of the {noun_phrase(reference)}", f"[{x0}, {y0}, {x1}, {y1}]"
 
