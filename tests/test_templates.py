@@ -1,5 +1,7 @@
 """Chat templates render exactly what each family's official HF jinja template renders (checked
-with transformers' `apply_chat_template`), and flag exactly the answers + end-of-turn as targets."""
+with transformers' `apply_chat_template`), flag exactly the answers + end-of-turn as targets, and
+their own jinja twins (rendered by transformers) give the same text and generation prompts."""
+import jinja2
 import pytest
 
 from vlm_jax.data.templates import TEMPLATES, TemplateError, get_template
@@ -158,3 +160,116 @@ def test_bad_conversations_raise():
         get_template("plain").render(CONVERSATION)
     with pytest.raises(ValueError, match="supported: .*llama3"):
         get_template("chatml")
+
+
+# ---------------------------------------------------------------------- the templates' own jinja
+
+def _hf_items(content):
+    """Our string content as HF multimodal items: each "<image>\n" an image item."""
+    parts = content.split("<image>\n")
+    items = [{"type": "text", "text": parts[0]}] if parts[0] else []
+    for part in parts[1:]:
+        items.append({"type": "image"})
+        if part:
+            items.append({"type": "text", "text": part})
+    return items
+
+
+def _with_items(messages):
+    return [dict(m, content=_hf_items(m["content"])) for m in messages]
+
+
+SINGLE_TURN = CONVERSATION[:2]
+TEXT_ONLY = [{"role": "user", "content": " Name a colour. "},
+             {"role": "assistant", "content": "red"}]
+TWO_IMAGES = [{"role": "user", "content": "<image>\n<image>\nSame shape?"},
+              {"role": "assistant", "content": "yes"}]
+# (messages as our renderers take them, the same as transformers users write them)
+JINJA_CASES = {
+    "single_turn": (SINGLE_TURN, SINGLE_TURN),
+    "multi_turn": (CONVERSATION, CONVERSATION),
+    "system": (WITH_SYSTEM, WITH_SYSTEM),
+    "text_only": (TEXT_ONLY, TEXT_ONLY),
+    "items_single_turn": (SINGLE_TURN, _with_items(SINGLE_TURN)),
+    "items_system": (WITH_SYSTEM, _with_items(WITH_SYSTEM)),
+    "items_two_images": (TWO_IMAGES, _with_items(TWO_IMAGES)),
+}
+
+
+def _render_jinja(template, messages, add_generation_prompt, bos="<bos>", eos="<eos>"):
+    from transformers.utils.chat_template_utils import render_jinja_template
+    rendered, _ = render_jinja_template([messages], chat_template=template.jinja,
+                                        add_generation_prompt=add_generation_prompt,
+                                        bos_token=bos, eos_token=eos)
+    return rendered[0]
+
+
+def _our_prompt(template, messages, bos="<bos>", eos="<eos>"):
+    """The text before the answer, as evaluate.conversation_prompt_ids cuts it."""
+    pieces = template.render(list(messages) + [{"role": "assistant", "content": ""}], bos, eos)
+    last_target = max(i for i, (_, is_target) in enumerate(pieces) if is_target)
+    return "".join(text for text, _ in pieces[:last_target])
+
+
+def test_hf_items_helper():
+    assert _hf_items("<image>\nWhat?") == [{"type": "image"}, {"type": "text", "text": "What?"}]
+
+
+@pytest.mark.parametrize("case", sorted(JINJA_CASES))
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_jinja_renders_our_text(name, case):
+    ours, theirs = JINJA_CASES[case]
+    template = get_template(name)
+    try:
+        expected = template.text(ours, "<bos>", "<eos>")
+    except TemplateError:  # plain takes one caption: the jinja refuses the same conversations
+        with pytest.raises(jinja2.exceptions.TemplateError, match="exactly one caption"):
+            _render_jinja(template, theirs, add_generation_prompt=False)
+        return
+    assert _render_jinja(template, theirs, add_generation_prompt=False) == expected
+
+
+@pytest.mark.parametrize("case", sorted(JINJA_CASES))
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_jinja_generation_prompt_is_our_prompt(name, case):
+    ours, theirs = JINJA_CASES[case]
+    ours, theirs = ours[:-1], theirs[:-1]  # ends with the user turn to answer
+    template = get_template(name)
+    try:
+        expected = _our_prompt(template, ours)
+    except TemplateError:
+        with pytest.raises(jinja2.exceptions.TemplateError, match="exactly one caption"):
+            _render_jinja(template, theirs, add_generation_prompt=True)
+        return
+    assert _render_jinja(template, theirs, add_generation_prompt=True) == expected
+    if name != "plain":  # without the generation prompt: the user-ended conversation as is
+        assert _render_jinja(template, theirs, add_generation_prompt=False) == template.text(
+            ours, "<bos>", "<eos>")
+
+
+def test_jinja_prompts_written_out():
+    """Two generation prompts spelled out: image items render as our training format."""
+    question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}]
+    assert _render_jinja(get_template("vicuna"), question, True, "<s>", "</s>") == (
+        "<s>A chat between a curious human and an artificial intelligence assistant. The assistant"
+        " gives helpful, detailed, and polite answers to the human's questions. USER: <image>\n"
+        "What? ASSISTANT:")
+    assert _render_jinja(get_template("plain"), question, True, "<s>", "</s>") == "<s><image>\n"
+
+
+def test_jinja_without_bos_token():
+    """A tokenizer without BOS (Qwen2) passes none: the jinja writes nothing, as we do."""
+    assert _render_jinja(get_template("minimal"), SINGLE_TURN, False, None, "<eos>") == (
+        get_template("minimal").text(SINGLE_TURN, None, "<eos>"))
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([{"role": "assistant", "content": "hi"}], "expected an optional system turn"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "turn 1 has role user"),
+    ([{"role": "system", "content": "s"}], "no user turn"),
+    ([{"role": "user", "content": [{"type": "video"}]}], "video is not supported"),
+])
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_jinja_refuses_what_we_refuse(name, messages, match):
+    with pytest.raises(jinja2.exceptions.TemplateError, match=match):
+        _render_jinja(get_template(name), messages, add_generation_prompt=True)

@@ -1,12 +1,15 @@
 """Tokenizer interface: tokenizer.json and SentencePiece backends, special tokens, save/reload,
-and agreement with transformers on the saved tokenizer.json."""
+agreement with transformers on the saved files (ids, one BOS, the chat template kept)."""
 import io
 import json
 import os
 
+import numpy as np
 import pytest
 import sentencepiece as spm
+import tokenizers
 
+from vlm_jax.data.templates import get_template
 from vlm_jax.data.tokenizer import Tokenizer, train_word_tokenizer
 
 CORPUS = [
@@ -135,6 +138,193 @@ def test_unsupported_file_raises(tmp_path):
         Tokenizer.from_path(str(path))
     with pytest.raises(ValueError, match="neither"):
         Tokenizer.from_path(str(tmp_path))
+
+
+# ---------------------------------------------------------------------- decoder families' files
+
+# Stand-ins for three families' HF tokenizer files: their special tokens, their config's roles and
+# post_processor (Llama 3 and Gemma prepend BOS there, as the real tokenizer.json files do), and
+# a chat template stored the three ways transformers reads one.
+FAMILIES = {
+    "llama3": dict(specials=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                             "<|end_header_id|>", "<|eot_id|>"],
+                   roles={"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
+                   byte_level=True, template_in="config_list"),
+    "qwen2": dict(specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                  roles={"bos_token": None, "eos_token": "<|im_end|>",
+                         "pad_token": "<|endoftext|>"},
+                  byte_level=True, template_in="config_string"),
+    "gemma": dict(specials=["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>",
+                            "<end_of_turn>"],
+                  roles={"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+                         "unk_token": "<unk>"},
+                  byte_level=False, template_in="jinja_file"),
+}
+FAMILY_CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+QUESTION = [{"role": "user", "content": "<image>\nwhat color is the circle?"}]
+
+
+def _family_dir(family: str, directory) -> str:
+    """tokenizer.json + tokenizer_config.json (+ chat_template.jinja) as the family's repo has."""
+    spec = FAMILIES[family]
+    bos = spec["roles"]["bos_token"]
+    if spec["byte_level"]:  # Llama 3 / Qwen2: byte-level BPE
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = tokenizers.decoders.ByteLevel()
+        alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    else:  # Gemma: spaces become "▁", no pre-tokenizer
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+        tok.normalizer = tokenizers.normalizers.Replace(" ", "▁")
+        tok.decoder = tokenizers.decoders.Replace("▁", " ")
+        alphabet = []
+    tok.train_from_iterator(CORPUS, tokenizers.trainers.BpeTrainer(
+        vocab_size=400, special_tokens=spec["specials"], initial_alphabet=alphabet,
+        show_progress=False))
+    byte_level = tokenizers.processors.ByteLevel(trim_offsets=False)
+    if bos is None:
+        tok.post_processor = byte_level
+    else:
+        add_bos = tokenizers.processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1",
+            special_tokens=[(bos, tok.token_to_id(bos))])
+        tok.post_processor = (tokenizers.processors.Sequence([byte_level, add_bos])
+                              if spec["byte_level"] else add_bos)
+    os.makedirs(directory, exist_ok=True)
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    config = dict(spec["roles"], add_bos_token=bos is not None,
+                  tokenizer_class="PreTrainedTokenizerFast")
+    if spec["template_in"] == "config_string":
+        config["chat_template"] = FAMILY_CHAT_TEMPLATE
+    elif spec["template_in"] == "config_list":
+        config["chat_template"] = [{"name": "tool_use", "template": "{{ 'tools' }}"},
+                                   {"name": "default", "template": FAMILY_CHAT_TEMPLATE}]
+    else:  # the file wins over a config key, in transformers and here
+        config["chat_template"] = "{{ 'stale' }}"
+        with open(os.path.join(directory, "chat_template.jinja"), "w") as f:
+            f.write(FAMILY_CHAT_TEMPLATE)
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    return str(directory)
+
+
+def _imported(family: str, tmp_path) -> Tokenizer:
+    """The family's tokenizer as our importer leaves it: loaded, with <image> added."""
+    tok = Tokenizer.from_path(_family_dir(family, tmp_path / f"{family}_hub"))
+    tok.add_special_tokens([tok.image_token])
+    return tok
+
+
+def _prompt(template: str, tok: Tokenizer) -> str:
+    """Our prompt for QUESTION: the text before the answer, as vlm-jax generate builds it."""
+    pieces = get_template(template).render(QUESTION + [{"role": "assistant", "content": ""}],
+                                           tok.bos_token, tok.eos_token)
+    last_target = max(i for i, (_, is_target) in enumerate(pieces) if is_target)
+    return "".join(text for text, _ in pieces[:last_target])
+
+
+@pytest.mark.parametrize("family", ["gemma", "llama3"])
+def test_family_files_add_bos_themselves(family, tmp_path):
+    """The stand-ins are faithful: transformers on the family's own files prepends BOS to a
+    prompt that starts with one (the double BOS that `save` must not write)."""
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(_family_dir(family, tmp_path / "hub"))
+    bos = FAMILIES[family]["roles"]["bos_token"]
+    assert hf(bos)["input_ids"] == [hf.bos_token_id] * 2
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_saved_family_tokenizer_gives_our_ids_and_one_bos(family, tmp_path):
+    from transformers import AutoTokenizer
+    tok = _imported(family, tmp_path)
+    directory = _saved(tok, tmp_path / "export")
+    hf = AutoTokenizer.from_pretrained(directory)
+    prompt = _prompt(family, tok)
+    ours = tok.encode(prompt)
+    assert hf(prompt)["input_ids"] == ours
+    if tok.bos_token is not None:
+        assert prompt.startswith(tok.bos_token) and ours.count(tok.bos_id) == 1
+    # A transformers user with the template's jinja gets the same ids.
+    tok.chat_template = get_template(family).jinja
+    hf = AutoTokenizer.from_pretrained(_saved(tok, directory))
+    assert hf.apply_chat_template(QUESTION, add_generation_prompt=True)["input_ids"] == ours
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_llava_processor_gives_one_bos(family, tmp_path):
+    """As the exporter builds it: our files, then a LlavaProcessor over them, saved and reloaded
+    (transformers re-saves the tokenizer files its own way)."""
+    from PIL import Image
+    from transformers import AutoProcessor, AutoTokenizer, LlavaProcessor, SiglipImageProcessor
+    tok = _imported(family, tmp_path)
+    tok.chat_template = get_template(family).jinja
+    directory = _saved(tok, tmp_path / "export")
+    processor = LlavaProcessor(image_processor=SiglipImageProcessor(),
+                               tokenizer=AutoTokenizer.from_pretrained(directory),
+                               patch_size=56, image_token=tok.image_token,
+                               num_additional_image_tokens=0,
+                               vision_feature_select_strategy="full")
+    processor.save_pretrained(directory)
+    image = Image.fromarray(np.zeros((40, 50, 3), np.uint8))
+    prompt = _prompt(family, tok)
+    ours = np.array(tok.encode(prompt))
+    num_image_tokens = (224 // 56) ** 2  # SiglipImageProcessor's default 224 x 224
+    expected = np.repeat(ours, np.where(ours == tok.image_token_id, num_image_tokens, 1))
+    for each in (processor, AutoProcessor.from_pretrained(directory)):
+        ids = list(each(text=prompt, images=image)["input_ids"][0])
+        assert ids == expected.tolist()
+        if tok.bos_token is not None:
+            assert ids.count(tok.bos_id) == 1
+    items = [{"role": "user", "content": [{"type": "image"},
+                                          {"type": "text", "text": "what color is the circle?"}]}]
+    reloaded = AutoProcessor.from_pretrained(directory)
+    assert reloaded.apply_chat_template(items, add_generation_prompt=True) == prompt
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_chat_template_kept_through_save(family, tmp_path):
+    from transformers import AutoTokenizer
+    tok = _imported(family, tmp_path)
+    assert tok.chat_template == FAMILY_CHAT_TEMPLATE
+    directory = _saved(tok, tmp_path / "export")
+    assert Tokenizer.from_path(directory).chat_template == FAMILY_CHAT_TEMPLATE
+    assert AutoTokenizer.from_pretrained(directory).chat_template == FAMILY_CHAT_TEMPLATE
+    with open(os.path.join(directory, "tokenizer_config.json")) as f:
+        assert "chat_template" not in json.load(f)  # one place: chat_template.jinja
+
+
+def test_chat_template_replaced_then_removed(word_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+    tok = Tokenizer.from_path(_saved(word_tokenizer, tmp_path / "a"))
+    assert tok.chat_template is None
+    tok.chat_template = get_template("minimal").jinja
+    directory = _saved(tok, tmp_path / "b")
+    hf = AutoTokenizer.from_pretrained(directory)
+    assert hf.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False) == (
+        _prompt("minimal", tok))
+    tok.chat_template = None  # saving over it again leaves no stale template behind
+    assert AutoTokenizer.from_pretrained(_saved(tok, directory)).chat_template is None
+
+
+def test_chat_template_list_without_default_raises(word_tokenizer, tmp_path):
+    directory = _saved(word_tokenizer, tmp_path / "tok")
+    path = os.path.join(directory, "tokenizer_config.json")
+    config = json.load(open(path))
+    config["chat_template"] = [{"name": "tool_use", "template": "{{ 'tools' }}"}]
+    json.dump(config, open(path, "w"))
+    with pytest.raises(ValueError, match="none 'default'"):
+        Tokenizer.from_path(directory)
+
+
+def test_saved_sentencepiece_adds_no_bos(sentencepiece_path, tmp_path):
+    """A tokenizer.model directory: transformers reads add_bos_token from the config (which a
+    tokenizer.json directory ignores); ours says false."""
+    from transformers import AutoTokenizer
+    directory = _saved(Tokenizer.from_path(sentencepiece_path), tmp_path / "sp")
+    hf = AutoTokenizer.from_pretrained(directory)
+    text = "<s>what color is the circle?"
+    assert hf(text)["input_ids"] == hf(text, add_special_tokens=False)["input_ids"]
+    assert hf(text)["input_ids"].count(1) == 1
 
 
 def _saved(tokenizer, directory) -> str:

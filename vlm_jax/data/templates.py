@@ -6,6 +6,11 @@ targets are each assistant answer and the end-of-turn token that closes it, so t
 falls on prompts, roles or headers. BOS/EOS are written as text (`bos_token` / `eos_token`, as in
 HF's `apply_chat_template`); the tokenizer encodes special-token strings as single ids.
 
+Each template also carries `jinja`, an HF chat template (for `apply_chat_template`, e.g. in an
+exported tokenizer/processor) that renders the same text, and also accepts HF multimodal contents
+(`[{"type": "image"}, {"type": "text", "text": q}]` renders as "<image>\\n" + q, our training
+format). Its generation prompt is our prompt up to where the answer starts.
+
 Registry: `TEMPLATES[name]`, or `get_template(name)` which names the supported ones on a miss.
 """
 from __future__ import annotations
@@ -32,9 +37,11 @@ class TemplateError(ValueError):
 class ChatTemplate:
     """A named renderer `(messages, bos_token, eos_token) -> pieces`. `special_tokens` are the
     strings it writes that must encode as single ids (add them to a tokenizer trained from
-    scratch; a family's own tokenizer already has them)."""
+    scratch; a family's own tokenizer already has them). `jinja` is the same template as an HF
+    chat template (variables `messages`, `bos_token`, `eos_token`, `add_generation_prompt`)."""
     name: str
     render_pieces: Callable[[Sequence[Message], str, str], list[Piece]]
+    jinja: str
     special_tokens: tuple[str, ...] = ()
 
     def render(self, messages: Sequence[Message], bos_token: str | None = None,
@@ -71,6 +78,46 @@ def _split_system(messages: Sequence[Message]) -> tuple[str | None, list[Message
     return None, list(messages)
 
 
+# The jinja twins share this prelude: `render_content` (a string, or HF multimodal items: an image
+# renders as "<image>\n", text as itself), BOS/EOS as "" when the tokenizer has none (as our
+# renderers take None), the system turn split off, and the role order `_check_roles` enforces.
+# Every tag trims whitespace ("{%-", "-%}"), so only the quoted strings are output.
+_JINJA_PRELUDE = r"""
+{%- macro render_content(content) -%}
+    {%- if content is string -%}
+        {{- content -}}
+    {%- elif content is none -%}
+        {{- raise_exception('message content is none: expected a string or a list of items') -}}
+    {%- else -%}
+        {%- for item in content -%}
+            {%- if item['type'] == 'image' -%}
+                {{- '<image>\n' -}}
+            {%- elif item['type'] == 'text' -%}
+                {{- item['text'] -}}
+            {%- else -%}
+                {{- raise_exception('content item type ' ~ item['type'] ~ ' is not supported:'
+                                    ~ ' expected image or text') -}}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+{%- endmacro -%}
+{%- set bos = bos_token if bos_token is defined and bos_token is not none else '' -%}
+{%- set eos = eos_token if eos_token is defined and eos_token is not none else '' -%}
+{%- set has_system = messages | length > 0 and messages[0]['role'] == 'system' -%}
+{%- set system = render_content(messages[0]['content']) if has_system else none -%}
+{%- set turns = messages[1:] if has_system else messages -%}
+{%- if turns | length == 0 -%}
+    {{- raise_exception('conversation has no user turn') -}}
+{%- endif -%}
+{%- for message in turns -%}
+    {%- if message['role'] != ('user' if loop.index0 % 2 == 0 else 'assistant') -%}
+        {{- raise_exception('turn ' ~ loop.index0 ~ ' has role ' ~ message['role'] ~ ': expected'
+                            ~ ' an optional system turn first, then user/assistant alternating') -}}
+    {%- endif -%}
+{%- endfor -%}
+"""
+
+
 def _llama2(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
     """meta-llama/Llama-2-*-chat-hf: the system prompt goes inside the first [INST] block."""
     system, turns = _split_system(messages)
@@ -84,6 +131,21 @@ def _llama2(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
         else:
             pieces.append((f" {content.strip()} {eos}", True))
     return pieces
+
+
+_LLAMA2_JINJA = _JINJA_PRELUDE + r"""
+{%- for message in turns -%}
+    {%- set content = render_content(message['content']) -%}
+    {%- if message['role'] == 'user' -%}
+        {%- if loop.first and has_system -%}
+            {%- set content = '<<SYS>>\n' ~ system ~ '\n<</SYS>>\n\n' ~ content -%}
+        {%- endif -%}
+        {{- bos ~ '[INST] ' ~ content | trim ~ ' [/INST]' -}}
+    {%- else -%}
+        {{- ' ' ~ content | trim ~ ' ' ~ eos -}}
+    {%- endif -%}
+{%- endfor -%}
+"""
 
 
 def _llama3(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
@@ -101,6 +163,17 @@ def _llama3(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
     return pieces
 
 
+_LLAMA3_JINJA = _JINJA_PRELUDE + r"""
+{%- for message in messages -%}
+    {{- (bos if loop.first else '') ~ '<|start_header_id|>' ~ message['role']
+        ~ '<|end_header_id|>\n\n' ~ render_content(message['content']) | trim ~ '<|eot_id|>' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
+{%- endif -%}
+"""
+
+
 def _qwen2(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
     """Qwen/Qwen2-*-Instruct ChatML, with Qwen's default system prompt when none is given."""
     pieces: list[Piece] = []
@@ -114,6 +187,20 @@ def _qwen2(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
             pieces.append((f"<|im_start|>{message['role']}\n{message['content']}<|im_end|>\n",
                            False))
     return pieces
+
+
+_QWEN2_JINJA = _JINJA_PRELUDE + r"""
+{%- if not has_system -%}
+    {{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' -}}
+{%- endif -%}
+{%- for message in messages -%}
+    {{- '<|im_start|>' ~ message['role'] ~ '\n' ~ render_content(message['content'])
+        ~ '<|im_end|>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|im_start|>assistant\n' -}}
+{%- endif -%}
+"""
 
 
 def _gemma(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
@@ -133,6 +220,23 @@ def _gemma(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
     return pieces
 
 
+_GEMMA_JINJA = _JINJA_PRELUDE + r"""
+{{- bos -}}
+{%- for message in turns -%}
+    {%- if message['role'] == 'user' -%}
+        {{- '<start_of_turn>user\n' ~ ((system ~ '\n\n') if loop.first and has_system else '')
+            ~ render_content(message['content']) | trim ~ '<end_of_turn>\n' -}}
+    {%- else -%}
+        {{- '<start_of_turn>model\n' ~ render_content(message['content']) | trim
+            ~ '<end_of_turn>\n' -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<start_of_turn>model\n' -}}
+{%- endif -%}
+"""
+
+
 def _vicuna(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
     """LLaVA-1.5 `conv_vicuna_v1` (SeparatorStyle.TWO): "{system} USER: {q} ASSISTANT: {a}</s>",
     with the BOS the Llama tokenizer prepends written explicitly."""
@@ -147,6 +251,23 @@ def _vicuna(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
     return pieces
 
 
+_VICUNA_JINJA = _JINJA_PRELUDE + r"""
+{%- set default_system = "A chat between a curious human and an artificial intelligence assistant."
+    ~ " The assistant gives helpful, detailed, and polite answers to the human's questions." -%}
+{{- bos ~ (system if has_system else default_system) ~ ' ' -}}
+{%- for message in turns -%}
+    {%- if message['role'] == 'user' -%}
+        {{- 'USER: ' ~ render_content(message['content']) ~ ' ' -}}
+    {%- else -%}
+        {{- 'ASSISTANT: ' ~ render_content(message['content']) ~ eos -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- 'ASSISTANT:' -}}
+{%- endif -%}
+"""
+
+
 def _plain(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
     """LLaVA stage-1 alignment: one "<image>\\n" per image of the user turn (its instruction text is
     dropped), then the caption (the one assistant turn) and EOS; only caption + EOS are learned."""
@@ -157,6 +278,29 @@ def _plain(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
                             f"got {len(answers)}")
     num_images = sum(m["content"].count(IMAGE_TOKEN) for m in turns if m["role"] == "user")
     return [(bos + f"{IMAGE_TOKEN}\n" * num_images, False), (answers[0].strip() + eos, True)]
+
+
+# The generation prompt stands for the one caption: images, then the model writes it.
+_PLAIN_JINJA = _JINJA_PRELUDE + r"""
+{%- set counts = namespace(images=0, answers=0, caption='') -%}
+{%- for message in turns -%}
+    {%- if message['role'] == 'user' -%}
+        {%- set counts.images = counts.images
+                                + render_content(message['content']).count('<image>') -%}
+    {%- else -%}
+        {%- set counts.answers = counts.answers + 1 -%}
+        {%- set counts.caption = render_content(message['content']) | trim -%}
+    {%- endif -%}
+{%- endfor -%}
+{%- if counts.answers + (1 if add_generation_prompt else 0) != 1 -%}
+    {{- raise_exception('the plain template needs exactly one caption (assistant turn), or none'
+                        ~ ' and add_generation_prompt') -}}
+{%- endif -%}
+{{- bos ~ '<image>\n' * counts.images -}}
+{%- if not add_generation_prompt -%}
+    {{- counts.caption ~ eos -}}
+{%- endif -%}
+"""
 
 
 def _minimal(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
@@ -173,15 +317,28 @@ def _minimal(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
     return pieces
 
 
+_MINIMAL_JINJA = _JINJA_PRELUDE + r"""
+{{- bos ~ ((system ~ '\n') if has_system else '') -}}
+{%- for message in turns -%}
+    {%- if message['role'] == 'user' -%}
+        {{- render_content(message['content']) ~ '\n' -}}
+    {%- else -%}
+        {{- render_content(message['content']) ~ eos -}}
+    {%- endif -%}
+{%- endfor -%}
+"""
+
+
 TEMPLATES: dict[str, ChatTemplate] = {
-    name: ChatTemplate(name, fn, special) for name, fn, special in [
-        ("llama2", _llama2, ()),
-        ("llama3", _llama3, ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
-        ("qwen2", _qwen2, ("<|im_start|>", "<|im_end|>")),
-        ("gemma", _gemma, ("<start_of_turn>", "<end_of_turn>")),
-        ("vicuna", _vicuna, ()),
-        ("plain", _plain, ()),
-        ("minimal", _minimal, ())]
+    name: ChatTemplate(name, fn, jinja, special) for name, fn, jinja, special in [
+        ("llama2", _llama2, _LLAMA2_JINJA, ()),
+        ("llama3", _llama3, _LLAMA3_JINJA,
+         ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+        ("qwen2", _qwen2, _QWEN2_JINJA, ("<|im_start|>", "<|im_end|>")),
+        ("gemma", _gemma, _GEMMA_JINJA, ("<start_of_turn>", "<end_of_turn>")),
+        ("vicuna", _vicuna, _VICUNA_JINJA, ()),
+        ("plain", _plain, _PLAIN_JINJA, ()),
+        ("minimal", _minimal, _MINIMAL_JINJA, ())]
 }
 
 

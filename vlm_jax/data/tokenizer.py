@@ -5,6 +5,10 @@ holding one (tokenizer.json wins when both are there, as in transformers). BOS/E
 from a `tokenizer_config.json` / `special_tokens_map.json` next to the file when there is one,
 else from the model itself. `encode` never adds BOS/EOS: chat templates write them as text, and
 special-token strings inside the text (`<image>`, `<|im_end|>`, `</s>`, ...) encode as one id.
+
+The directory's HF chat template (Jinja) is kept as `chat_template` and written back by `save`,
+which writes files transformers reads as this same tokenizer: one that adds no special tokens by
+itself either, so `AutoTokenizer(saved)(prompt)` gives exactly `encode(prompt)`, one BOS included.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import tokenizers
 from tokenizers import AddedToken
 
 IMAGE_TOKEN = "<image>"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves and first looks for it
 SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
 RESERVED_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", IMAGE_TOKEN)
 
@@ -60,7 +65,13 @@ class _HFBackend:
         return {i: t.content for i, t in self.tokenizer.get_added_tokens_decoder().items()}
 
     def save(self, directory: str) -> None:
-        self.tokenizer.save(os.path.join(directory, "tokenizer.json"))
+        # Llama 3's and Gemma's tokenizer.json prepend BOS in their post_processor, which
+        # transformers applies on every call (add_bos_token in the config does not override a
+        # tokenizer.json): our prompts already start with BOS as text, so it would come twice.
+        data = json.loads(self.tokenizer.to_str())
+        data["post_processor"] = _without_special_tokens(data.get("post_processor"))
+        with open(os.path.join(directory, "tokenizer.json"), "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False)
 
 
 class _SentencePieceBackend:
@@ -163,12 +174,14 @@ class Tokenizer:
     bos_id / eos_id / pad_id / unk_id are None where the tokenizer has no such token (Qwen2 has
     no BOS, Llama has no PAD). `image_token_id` raises until `<image>` is in the vocabulary: add
     it with `add_special_tokens([tokenizer.image_token])` and resize the model's embeddings.
+    `chat_template`: the HF Jinja chat template the files came with, or None; assign another
+    (e.g. `templates.get_template(name).jinja`) before `save` to ship the one a model learned.
     """
 
     image_token = IMAGE_TOKEN
 
     def __init__(self, backend: _HFBackend | _SentencePieceBackend,
-                 special_tokens: dict[str, str | None]):
+                 special_tokens: dict[str, str | None], chat_template: str | None = None):
         unknown = set(special_tokens) - set(SPECIAL_ROLES)
         if unknown:
             raise ValueError(f"unknown special token roles {sorted(unknown)}; "
@@ -178,6 +191,7 @@ class Tokenizer:
         self.eos_token = special_tokens.get("eos")
         self.pad_token = special_tokens.get("pad")
         self.unk_token = special_tokens.get("unk")
+        self.chat_template = chat_template
         for role in SPECIAL_ROLES:
             token = getattr(self, f"{role}_token")
             if token is not None and backend.token_to_id(token) is None:
@@ -209,12 +223,20 @@ class Tokenizer:
         else:
             raise ValueError(f"unsupported tokenizer file {path}: expected tokenizer.json "
                              "(HF tokenizers) or a SentencePiece .model")
-        return cls(backend, _special_tokens(config, backend))
+        return cls(backend, _special_tokens(config, backend), _chat_template(directory, config))
 
     def save(self, directory: str) -> None:
-        """Write the model file and a tokenizer_config.json that transformers understands."""
+        """Write the model file, a tokenizer_config.json that transformers understands (no
+        automatic BOS/EOS) and the chat template as chat_template.jinja."""
         os.makedirs(directory, exist_ok=True)
         self._backend.save(directory)
+        template_path = os.path.join(directory, CHAT_TEMPLATE_FILE)
+        if self.chat_template is not None:
+            with open(template_path, "w", encoding="utf-8") as f:
+                f.write(self.chat_template)
+        elif os.path.exists(template_path):
+            os.remove(template_path)  # transformers would load an earlier save's template as ours
+        # add_bos_token is what a tokenizer.model directory reads (a tokenizer.json one ignores it).
         config = {
             "add_bos_token": False,
             "add_eos_token": False,
@@ -311,6 +333,50 @@ def train_word_tokenizer(texts: Iterable[str], special_tokens: Sequence[str] = (
     tokenizer.train_from_iterator(texts, trainer)
     return Tokenizer(_HFBackend(tokenizer),
                      {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "unk": "<unk>"})
+
+
+# ---------------------------------------------------------------------- files
+
+# Post-processors that add special tokens (BOS, CLS/SEP, ...); they are all replaced by one that
+# adds none. Others (ByteLevel: offsets only) are kept.
+_SPECIAL_TOKEN_PROCESSORS = ("TemplateProcessing", "BertProcessing", "RobertaProcessing")
+_NO_SPECIAL_TOKENS = {  # TemplateProcessing(single="$A:0", pair="$A:0 $B:1") as JSON
+    "type": "TemplateProcessing", "special_tokens": {},
+    "single": [{"Sequence": {"id": "A", "type_id": 0}}],
+    "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}]}
+
+
+def _without_special_tokens(processor: dict | None) -> dict | None:
+    """A tokenizer.json post_processor with every special-token-adding step made a no-op."""
+    if processor is None:
+        return None
+    if processor["type"] == "Sequence":
+        return dict(processor, processors=[_without_special_tokens(p)
+                                           for p in processor["processors"]])
+    if processor["type"] in _SPECIAL_TOKEN_PROCESSORS:
+        return dict(_NO_SPECIAL_TOKENS)
+    return processor
+
+
+def _chat_template(directory: str, config: dict) -> str | None:
+    """The chat template as transformers 5 finds it: chat_template.jinja, else tokenizer_config's
+    "chat_template" (a string, or a list of {name, template} whose "default" one we keep)."""
+    path = os.path.join(directory, CHAT_TEMPLATE_FILE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    template = config.get("chat_template")
+    if template is None or isinstance(template, str):
+        return template
+    if not isinstance(template, list):
+        raise ValueError(f"{directory}: tokenizer_config.json chat_template is a "
+                         f"{type(template).__name__}; expected a string or a list of "
+                         "{name, template}")
+    named = {entry["name"]: entry["template"] for entry in template}
+    if "default" not in named:
+        raise ValueError(f"{directory}: tokenizer_config.json names chat templates {sorted(named)}"
+                         " but none 'default', the one a chat uses")
+    return named["default"]
 
 
 # ---------------------------------------------------------------------- special-token lookup
