@@ -1,4 +1,5 @@
-"""Tests for vlm_jax.data.images: HF SigLIP parity, mode conversion, EXIF, bombs, corrupt data."""
+"""Tests for vlm_jax.data.images: HF SigLIP parity, LLaVA-1.5 pad-to-square (against LLaVA's own
+definition and HF's LlavaImageProcessorPil), mode conversion, EXIF, bombs, corrupt data."""
 import io
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 from PIL import Image
 
 from vlm_jax.data.errors import SkipExample
-from vlm_jax.data.images import decode_image, preprocess_image
+from vlm_jax.data.images import decode_image, expand_to_square, preprocess_image
 
 
 def _encode(image: Image.Image, fmt: str, **save_args) -> bytes:
@@ -59,6 +60,60 @@ def test_preprocess_matches_hf_siglip_processor(name, image_size):
     ours = preprocess_image(decode_image(image.copy()), image_size)
     assert ours.shape == (image_size, image_size, 3) and ours.dtype == np.float32
     np.testing.assert_allclose(ours, _hf_siglip(image, image_size), atol=1e-5, rtol=0)
+
+
+def _llava_expand2square(pil_img: Image.Image, background_color) -> Image.Image:
+    """LLaVA-1.5's `expand2square` (llava/mm_utils.py), verbatim."""
+    width, height = pil_img.size
+    if width == height:
+        return pil_img
+    elif width > height:
+        result = Image.new(pil_img.mode, (width, width), background_color)
+        result.paste(pil_img, (0, (width - height) // 2))
+        return result
+    else:
+        result = Image.new(pil_img.mode, (height, height), background_color)
+        result.paste(pil_img, ((height - width) // 2, 0))
+        return result
+
+
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+# (height, width): odd and even sides, wide, tall, square, a 1-pixel-wide strip.
+PAD_SHAPES = [(5, 8), (8, 5), (7, 7), (1, 4), (4, 1), (6, 9), (37, 91)]
+
+
+@pytest.mark.parametrize("height,width", PAD_SHAPES)
+def test_expand_to_square_is_llavas_expand2square(height, width):
+    rgb = _smooth_rgb(height, width, seed=height * 100 + width)
+    background = tuple(int(x * 255) for x in SIGLIP_MEAN)  # LLaVA's own expression: (127,) * 3
+    expected = np.asarray(_llava_expand2square(Image.fromarray(rgb), background))
+    np.testing.assert_array_equal(expand_to_square(rgb), expected)
+    # ... and preprocess_image(pad_to_square=True) is the plain preprocessing of that square.
+    np.testing.assert_array_equal(preprocess_image(rgb, 16, pad_to_square=True),
+                                  preprocess_image(expected, 16))
+
+
+def _hf_llava(image, image_size: int) -> np.ndarray:
+    """transformers' LLaVA processor set up as LLaVA-1.5 with a SigLIP tower (the kwargs an
+    exporter writes to preprocessor_config.json)."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    processor = LlavaImageProcessorPil(
+        do_pad=True, size={"height": image_size, "width": image_size}, do_center_crop=False,
+        resample=3, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_convert_rgb=True)
+    pixels = processor(image, return_tensors="np")["pixel_values"][0]  # f32[3, S, S]
+    return pixels.transpose(1, 2, 0)
+
+
+@pytest.mark.parametrize("height,width", PAD_SHAPES + [(120, 45), (300, 200)])
+@pytest.mark.parametrize("image_size", [16, 224])
+def test_pad_to_square_matches_hf_llava_processor(height, width, image_size):
+    rgb = _smooth_rgb(height, width, seed=height + width)
+    ours = preprocess_image(rgb, image_size, pad_to_square=True)
+    assert ours.shape == (image_size, image_size, 3) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, _hf_llava(Image.fromarray(rgb), image_size), atol=1e-5, rtol=0)
+    if height != width:  # the padding is visible: not the plain (stretching) preprocessing
+        assert np.abs(ours - preprocess_image(rgb, image_size)).max() > 0.1
 
 
 def test_decode_bytes_equals_decode_pil_and_array():

@@ -1,16 +1,23 @@
 """The grain pipeline end to end on small fake sources: determinism, exact resume, per-process
-shards, mixture weights, epochs, skip accounting and its threshold, config validation."""
+shards, mixture weights, epochs, skip accounting (each bad row once over epochs, truncations
+apart, in the state) and its threshold, too_long / pad_to_square through the real transforms,
+config validation."""
 import json
 
 import numpy as np
 import pytest
 
 from vlm_jax.config_utils import from_dict
+from PIL import Image
+
 from vlm_jax.data.errors import SkipExample
+from vlm_jax.data.images import preprocess_image
 from vlm_jax.data.pipeline import (DataConfig, SourceConfig, TooManySkippedExamples,
                                    build_pipeline, build_pipeline_from)
 from vlm_jax.data.sources.shapes import corpus
 from vlm_jax.data.tokenizer import train_word_tokenizer
+from vlm_jax.data.transforms import make_transform
+from vlm_jax.train.metrics_log import flat_skip_counts
 
 IMAGE_SIZE = 2
 # Token t of example `number` of source `source_number` is source_number * 100_000 + number * 100 + t.
@@ -197,11 +204,12 @@ def test_epochs_repeat_every_good_example_once_each_reshuffled():
     for epoch in epochs:
         assert sorted(epoch) == sorted(good)
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
+    # Each bad row is counted once, not once per epoch, whether the source refused it
+    # (image_missing) or the transform did (no_answer); `seen` counts it once too.
     counts = iterator.skip_counts()
     bad_rows = 30 // 7 + 1
-    assert counts["seen"] == 3 * 30
-    assert counts["skipped"] == {"image_missing": 3 * bad_rows,
-                                 "no_answer": 3 * (30 - bad_rows - len(good))}
+    assert counts["seen"] == 3 * len(good) + (30 - len(good))
+    assert counts["skipped"] == {"image_missing": bad_rows, "no_answer": 30 - bad_rows - len(good)}
 
 
 def test_skip_fraction_threshold_stops_the_run_naming_the_counts():
@@ -249,6 +257,9 @@ def test_config_from_dict_builds_sources_and_rejects_unknown_keys():
         from_dict(DataConfig, {"sources": [{"kind": "parquet"}]})
     with pytest.raises(ValueError, match="task"):
         DataConfig(sources=(), task="caption")
+    with pytest.raises(ValueError, match=r"data\.too_long='bogus'.*'skip', 'truncate'"):
+        from_dict(DataConfig, {"sources": [], "too_long": "bogus"})
+    assert from_dict(DataConfig, {"sources": [], "too_long": "truncate"}).too_long == "truncate"
 
 
 def test_worker_processes_count_skips_like_the_main_process_and_resume_exactly():
@@ -280,7 +291,7 @@ def test_build_pipeline_from_config_with_the_real_source_and_transforms(task, sh
         "batch_size": 2, "num_epochs": 1, "max_images_per_row": 0 if task == "lm" else 3})
     iterator = build_pipeline(cfg, tokenizer, process_index=0, process_count=1)
     batches = list(iterator)
-    assert iterator.skip_counts() == {"seen": 12, "skipped": {}}
+    assert iterator.skip_counts() == {"seen": 12, "skipped": {}, "truncated": 0}
     if task == "contrastive":
         assert len(batches) == 6 and batches[0]["images"].shape == (2, 16, 16, 3)
         return
@@ -291,3 +302,135 @@ def test_build_pipeline_from_config_with_the_real_source_and_transforms(task, sh
     image_token_count = sum(int((b["input_ids"] == tokenizer.image_token_id).sum()) for b in batches)
     assert image_token_count == 12 * images_per_example * cfg.num_image_tokens
     assert all(b["loss_mask"].sum() > 0 for b in batches)
+
+
+class ConversationSource:
+    """LLaVA-like rows with real images and conversations, for the real transforms."""
+
+    def __init__(self, rows):
+        self.rows = rows  # (num_images, conversation)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        num_images, conversation = self.rows[index]
+        images = [np.full((6, 4, 3), 10 * index, np.uint8)] * num_images
+        return {"id": f"conv:{index}", "images": images, "conversation": conversation,
+                "caption": None, "meta": {}}
+
+
+def _conversation(num_images, num_exchanges):
+    turns = [{"role": "system", "content": "answer briefly"}]
+    for number in range(num_exchanges):
+        question = ("<image>" * num_images + "\n" if number == 0 else "") + "what color is it?"
+        turns += [{"role": "user", "content": question},
+                  {"role": "assistant", "content": f"a red circle {number}"}]
+    return turns
+
+
+TOO_LONG_ROWS = [(1, _conversation(1, 1)),    # fits
+                 (1, _conversation(1, 30)),   # too long: truncated to its first exchanges
+                 (5, _conversation(5, 1)),    # its five images alone are 5 x 16 = seq_len 80
+                 (0, _conversation(0, 2))]    # fits, text only
+
+
+CONVERSATION_TOKENIZER = train_word_tokenizer(
+    ["what color is it? a red circle answer briefly 0 1 2 3"] * 4,
+    special_tokens=["<|im_start|>", "<|im_end|>"])
+
+
+def too_long_pipeline(too_long, **overrides):
+    values = dict(sources=(), task="instruct", template="qwen2", seq_len=80, image_size=4,
+                  num_image_tokens=16, batch_size=1, packing=False, max_images_per_row=5,
+                  num_epochs=3, too_long=too_long, max_skip_fraction=1.0, read_threads=0)
+    values.update(overrides)
+    cfg = DataConfig(**values)
+    return build_pipeline_from(cfg, [("conv0", ConversationSource(TOO_LONG_ROWS), 1.0)],
+                               make_transform(cfg, CONVERSATION_TOKENIZER), 0, 1)
+
+
+def test_too_long_rows_are_counted_once_over_epochs_and_truncations_apart():
+    skipping = too_long_pipeline("skip")
+    assert len(list(skipping)) == 3 * 2
+    assert skipping.skip_counts() == {"seen": 3 * 2 + 2, "skipped": {"too_long": 2},
+                                      "truncated": 0}
+    truncating = too_long_pipeline("truncate")
+    batches = list(truncating)
+    assert len(batches) == 3 * 3
+    # The truncated row keeps its image: every row with an image has its 16 image tokens.
+    image_token_id = CONVERSATION_TOKENIZER.image_token_id
+    for batch in batches:
+        assert (batch["input_ids"] == image_token_id).sum() == 16 * batch["num_images"].sum()
+    assert sum(int(b["num_images"].sum()) for b in batches) == 3 * 2  # rows 0 and 1, 3 epochs
+    assert "truncated" not in batches[0]  # the marker is counted, never batched
+    counts = truncating.skip_counts()
+    assert counts == {"seen": 3 * 3 + 1, "skipped": {"too_long": 1}, "truncated": 3}
+    assert flat_skip_counts(counts) == {"data/seen": 10.0, "data/truncated": 3.0,
+                                        "data/skipped/too_long": 1.0}
+
+
+def test_truncation_and_counted_rows_are_restored_from_the_state():
+    uninterrupted = too_long_pipeline("truncate")
+    list(uninterrupted)
+    iterator = too_long_pipeline("truncate")
+    take(iterator, 5)  # into the second epoch: the too-long row was counted in the first
+    state = json.loads(json.dumps(iterator.get_state()))
+    at_state = iterator.skip_counts()
+    assert at_state["truncated"] >= 1 and at_state["skipped"] == {"too_long": 1}
+    resumed = too_long_pipeline("truncate")
+    resumed.set_state(state)
+    assert resumed.skip_counts() == at_state
+    list(resumed)
+    assert resumed.skip_counts() == uninterrupted.skip_counts()
+    # A state written before these counters existed restores with none.
+    old = json.loads(json.dumps(state))
+
+    def drop_new_keys(node):
+        if isinstance(node, dict):
+            if "counted_keys" in node:
+                del node["counted_keys"], node["truncated"]
+                return True
+            return any(drop_new_keys(child) for child in node.values())
+        return False
+
+    assert drop_new_keys(old)
+    resumed_old = too_long_pipeline("truncate")
+    resumed_old.set_state(old)
+    list(resumed_old)
+    final = uninterrupted.skip_counts()
+    assert resumed_old.skip_counts()["truncated"] == final["truncated"] - at_state["truncated"]
+
+
+def test_pad_to_square_reaches_the_pixels():
+    rgb = np.random.default_rng(3).integers(0, 256, (5, 8, 3), dtype=np.uint8)  # wide
+    square = Image.new("RGB", (8, 8), (127, 127, 127))  # LLaVA-1.5 expand2square, SigLIP mean
+    square.paste(Image.fromarray(rgb), (0, (8 - 5) // 2))
+    expected = preprocess_image(np.asarray(square), 6)
+    conversation = [{"role": "user", "content": "<image>\nwhat color is it?"},
+                    {"role": "assistant", "content": "red"}]
+    for pad_to_square in (True, False):
+        tokenizer = train_word_tokenizer(["what color is it? red"] * 4)
+        cfg = DataConfig(sources=(), task="instruct", template="minimal", seq_len=32,
+                         image_size=6, num_image_tokens=2, batch_size=1, num_epochs=1,
+                         pad_to_square=pad_to_square)
+        batch = next(build_pipeline_from(
+            cfg, [("pad0", _OneImageSource(rgb, conversation), 1.0)],
+            make_transform(cfg, tokenizer), 0, 1))
+        pixels = batch["images"][0, 0]
+        if pad_to_square:
+            np.testing.assert_array_equal(pixels, expected)
+        else:
+            assert np.abs(pixels - expected).max() > 0.1
+
+
+class _OneImageSource:
+    def __init__(self, rgb, conversation):
+        self.rgb, self.conversation = rgb, conversation
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        return {"id": f"one:{index}", "images": [self.rgb], "conversation": self.conversation,
+                "caption": None, "meta": {}}

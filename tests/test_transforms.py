@@ -1,6 +1,7 @@
 """Per-example transforms: loss mask on answers only (per family, and against transformers'
-assistant mask), placeholder expansion, too_long / truncation, prefix-LM mask_ar, captions,
-contrastive text, text-only LM examples."""
+assistant mask), placeholder expansion, too_long / truncation (whole exchanges, never an image,
+one answer cut), prefix-LM mask_ar, captions, contrastive text, text-only LM examples, the
+config's choices (too_long, pad_to_square) reaching the transforms."""
 import io
 import pickle
 import types
@@ -169,28 +170,151 @@ def test_placeholder_mismatch(tokenizer):
     assert error.value.reason == "placeholder_mismatch"
 
 
-def test_too_long_and_truncation_never_cuts_images(tokenizer):
-    long_conversation = CONVERSATION + [
-        {"role": "user", "content": "what color is the circle?"},
-        {"role": "assistant", "content": "red"}] * 10
-    exact = TokenizeConversation(tokenizer, "qwen2", num_image_tokens=16, seq_len=1024).map(
-        _example(long_conversation))
-    full_length = len(exact["input_ids"])
-    with pytest.raises(SkipExample) as error:
-        TokenizeConversation(tokenizer, "qwen2", 16, seq_len=full_length - 1).map(
-            _example(long_conversation))
+EXCHANGES = [("how many objects are there?", "two objects"),
+             ("what color is the circle?", "a large red circle at the top left"),
+             ("describe the image", "a small blue square in the center")]
+# system, the image in the first question, then 12 more exchanges of varied lengths.
+LONG_CONVERSATION = CONVERSATION[:3] + [
+    {"role": role, "content": text} for question, answer in EXCHANGES * 4
+    for role, text in (("user", question), ("assistant", answer))]
+
+
+def _prefix(conversation, num_exchanges):
+    """The system turn and the first num_exchanges (user, assistant) pairs."""
+    return conversation[:1 + 2 * num_exchanges]
+
+
+class CountingTokenizer:
+    """A tokenizer that counts how many texts it encodes with offsets (one per rendering)."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer, self.calls = tokenizer, 0
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def encode_with_offsets(self, text):
+        self.calls += 1
+        return self._tokenizer.encode_with_offsets(text)
+
+
+def _expanded_ids(tokenizer, name, conversation, num_image_tokens):
+    """The template's text of `conversation`, encoded, each <image> expanded: independent of
+    TokenizeConversation."""
+    text = get_template(name).text(conversation, tokenizer.bos_token, tokenizer.eos_token)
+    ids = np.asarray(tokenizer.encode(text))
+    return np.repeat(ids, np.where(ids == tokenizer.image_token_id, num_image_tokens, 1))
+
+
+@pytest.mark.parametrize("name", sorted(END_OF_TURN))
+def test_truncation_keeps_the_longest_prefix_of_whole_exchanges(tokenizer, name):
+    num_exchanges = (len(LONG_CONVERSATION) - 1) // 2
+    lengths = [0] + [len(_expanded_ids(tokenizer, name, _prefix(LONG_CONVERSATION, k), 16))
+                     for k in range(1, num_exchanges + 1)]  # lengths[k]: k exchanges
+    assert lengths == sorted(set(lengths))  # strictly growing, so each seq_len has one answer
+    for kept in range(1, num_exchanges):
+        for seq_len in (lengths[kept], lengths[kept + 1] - 1):  # exact fit, one short of the next
+            transform = TokenizeConversation(tokenizer, name, 16, seq_len=seq_len, truncate=True)
+            cut = transform.map(_example(LONG_CONVERSATION))
+            shorter = TokenizeConversation(tokenizer, name, 16, seq_len=4096).map(
+                _example(_prefix(LONG_CONVERSATION, kept)))
+            assert cut.keys() == shorter.keys() | {"truncated"} and cut["truncated"] == 1
+            for field in shorter:
+                np.testing.assert_array_equal(cut[field], shorter[field], err_msg=field)
+            np.testing.assert_array_equal(
+                cut["input_ids"], _expanded_ids(tokenizer, name, _prefix(LONG_CONVERSATION, kept), 16))
+            assert (cut["input_ids"] == tokenizer.image_token_id).sum() == 16
+            # Every kept answer is learned whole, end-of-turn token included.
+            assert len(_target_runs(tokenizer, cut)) == kept
+    fits = TokenizeConversation(tokenizer, name, 16, seq_len=lengths[-1], truncate=True).map(
+        _example(LONG_CONVERSATION))
+    assert "truncated" not in fits and len(fits["input_ids"]) == lengths[-1]
+
+
+def test_truncation_is_a_binary_search_over_exchanges(tokenizer):
+    conversation = CONVERSATION[:3] + [
+        {"role": role, "content": text} for question, answer in EXCHANGES * 13
+        for role, text in (("user", question), ("assistant", answer))]  # 40 exchanges
+    counting = CountingTokenizer(tokenizer)
+    kept_length = len(_expanded_ids(tokenizer, "qwen2", _prefix(conversation, 7), 16))
+    cut = TokenizeConversation(counting, "qwen2", 16, seq_len=kept_length, truncate=True).map(
+        _example(conversation))
+    assert len(cut["input_ids"]) == kept_length
+    assert counting.calls <= 1 + 6  # the whole row, then log2(40) prefixes (a scan would be ~33)
+
+
+def test_truncation_never_drops_an_image(tokenizer):
+    # The image is asked about in the third exchange: no prefix without it is a candidate.
+    conversation = [CONVERSATION[0]] + [
+        {"role": role, "content": text} for question, answer in EXCHANGES * 2
+        for role, text in (("user", question), ("assistant", answer))]
+    conversation[5] = {"role": "user", "content": "<image>\n" + conversation[5]["content"]}
+    three = _expanded_ids(tokenizer, "qwen2", _prefix(conversation, 3), 16)
+    two_length = len(_expanded_ids(tokenizer, "qwen2", _prefix(conversation, 2), 16))
+    # Room for three exchanges but not four: three are kept, image and all.
+    cut = TokenizeConversation(tokenizer, "qwen2", 16, seq_len=len(three), truncate=True).map(
+        _example(conversation))
+    np.testing.assert_array_equal(cut["input_ids"], three)
+    # Room for two exchanges only: they would drop the image, so the third answer is cut instead.
+    seq_len = len(three) - 3
+    cut = TokenizeConversation(tokenizer, "qwen2", 16, seq_len=seq_len, truncate=True).map(
+        _example(conversation))
+    np.testing.assert_array_equal(cut["input_ids"], three[:seq_len])
+    assert (cut["input_ids"] == tokenizer.image_token_id).sum() == 16 and cut["truncated"] == 1
+    # Not even the images and the third question fit (the cut would fall in the image tokens,
+    # or leave the question unanswered): too_long, though the two exchanges before would fit.
+    last_image = int(np.flatnonzero(three == tokenizer.image_token_id)[-1])
+    assert two_length < last_image
+    for seq_len in (two_length, last_image, last_image + 3):
+        with pytest.raises(SkipExample) as error:
+            TokenizeConversation(tokenizer, "qwen2", 16, seq_len=seq_len, truncate=True).map(
+                _example(conversation))
+        assert error.value.reason == "too_long"
+
+
+@pytest.mark.parametrize("name", ["qwen2", "vicuna", "llama2"])
+def test_a_single_over_long_answer_is_cut_inside_the_answer(tokenizer, name):
+    long_answer = " ".join(["a large red circle at the top left"] * 12)
+    conversation = CONVERSATION[:2] + [{"role": "assistant", "content": long_answer}]
+    full = TokenizeConversation(tokenizer, name, 16, seq_len=4096).map(_example(conversation))
+    first_answer = int(np.argmax(full["loss_mask"])) + 1  # input position of the answer's 1st token
+    with pytest.raises(SkipExample) as error:  # the default: skip
+        TokenizeConversation(tokenizer, name, 16, seq_len=first_answer + 5).map(
+            _example(conversation))
     assert error.value.reason == "too_long"
-    cut = TokenizeConversation(tokenizer, "qwen2", 16, seq_len=60, truncate=True).map(
-        _example(long_conversation))
-    assert len(cut["input_ids"]) == 60
-    np.testing.assert_array_equal(cut["input_ids"], exact["input_ids"][:60])
-    assert (cut["input_ids"] == tokenizer.image_token_id).sum() == 16
-    # A cut through the image tokens is refused, truncate or not.
-    first_image = int(np.argmax(exact["input_ids"] == tokenizer.image_token_id))
-    with pytest.raises(SkipExample) as error:
-        TokenizeConversation(tokenizer, "qwen2", 16, seq_len=first_image + 8, truncate=True).map(
-            _example(long_conversation))
+    for seq_len in (first_answer + 1, first_answer + 5):
+        cut = TokenizeConversation(tokenizer, name, 16, seq_len=seq_len, truncate=True).map(
+            _example(conversation))
+        np.testing.assert_array_equal(cut["input_ids"], full["input_ids"][:seq_len])
+        np.testing.assert_array_equal(cut["loss_mask"][:-1], full["loss_mask"][:seq_len - 1])
+        assert cut["loss_mask"][-1] == 0 and cut["loss_mask"].sum() == seq_len - first_answer
+        assert (cut["input_ids"] == tokenizer.image_token_id).sum() == 16
+        assert cut["truncated"] == 1
+    with pytest.raises(SkipExample) as error:  # not one answer token would be left
+        TokenizeConversation(tokenizer, name, 16, seq_len=first_answer, truncate=True).map(
+            _example(conversation))
     assert error.value.reason == "too_long"
+
+
+def test_truncated_captions_and_text_keep_every_image_token(tokenizer):
+    raw = {"id": "c", "images": [np.zeros((8, 8, 3), np.uint8)], "conversation": None,
+           "caption": "a large red circle at the top left and a small blue square in the center",
+           "meta": {}}
+    full = Chain(DecodeImages(IMAGE_SIZE), TokenizeCaption(tokenizer, 6, 256)).map(raw)
+    first_caption = 1 + 6 + len(tokenizer.encode("\n"))  # bos, image tokens, "\n"
+    assert full["loss_mask"][first_caption - 1] == 1 and full["loss_mask"][first_caption - 2] == 0
+    cut = Chain(DecodeImages(IMAGE_SIZE), TokenizeCaption(tokenizer, 6, 12, truncate=True)).map(raw)
+    np.testing.assert_array_equal(cut["input_ids"], full["input_ids"][:12])
+    assert cut["truncated"] == 1 and (cut["input_ids"] == tokenizer.image_token_id).sum() == 6
+    with pytest.raises(SkipExample) as error:  # the caption would be gone
+        Chain(DecodeImages(IMAGE_SIZE), TokenizeCaption(tokenizer, 6, first_caption,
+                                                        truncate=True)).map(raw)
+    assert error.value.reason == "too_long"
+    text = {"id": "t", "images": [], "caption": raw["caption"], "conversation": None, "meta": {}}
+    whole = TokenizeText(tokenizer, 256).map(text)
+    cut = TokenizeText(tokenizer, 5, truncate=True).map(text)
+    np.testing.assert_array_equal(cut["input_ids"], whole["input_ids"][:5])
+    assert cut["truncated"] == 1 and cut["loss_mask"].sum() == 4
 
 
 def test_no_answer_and_malformed(tokenizer):
@@ -285,7 +409,8 @@ def test_undecoded_images_are_refused(tokenizer):
 @pytest.mark.parametrize("task", ["instruct", "align", "lm", "contrastive"])
 def test_make_transform_per_task_and_pickles(tokenizer, task):
     cfg = types.SimpleNamespace(task=task, template="qwen2", seq_len=128, image_size=IMAGE_SIZE,
-                                num_image_tokens=4, text_len=8)
+                                num_image_tokens=4, text_len=8, too_long="skip",
+                                pad_to_square=False)
     transform = pickle.loads(pickle.dumps(make_transform(cfg, tokenizer)))
     raw = {"id": "m", "images": [np.zeros((8, 8, 3), np.uint8)] if task != "lm" else [],
            "conversation": CONVERSATION if task != "lm" else CONVERSATION[3:],

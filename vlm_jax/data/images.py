@@ -4,7 +4,10 @@
 alone (decompression bombs), applies EXIF orientation, and turns any PIL mode into RGB.
 `preprocess_image` reproduces HF `SiglipImageProcessor` numerically: PIL bicubic resize of the
 uint8 image to S x S (no aspect-ratio preservation, no crop), rescale by 1/255, normalise with
-mean = std = 0.5.
+mean = std = 0.5. With `pad_to_square=True` the uint8 image is first centred on a square of
+`PAD_COLOR` (LLaVA-1.5's `expand2square`), which keeps its aspect ratio; that is numerically HF
+`LlavaImageProcessorPil(do_pad=True, size={"height": S, "width": S}, do_center_crop=False,
+resample=3, image_mean=[0.5] * 3, image_std=[0.5] * 3)` (tests/test_images.py checks both).
 """
 from __future__ import annotations
 
@@ -19,6 +22,10 @@ from vlm_jax.data.errors import SkipExample
 # 64 Mpx: far above any training image (LLaVA / COCO are < 1 Mpx), far below what would hurt a
 # data-loader worker (a 20000 x 20000 RGB image alone is 1.2 GB).
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+
+# LLaVA-1.5 pads with `tuple(int(x * 255) for x in image_processor.image_mean)`: SigLIP's mean 0.5
+# gives int(127.5) = 127, not 128 (the truncation is LLaVA's, and HF's do_pad repeats it).
+PAD_COLOR = (127, 127, 127)
 
 # Pillow's own errors for unreadable data; anything else is a bug and should propagate.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.UnidentifiedImageError)
@@ -73,17 +80,34 @@ def pil_to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8).copy()
 
 
-def preprocess_image(rgb: np.ndarray, image_size: int) -> np.ndarray:
+def preprocess_image(rgb: np.ndarray, image_size: int, pad_to_square: bool = False) -> np.ndarray:
     """u8[H, W, 3] -> f32[S, S, 3] in [-1, 1], numerically HF `SiglipImageProcessor`'s output
-    (channels-last instead of HF's channels-first)."""
+    (channels-last instead of HF's channels-first); `pad_to_square` first (see `expand_to_square`)."""
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"preprocess_image takes u8[H, W, 3], got {rgb.dtype}{list(rgb.shape)}")
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
+    if pad_to_square:
+        rgb = expand_to_square(rgb)
     resized = Image.fromarray(rgb).resize((image_size, image_size), resample=Image.BICUBIC)
     pixels = np.asarray(resized, dtype=np.float32)
     # HF: (x / 255 - 0.5) / 0.5, computed in float64 then cast; this differs by < 1e-7.
     return pixels * np.float32(2.0 / 255.0) - np.float32(1.0)
+
+
+def expand_to_square(rgb: np.ndarray, color: tuple[int, int, int] = PAD_COLOR) -> np.ndarray:
+    """u8[H, W, 3] -> u8[L, L, 3], L = max(H, W): LLaVA-1.5's `expand2square`. The image is pasted
+    at offset (L - H) // 2 from the top, (L - W) // 2 from the left (the odd pixel of padding goes
+    to the bottom / right), onto `color`."""
+    height, width = rgb.shape[:2]
+    if height == width:
+        return rgb
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
+    square = np.empty((side, side, 3), np.uint8)
+    square[:] = np.asarray(color, np.uint8)
+    square[top:top + height, left:left + width] = rgb
+    return square
 
 
 def _open_lazily(data: bytes, max_pixels: int) -> Image.Image:

@@ -5,7 +5,7 @@ accounting -> rows (packed or not) -> batches, with an exactly resumable iterato
     batch = next(it)
     state = it.get_state()                        # JSON-able; saved with the model checkpoint
     it.set_state(state)                           # exact resume, skip counters included
-    it.skip_counts()                              # {"seen": n, "skipped": {reason: n}} for logs
+    it.skip_counts()                # {"seen": n, "skipped": {reason: n}, "truncated": n} for logs
 
 Order of operations, and why:
   * random-access sources (shapes, llava_json, tfds) are sharded by process first
@@ -19,10 +19,12 @@ Order of operations, and why:
   * several sources are mixed by weight with grain's `IterDataset.mix`. With one source an epoch
     is exactly one pass; a mixture stops when its first source runs out of epochs;
   * bad records never raise out of a worker: a `SkipExample` from a source or from the
-    transform becomes a `SkippedExample` marker that travels to the main process, where
-    `SkipAccountingIterDataset` counts it by reason and drops it. Counting therefore happens in
-    one place, after the workers, whatever `worker_count` is, and the counters are part of the
-    iterator state (a resumed run continues the counts of the run it resumes);
+    transform, or an example that cannot fit a row, becomes a `SkippedExample` marker that
+    travels to the main process, where `SkipAccountingIterDataset` counts it by reason and drops
+    it. Counting therefore happens in one place, after the workers, whatever `worker_count` is;
+    a bad row is counted once however many epochs bring it back, examples cut to fit
+    (`too_long="truncate"`) are counted apart, and the counters are part of the iterator state
+    (a resumed run continues the counts of the run it resumes; see data/skips.py);
   * packing and batching are cheap numpy work and run in the main process. The last, partial
     batch of a finite run is padded with empty rows (segment 0); contrastive batches have no
     padding rows, so their last partial batch is dropped.
@@ -53,6 +55,7 @@ from vlm_jax.data.streams import OrderedThreadMapIterDataset, StreamSourceIterDa
 logger = logging.getLogger(__name__)
 
 TASKS = ("instruct", "align", "lm", "contrastive")
+TOO_LONG_POLICIES = ("skip", "truncate")  # data.too_long; see data/transforms.py
 # kind -> (module, class); the class is built with the source's `options` as keyword arguments.
 SOURCE_KINDS = {
     "shapes": ("vlm_jax.data.sources.shapes", "ShapesSource"),
@@ -93,6 +96,9 @@ class DataConfig:
     text_len: int = 64                  # caption tokens per example ("contrastive" only)
     image_size: int = 224
     num_image_tokens: int = 196
+    pad_to_square: bool = False         # LLaVA-1.5: pad images to a square of gray before resizing
+    too_long: str = "skip"              # over seq_len: "skip" the row, or "truncate" it (whole
+                                        # turns first; never an image token, see transforms.py)
     batch_size: int = 8
     packing: bool = True
     max_images_per_row: int = 4
@@ -115,6 +121,8 @@ class DataConfig:
         object.__setattr__(self, "sources", sources)
         if self.task not in TASKS:
             raise ValueError(f"data.task={self.task!r}; supported: {TASKS}")
+        if self.too_long not in TOO_LONG_POLICIES:
+            raise ValueError(f"data.too_long={self.too_long!r}; supported: {TOO_LONG_POLICIES}")
         for name in ("seq_len", "image_size", "batch_size", "text_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
@@ -138,8 +146,9 @@ class DataConfig:
 class PipelineIterator(grain.DatasetIterator):
     """The pipeline's batches, state and skip counters.
 
-    `skip_counts()` counts every raw example that reached the main process so far: up to one
-    example (the one the packer holds for its next row) ahead of the batches handed out.
+    `skip_counts()` counts the raw examples that reached the main process so far (a bad row
+    once, whatever the epoch; see `SkipAccountingIterator`): up to one example (the one the
+    packer holds for its next row) ahead of the batches handed out.
     `get_state()` is exact, and restoring it restores the counters of that point.
     """
 
@@ -201,9 +210,10 @@ def build_example_dataset(cfg: DataConfig, sources: Sequence[tuple[str, Any, flo
         raise ValueError(f"process_index={process_index} outside [0, process_count={process_count})")
     if not sources:
         raise ValueError("no data sources: data.sources is empty")
-    guarded_transform = GuardedTransform(transform)
+    check = one_image_check if cfg.task == "contrastive" else RowFitCheck(cfg.row_spec)
     streams = []
     for number, (name, source, _) in enumerate(sources):
+        guarded_transform = GuardedTransform(transform, name, check)
         if hasattr(source, "__getitem__"):
             streams.append(_random_access_examples(cfg, name, source, _fold_seed(cfg.seed, number),
                                                    guarded_transform, process_index, process_count))
@@ -212,9 +222,7 @@ def build_example_dataset(cfg: DataConfig, sources: Sequence[tuple[str, Any, flo
                                             guarded_transform))
     mixed = streams[0] if len(streams) == 1 else grain.IterDataset.mix(
         streams, weights=[weight for _, _, weight in sources])
-    check = one_image_check if cfg.task == "contrastive" else RowFitCheck(cfg.row_spec)
-    return SkipAccountingIterDataset(mixed, cfg.max_skip_fraction, cfg.min_seen_for_skip_check,
-                                     check)
+    return SkipAccountingIterDataset(mixed, cfg.max_skip_fraction, cfg.min_seen_for_skip_check)
 
 
 def _random_access_examples(cfg: DataConfig, name: str, source: Any, seed: int,

@@ -1,19 +1,28 @@
 """Per-example transforms: RAW EXAMPLE -> TOKENIZED EXAMPLE (see the data contract), as grain Maps.
 
-    DecodeImages(image_size)                       images -> f32[k, S, S, 3] in [-1, 1]
-    TokenizeConversation(tokenizer, template, num_image_tokens, seq_len, prefix_lm=False)
-    TokenizeCaption(tokenizer, num_image_tokens, seq_len)     the "plain" alignment format
-    TokenizeText(tokenizer, seq_len, template)                text-only LM examples
+    DecodeImages(image_size, pad_to_square=False)  images -> f32[k, S, S, 3] in [-1, 1]
+    TokenizeConversation(tokenizer, template, num_image_tokens, seq_len, prefix_lm=False,
+                         truncate=False)
+    TokenizeCaption(tokenizer, num_image_tokens, seq_len, truncate=False)  LLaVA's "plain" format
+    TokenizeText(tokenizer, seq_len, template, truncate=False)             text-only LM examples
     TokenizeContrastive(tokenizer, text_len)                  image + padded caption ids
 
 Compose them with `Chain(...)` or get the chain a pipeline config asks for from
-`make_transform(cfg, tokenizer)`. Bad records raise `SkipExample` with a stable reason:
+`make_transform(cfg, tokenizer)` (`data.too_long="truncate"` sets `truncate`, `data.pad_to_square`
+the LLaVA-1.5 padding). Bad records raise `SkipExample` with a stable reason:
 "placeholder_mismatch", "too_long", "no_answer", "no_conversation", "no_caption",
-"conversation_malformed" (plus the image reasons of `images.decode_image`).
+"conversation_malformed", "no_text" (plus the image reasons of `images.decode_image`).
 
 Loss mask: the whole rendered prompt is encoded in one call (so the ids are exactly what the
 tokenizer gives for the template's text, as at inference), and a token is a target when its
 first character lies in a target piece of the template (an answer or its end-of-turn token).
+
+Too long for seq_len: skipped ("too_long"), or with `truncate=True` made to fit without ever
+dropping an image token or cutting template markup (see `TokenizeConversation`): a conversation
+keeps its longest prefix of whole (user, assistant) exchanges; when not even the first exchange
+(holding every image) fits, or for a caption / a text-only row, the last answer's tokens are cut
+at seq_len. A cut example carries `truncated: i32[] = 1` (absent on uncut examples); the skip
+accounting counts it, packing ignores it.
 """
 from __future__ import annotations
 
@@ -24,18 +33,20 @@ import numpy as np
 
 from vlm_jax.data.errors import SkipExample
 from vlm_jax.data.images import decode_image, preprocess_image
-from vlm_jax.data.templates import ChatTemplate, Piece, TemplateError, get_template
+from vlm_jax.data.templates import ChatTemplate, Message, Piece, TemplateError, get_template
 from vlm_jax.data.tokenizer import Tokenizer
 
 
 class DecodeImages(grain.transforms.Map):
-    """images: list of bytes / PIL / uint8 arrays -> f32[k, S, S, 3] SigLIP-normalised."""
+    """images: list of bytes / PIL / uint8 arrays -> f32[k, S, S, 3] SigLIP-normalised, each
+    first padded to a square of `images.PAD_COLOR` with `pad_to_square` (LLaVA-1.5)."""
 
-    def __init__(self, image_size: int):
+    def __init__(self, image_size: int, pad_to_square: bool = False):
         self.image_size = image_size
+        self.pad_to_square = pad_to_square
 
     def map(self, element: Mapping[str, Any]) -> dict:
-        images = [preprocess_image(decode_image(image), self.image_size)
+        images = [preprocess_image(decode_image(image), self.image_size, self.pad_to_square)
                   for image in element["images"]]
         stacked = (np.stack(images) if images
                    else np.zeros((0, self.image_size, self.image_size, 3), np.float32))
@@ -47,8 +58,15 @@ class TokenizeConversation(grain.transforms.Map):
     positions / mask_ar (+ the decoded images), through a chat template.
 
     Each `<image>` becomes `num_image_tokens` copies of `tokenizer.image_token_id`. Examples
-    longer than `seq_len` are dropped ("too_long"); with `truncate=True` they are cut at seq_len
-    instead, but only where the cut keeps every image token and at least one answer token.
+    longer than `seq_len` are dropped ("too_long"), unless `truncate=True`:
+      * the row keeps the longest prefix of whole (user, assistant) exchanges (after the optional
+        system turn) that fits, rendered by the template as that shorter conversation, so the kept
+        text is exactly the template's, end-of-turn tokens included. The prefix always holds every
+        `<image>` of the row; a binary search over the number of exchanges keeps a 40-turn row
+        to a few tokenizations (lengths grow with the number of exchanges);
+      * when not even the shortest prefix holding every image fits, its last answer is cut at
+        seq_len, provided the cut falls inside that answer (after every image token, at least
+        one answer token kept); otherwise the row is "too_long".
     `prefix_lm=True` (PaliGemma style): every token before the first answer token gets
     mask_ar = 0 (one bidirectional block: images and the first prompt), the rest 1.
     """
@@ -72,26 +90,72 @@ class TokenizeConversation(grain.transforms.Map):
             raise SkipExample("no_answer", f"{element.get('id')}: no non-empty assistant turn")
         return self._tokenize(element, conversation)
 
-    def _tokenize(self, element: Mapping[str, Any], conversation: Sequence[Mapping]) -> dict:
-        try:
-            pieces = self.template.render(conversation, self.tokenizer.bos_token,
-                                          self.tokenizer.eos_token)
-        except TemplateError as error:
-            raise SkipExample("conversation_malformed", f"{element.get('id')}: {error}") from None
+    def _tokenize(self, element: Mapping[str, Any], conversation: Sequence[Message]) -> dict:
         images = _decoded_images(element)
-        example = tokenize_pieces(self.tokenizer, pieces, num_images=len(images),
-                                  num_image_tokens=self.num_image_tokens, seq_len=self.seq_len,
-                                  prefix_lm=self.prefix_lm, truncate=self.truncate,
-                                  example_id=str(element.get("id")))
+        try:
+            example = self._tokenize_messages(element, conversation, len(images), cut=False)
+        except SkipExample as skip:
+            if not (self.truncate and skip.reason == "too_long"):
+                raise
+            example = self._longest_fitting_prefix(element, conversation, len(images), skip)
+            example["truncated"] = np.int32(1)
         if isinstance(images, np.ndarray):
             example["images"] = images
         return example
+
+    def _tokenize_messages(self, element: Mapping[str, Any], messages: Sequence[Message],
+                           num_images: int, cut: bool) -> dict:
+        try:
+            pieces = self.template.render(messages, self.tokenizer.bos_token,
+                                          self.tokenizer.eos_token)
+        except TemplateError as error:
+            raise SkipExample("conversation_malformed", f"{element.get('id')}: {error}") from None
+        return tokenize_pieces(self.tokenizer, pieces, num_images=num_images,
+                               num_image_tokens=self.num_image_tokens, seq_len=self.seq_len,
+                               prefix_lm=self.prefix_lm, truncate=cut,
+                               example_id=str(element.get("id")))
+
+    def _longest_fitting_prefix(self, element: Mapping[str, Any],
+                                conversation: Sequence[Message], num_images: int,
+                                too_long: SkipExample) -> dict:
+        """The `truncate=True` path of a conversation that does not fit (see the class)."""
+        head = list(conversation[:1]) if conversation[0]["role"] == "system" else []
+        turns = list(conversation[len(head):])
+
+        def prefix(num_exchanges: int) -> list:
+            return head + turns[:2 * num_exchanges]
+
+        def num_placeholders(messages: Sequence[Message]) -> int:
+            return sum(m["content"].count(self.tokenizer.image_token) for m in messages)
+
+        num_exchanges = len(turns) // 2
+        everything = num_placeholders(conversation)
+        # Fewest exchanges that hold every image (and at least one answer).
+        fewest = next((k for k in range(1, num_exchanges + 1)
+                       if num_placeholders(prefix(k)) == everything), None)
+        if fewest is None:  # an image in a trailing unanswered turn: no prefix keeps them all
+            raise too_long
+        # With no trailing unanswered turn, all the exchanges are the row that did not fit.
+        best, low, high = None, fewest, num_exchanges - (len(turns) % 2 == 0)
+        while low <= high:  # the largest k in [fewest, num_exchanges] whose prefix fits
+            middle = (low + high) // 2
+            try:
+                best = self._tokenize_messages(element, prefix(middle), num_images, cut=False)
+                low = middle + 1
+            except SkipExample as skip:
+                if skip.reason != "too_long":
+                    raise
+                high = middle - 1
+        if best is not None:
+            return best
+        return self._tokenize_messages(element, prefix(fewest), num_images, cut=True)
 
 
 class TokenizeCaption(TokenizeConversation):
     """Image-caption pairs in LLaVA's "plain" alignment format: `<image>\\n` per image, then the
     caption and EOS; the loss falls on the caption and EOS only. The caption is the example's
-    `caption`, else its single assistant turn (LLaVA's pretraining JSON stores it there)."""
+    `caption`, else its single assistant turn (LLaVA's pretraining JSON stores it there).
+    `truncate=True` cuts the caption's tokens at seq_len (never an image token)."""
 
     def __init__(self, tokenizer: Tokenizer, num_image_tokens: int, seq_len: int,
                  prefix_lm: bool = False, truncate: bool = False):
@@ -107,7 +171,8 @@ class TokenizeCaption(TokenizeConversation):
 
 class TokenizeText(grain.transforms.Map):
     """Text-only LM examples: BOS + caption + EOS, or a conversation rendered with `template`;
-    every token is learned. Output has no images. Too long -> "too_long" (or cut, `truncate`)."""
+    every token is learned. Output has no images. Too long -> "too_long", or with `truncate` cut
+    at seq_len (anywhere: the whole text is one target)."""
 
     def __init__(self, tokenizer: Tokenizer, seq_len: int,
                  template: str | ChatTemplate | None = None, truncate: bool = False):
@@ -176,17 +241,19 @@ class Chain(grain.transforms.Map):
 
 
 def make_transform(cfg: Any, tokenizer: Tokenizer, prefix_lm: bool = False) -> Chain:
-    """The chain for a pipeline `DataConfig` (task, template, seq_len, image_size,
-    num_image_tokens, text_len)."""
-    decode = DecodeImages(cfg.image_size)
+    """The chain for a pipeline `DataConfig` (task, template, seq_len, image_size, pad_to_square,
+    num_image_tokens, text_len, too_long)."""
+    decode = DecodeImages(cfg.image_size, cfg.pad_to_square)
+    truncate = cfg.too_long == "truncate"
     if cfg.task == "instruct":
         return Chain(decode, TokenizeConversation(tokenizer, cfg.template, cfg.num_image_tokens,
-                                                  cfg.seq_len, prefix_lm=prefix_lm))
+                                                  cfg.seq_len, prefix_lm=prefix_lm,
+                                                  truncate=truncate))
     if cfg.task == "align":
         return Chain(decode, TokenizeCaption(tokenizer, cfg.num_image_tokens, cfg.seq_len,
-                                             prefix_lm=prefix_lm))
+                                             prefix_lm=prefix_lm, truncate=truncate))
     if cfg.task == "lm":
-        return Chain(TokenizeText(tokenizer, cfg.seq_len, cfg.template))
+        return Chain(TokenizeText(tokenizer, cfg.seq_len, cfg.template, truncate=truncate))
     if cfg.task == "contrastive":
         return Chain(decode, TokenizeContrastive(tokenizer, cfg.text_len))
     raise ValueError(f"task={cfg.task!r}; supported: instruct, align, lm, contrastive")
@@ -197,7 +264,12 @@ def make_transform(cfg: Any, tokenizer: Tokenizer, prefix_lm: bool = False) -> C
 def tokenize_pieces(tokenizer: Tokenizer, pieces: Sequence[Piece], num_images: int,
                     num_image_tokens: int, seq_len: int, prefix_lm: bool = False,
                     truncate: bool = False, example_id: str = "") -> dict[str, np.ndarray]:
-    """Template pieces -> the TOKENIZED EXAMPLE arrays (without images)."""
+    """Template pieces -> the TOKENIZED EXAMPLE arrays (without images).
+
+    Longer than seq_len: "too_long", or with `truncate` the first seq_len tokens when that cut
+    falls inside the last answer (the last run of target tokens): after every image token, with
+    at least one of that answer's tokens learned. The cut example gets `truncated` = 1.
+    """
     text = "".join(segment for segment, _ in pieces)
     char_is_target = np.zeros(len(text) + 1, bool)
     start = 0
@@ -221,9 +293,11 @@ def tokenize_pieces(tokenizer: Tokenizer, pieces: Sequence[Piece], num_images: i
 
     if not is_target[1:].any():
         raise SkipExample("no_answer", f"{example_id}: no answer token to learn")
-    if len(ids) > seq_len:
+    cut = len(ids) > seq_len
+    if cut:
         last_image = int(np.flatnonzero(is_image)[-1]) if is_image.any() else -1
-        if not (truncate and last_image < seq_len and is_target[1:seq_len].any()):
+        last_answer = max(_last_run_start(is_target), 1)  # token 0 is never learned
+        if not (truncate and last_image < seq_len and is_target[last_answer:seq_len].any()):
             raise SkipExample("too_long", f"{example_id}: {len(ids)} tokens > seq_len {seq_len}")
         ids, is_target = ids[:seq_len], is_target[:seq_len]
 
@@ -231,13 +305,25 @@ def tokenize_pieces(tokenizer: Tokenizer, pieces: Sequence[Piece], num_images: i
     mask_ar = np.ones(n, np.int32)
     if prefix_lm:
         mask_ar[:int(np.argmax(is_target))] = 0
-    return {
+    example = {
         "input_ids": ids,
         "target_ids": np.append(ids[1:], 0).astype(np.int32),
         "loss_mask": np.append(is_target[1:], False).astype(np.float32),
         "positions": np.arange(n, dtype=np.int32),
         "mask_ar": mask_ar,
     }
+    if cut:
+        example["truncated"] = np.int32(1)
+    return example
+
+
+def _last_run_start(flags: np.ndarray) -> int:
+    """Index where the last run of True values of `flags` starts (a template's last answer)."""
+    true_positions = np.flatnonzero(flags)
+    if not len(true_positions):
+        return len(flags)
+    gaps = np.flatnonzero(np.diff(true_positions) > 1)
+    return int(true_positions[gaps[-1] + 1]) if len(gaps) else int(true_positions[0])
 
 
 def caption_of(element: Mapping[str, Any]) -> str:

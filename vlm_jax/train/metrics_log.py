@@ -4,7 +4,8 @@ TensorBoard event files under `workdir/tensorboard/`. Only process 0 writes.
 
 A JSONL row is one flat dict: {"step": 20, "loss": ..., "lr": ..., "grad_norm": ...,
 "step_time_s": ..., "examples_per_s": ..., "tokens_per_s": ..., "mfu": ... (when known),
-"data/seen": ..., "data/skipped/<reason>": ...}; eval rows hold "eval/<metric>" keys.
+"data/seen": ..., "data/truncated": ..., "data/skipped/<reason>": ...}; eval rows hold
+"eval/<metric>" keys.
 With `log.batch_hash`, `workdir/data_hashes.jsonl` gets {"step", "hash"} for every step.
 """
 from __future__ import annotations
@@ -25,8 +26,8 @@ PROGRESS_KEYS = (("loss", "loss", ".4f"), ("step_time_s", "s/step", ".3f"),
 
 
 def flat_skip_counts(counts: Mapping[str, Any]) -> dict[str, float]:
-    """The pipeline's {"seen": n, "skipped": {reason: n}} as flat log keys."""
-    out = {"data/seen": float(counts["seen"])}
+    """The pipeline's {"seen": n, "skipped": {reason: n}, "truncated": n} as flat log keys."""
+    out = {"data/seen": float(counts["seen"]), "data/truncated": float(counts["truncated"])}
     out.update({f"data/skipped/{reason}": float(n) for reason, n in counts["skipped"].items()})
     return out
 
