@@ -284,3 +284,67 @@ def test_lora_instruct_steps_export_with_adapters_merged(tmp_path):
     got = _hf_logits(exported, input_ids, attention_mask, pixel_values)
     real = attention_mask.astype(bool)
     np.testing.assert_allclose(ours[real], got[real], atol=1e-4, rtol=0)
+
+
+def _bf16_trained_dir(tmp_path):
+    """A model directory saved from a config that computes in bf16 with full remat (the real
+    recipe's run settings)."""
+    import dataclasses
+    config = dataclasses.replace(_config_with_projector("mlp2x_gelu"), dtype="bfloat16",
+                                 param_dtype="float32", remat_policy="full")
+    ckpt = tmp_path / "trained"
+    params = jax.jit(lambda key: init_params(config, key))(jax.random.key(0))
+    tokenizer_dir = tmp_path / "tok"
+    tokenizer_dir.mkdir()
+    vocab = {f"w{i}": i for i in range(31)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken("<image>", special=True, normalized=False)])
+    tok.save(str(tokenizer_dir / "tokenizer.json"))
+    from vlm_jax.data.tokenizer import Tokenizer as OurTokenizer
+    model_dir.save_model(str(ckpt), config, params, OurTokenizer.from_path(str(tokenizer_dir)))
+    return ckpt
+
+
+def test_a_model_trained_in_bf16_is_stored_as_its_architecture_and_exports(tmp_path):
+    ckpt = _bf16_trained_dir(tmp_path)
+    saved = json.load(open(ckpt / "config.json"))
+    assert saved["model"]["dtype"] is None and saved["model"]["remat_policy"] is None
+    assert saved["model"]["llm"]["dtype"] == "float32"
+    assert saved["trained_with"] == {"dtype": "bfloat16", "remat_policy": "full"}
+    assert model_dir.load_config(str(ckpt)).resolved("llm").dtype == "float32"
+    assert vlm_jax.load(str(ckpt), dtype="bfloat16").config.resolved("llm").dtype == "bfloat16"
+    # a directory written before run settings left the model section still loads as f32
+    saved["model"].update(dtype="bfloat16", remat_policy="full")
+    del saved["trained_with"]
+    (ckpt / "config.json").write_text(json.dumps(saved))
+    assert model_dir.load_config(str(ckpt)).resolved("llm").dtype == "float32"
+    assert model_dir.load_trained_with(str(ckpt))["dtype"] == "bfloat16"
+    result = exporter.export_hf(str(ckpt), str(tmp_path / "hf"))
+    assert result.max_abs_diff <= exporter.F32_TOLERANCE
+
+
+def test_a_failed_export_leaves_nothing_and_nothing_is_overwritten(tmp_path, monkeypatch, capsys):
+    ckpt = _bf16_trained_dir(tmp_path)
+    out = tmp_path / "hf"
+
+    def mismatch(result, *args):
+        raise exporter.ExportMismatch("probe logits differ")
+    monkeypatch.setattr(exporter, "check_llava_export", mismatch)
+    assert cli_main(["export-hf", "--checkpoint", str(ckpt), "--out", str(out)]) == 3
+    assert "nothing was written" in capsys.readouterr().err
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["tok", "trained"]
+    monkeypatch.undo()
+
+    for target, message in ((ckpt, "overlaps the exported model"),
+                            (ckpt / "params", "overlaps the exported model")):
+        assert cli_main(["export-hf", "--checkpoint", str(ckpt), "--out", str(target)]) == 2
+        assert message in capsys.readouterr().err
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert cli_main(["export-hf", "--checkpoint", str(ckpt), "--out", str(out)]) == 2
+    assert "is not empty" in capsys.readouterr().err and os.listdir(out) == ["notes.txt"]
+    assert cli_main(["export-hf", "--checkpoint", str(ckpt), "--out", str(out),
+                     "--overwrite"]) == 0
+    assert "model.safetensors" in os.listdir(out) and "notes.txt" not in os.listdir(out)
+    assert sorted(os.listdir(tmp_path)) == ["hf", "tok", "trained"]  # no staging left behind

@@ -8,7 +8,7 @@
 __version__ = "0.1.0"
 
 
-def load(checkpoint: str):
-    """Load a model directory; see `vlm_jax.api.LoadedModel`."""
+def load(checkpoint: str, dtype: str | None = None):
+    """Load a model directory (f32 compute unless `dtype`); see `vlm_jax.api.LoadedModel`."""
     from vlm_jax.api import load as _load
-    return _load(checkpoint)
+    return _load(checkpoint, dtype=dtype)

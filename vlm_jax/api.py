@@ -9,15 +9,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax import model_dir
-from vlm_jax.models.vlm import VLM, VLMConfig, check_image_placeholders
+from vlm_jax.models.vlm import VLM, VLMConfig, check_image_placeholders, with_run_settings
 
 
 @dataclasses.dataclass
 class LoadedModel:
-    """A model directory in memory: `config`, `params`, `tokenizer` (None if it had none)."""
+    """A model directory in memory: `config`, `params`, `tokenizer` (None if it had none), and
+    what training fed it: `template` (chat template name, None when unknown) and
+    `pad_to_square` (image preprocessing)."""
     config: VLMConfig
     params: Any
     tokenizer: Any
+    template: str | None = None
+    pad_to_square: bool = False
 
     def __post_init__(self):
         self.model = VLM(self.config)
@@ -71,7 +75,10 @@ class LoadedModel:
         return jnp.asarray(images)
 
 
-def load(checkpoint: str) -> LoadedModel:
-    """Load a model directory written by `vlm-jax import-hf` or by training."""
+def load(checkpoint: str, dtype: str | None = None) -> LoadedModel:
+    """Load a model directory written by `vlm-jax import-hf` or by training. It computes in f32
+    unless `dtype` says otherwise (how a model was trained to compute is not part of it)."""
     config, params, tokenizer = model_dir.load_model(checkpoint)
-    return LoadedModel(config, params, tokenizer)
+    config = with_run_settings(config, dtype=dtype)
+    data = model_dir.load_data_settings(checkpoint)
+    return LoadedModel(config, params, tokenizer, data["template"], data["pad_to_square"])

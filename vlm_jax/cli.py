@@ -19,9 +19,11 @@ def _import_hf(args: argparse.Namespace) -> int:
 def _export_hf(args: argparse.Namespace) -> int:
     from vlm_jax.convert.exporter import ExportMismatch, describe, export_hf
     try:
-        result = export_hf(args.checkpoint, args.out, dtype=args.dtype, part=args.part)
+        result = export_hf(args.checkpoint, args.out, dtype=args.dtype, part=args.part,
+                           overwrite=args.overwrite)
     except ExportMismatch as e:
-        print(f"vlm-jax export-hf: self-check FAILED: {e}", file=sys.stderr)
+        print(f"vlm-jax export-hf: self-check FAILED: {e}; nothing was written to {args.out}",
+              file=sys.stderr)
         return 3
     print(describe(result))
     return 0
@@ -109,23 +111,34 @@ DEFAULT_TEMPLATES = {"llama": "vicuna", "qwen2": "qwen2", "gemma": "gemma"}
 
 def _load_for_generation(args: argparse.Namespace):
     import vlm_jax
-    model = vlm_jax.load(args.checkpoint)
+    from vlm_jax import model_dir
+    from vlm_jax.checkpoint import resolve_model_dir
+    try:
+        source = resolve_model_dir(args.checkpoint)
+    except ValueError as e:
+        raise ValueError(f"--checkpoint {args.checkpoint}: {e}") from None
+    model = vlm_jax.load(source, dtype=args.dtype)
+    note = model_dir.compute_note(source, args.dtype)
+    if note:
+        print(note, file=sys.stderr)
     if model.tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer/ directory; generation needs one")
     if model.config.vision is None or model.config.llm is None:
         raise ValueError(f"{args.checkpoint} is not a vision-language model (needs a vision tower, "
                          f"a projector and an LLM); `generate`/`score` take image + prompt")
-    template = args.template or DEFAULT_TEMPLATES[model.config.llm.family]
+    # The template the model was trained with, else (an import) its family's usual one.
+    template = args.template or model.template or DEFAULT_TEMPLATES[model.config.llm.family]
     return model, template
 
 
 def _request_inputs(model, template: str, image_path: str, prompt: str):
-    """(prompt ids i32[T], image f32[1, S, S, 3]) for one request."""
+    """(prompt ids i32[T], image f32[1, S, S, 3]) for one request, preprocessed as in training."""
     from vlm_jax.data.images import decode_image, preprocess_image
     from vlm_jax.evaluate import prompt_ids
     with open(image_path, "rb") as f:
         rgb = decode_image(f.read())
-    image = preprocess_image(rgb, model.config.vision.image_size)[None]
+    image = preprocess_image(rgb, model.config.vision.image_size,
+                             pad_to_square=model.pad_to_square)[None]
     return prompt_ids(model.tokenizer, prompt, template, model.config.tokens_per_image), image
 
 
@@ -134,7 +147,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from vlm_jax.generate import Sampling, generate, trim_at_stop_strings
+    from vlm_jax.generate import Sampling, generate, stop_token_ids, trim_at_stop_strings
     if (args.requests is None) == (args.prompt is None):
         raise ValueError("give either --prompt (with --image) or --requests FILE.jsonl")
     if args.requests is not None:
@@ -151,7 +164,7 @@ def _generate(args: argparse.Namespace) -> int:
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     model, template = _load_for_generation(args)
     tokenizer = model.tokenizer
-    stop_ids = [i for i in (tokenizer.eos_id,) if i is not None]
+    stop_ids = stop_token_ids(tokenizer, template)
     stop_sequences = [tokenizer.encode(s) for s in args.stop]
     for start in range(0, len(requests), args.batch_size):
         chunk = requests[start:start + args.batch_size]
@@ -195,7 +208,15 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     from vlm_jax.data.templates import TEMPLATES
     p.add_argument("--checkpoint", required=True, help="model directory (import-hf or training)")
     p.add_argument("--template", choices=sorted(TEMPLATES), default=None,
-                   help="chat template; default per LLM family " + str(DEFAULT_TEMPLATES))
+                   help="chat template; default: the one the model was trained with, else per "
+                        "LLM family " + str(DEFAULT_TEMPLATES))
+    add_dtype_arg(p)
+
+
+def add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    """--dtype: how the model computes here (a run setting, not stored with the model)."""
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype (default float32; a model's training dtype is not reused)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the written weights")
     p.add_argument("--part", default="llava", choices=("llava", "vision"),
                    help="llava: the whole VLM; vision: the encoder alone as SiglipVisionModel")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out (only once the new export passed its check)")
     p.set_defaults(func=_export_hf)
 
     p = sub.add_parser("generate", help="answer prompts about images (KV-cache decoding)")

@@ -66,11 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16, help="rows decoded together")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="default: vqa 16 (32 with box answers), caption 48")
-    parser.add_argument("--template", default=None, help="vqa chat template (default data.template)")
+    parser.add_argument("--template", default=None, help="vqa chat template (default: the one "
+                        "the model was trained with, else data.template)")
     parser.add_argument("--blank-baseline", action="store_true",
                         help="vqa: also score with every image blanked")
     parser.add_argument("--report-examples", type=int, default=64,
                         help="predictions shown in report.html")
+    from vlm_jax.cli import add_dtype_arg
+    add_dtype_arg(parser)
     return parser
 
 
@@ -91,32 +94,49 @@ def run(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
     from vlm_jax import config as config_lib
     from vlm_jax.checkpoint import resolve_model_dir
-    from vlm_jax.model_dir import load_model
+    from vlm_jax.config_utils import to_dict
+    from vlm_jax.model_dir import compute_note, load_config, load_data_settings, load_model
+    from vlm_jax.models.vlm import with_run_settings
 
     for name in ("num_examples", "batch_size", "report_examples"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
+    try:
+        model_path = resolve_model_dir(args.checkpoint)
+    except ValueError as e:
+        raise ValueError(f"--checkpoint {args.checkpoint}: {e}") from None
     config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
+    if not config.get("model"):
+        # A recipe that reads its model section from a model directory (model=DIR in its
+        # argument, e.g. configs/llava15_siglip.py): the checkpoint is that model.
+        config.model = to_dict(load_config(model_path))
     run_config = config_lib.build_run_config(config, jax.device_count(), jax.process_count())
     data = run_config.eval_data or run_config.data
     task = args.task or TASK_OF_DATA.get(data.task)
     if task is None:
         raise ValueError(f"data task {data.task!r} has no evaluation; vlm-jax eval scores "
                          f"{TASK_OF_DATA} (or pass --task)")
-    model_path = resolve_model_dir(args.checkpoint)
     model_config, params, tokenizer = load_model(model_path)
+    model_config = with_run_settings(model_config, dtype=args.dtype)
+    note = compute_note(model_path, args.dtype)
+    if note:
+        print(note, file=sys.stderr)
     check_model_fits(task, model_config, tokenizer)
+    # Prompts and images as the model was trained on them (a model directory records both).
+    trained = load_data_settings(model_path)
+    pad_to_square = trained["pad_to_square"] or data.pad_to_square
+    template = args.template or trained["template"] or data.template
 
     started = time.perf_counter()
     examples, skipped = read_examples(data, args.num_examples, args.split,
-                                      model_config.vision.image_size)
+                                      model_config.vision.image_size, pad_to_square)
     if not examples:
         raise ValueError(f"no usable examples in the evaluation data (skipped: {dict(skipped)})")
     if task == "vqa":
-        result = evaluate_vqa(model_config, params, tokenizer, examples, args,
-                              args.template or data.template, data.prefix_lm)
+        result = evaluate_vqa(model_config, params, tokenizer, examples, args, template,
+                              data.prefix_lm)
     elif task == "caption":
         result = evaluate_captions(model_config, params, tokenizer, examples, args)
     else:
@@ -158,10 +178,11 @@ def check_model_fits(task: str, model_config: Any, tokenizer: Any) -> None:
 
 # ----------------------------------------------------------------------------- data
 
-def read_examples(data: Any, num_examples: int, split: str | None, image_size: int
-                  ) -> tuple[list[Example], collections.Counter]:
-    """The first `num_examples` usable raw examples of each source, images decoded; examples
-    a source or its images reject (SkipExample) are counted by reason and left out."""
+def read_examples(data: Any, num_examples: int, split: str | None, image_size: int,
+                  pad_to_square: bool = False) -> tuple[list[Example], collections.Counter]:
+    """The first `num_examples` usable raw examples of each source, images decoded (and padded
+    to a square first when the model was trained so); examples a source or its images reject
+    (SkipExample) are counted by reason and left out."""
     from vlm_jax.data.errors import SkipExample
     from vlm_jax.data.images import decode_image, preprocess_image
     from vlm_jax.data.pipeline import make_source
@@ -190,7 +211,8 @@ def read_examples(data: Any, num_examples: int, split: str | None, image_size: i
                 skipped[e.reason] += 1
                 continue
             size = (image_size, image_size, 3)
-            pixels = (np.stack([preprocess_image(image, image_size) for image in images])
+            pixels = (np.stack([preprocess_image(image, image_size, pad_to_square=pad_to_square)
+                                for image in images])
                       if images else np.zeros((0,) + size, np.float32))
             examples.append(Example(str(raw.get("id", taken)), images, pixels, raw))
             taken += 1

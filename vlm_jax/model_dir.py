@@ -1,9 +1,21 @@
 """A model directory: config + params + tokenizer, the unit that import, training, generation and
 export hand to each other.
 
-    DIR/config.json     {"format": "vlm_jax.model/1", "model": <VLMConfig as a dict>}
+    DIR/config.json     {"format": "vlm_jax.model/1", "model": <VLMConfig as a dict>,
+                         "data": {"template": ..., "pad_to_square": ...},   (what it was trained on)
+                         "trained_with": {"dtype": "bfloat16", ...}}        (for information)
     DIR/params/         orbax checkpoint of the param tree (restores onto any mesh)
     DIR/tokenizer/      the tokenizer files (tokenizer.json or a SentencePiece .model)
+    DIR/generation_config.json   optional: the imported LLM's HF generation config (stop tokens)
+
+The model section holds the architecture and the dtype the params are stored in, never how the
+model computes: compute dtype, attention backend and remat are run settings
+(`vlm.RUN_SETTINGS`), chosen by the command that uses the model (a train config, `--dtype` on
+generate / eval). A directory written before this rule is read the same way: its run settings
+are dropped on load and only reported as `trained_with`.
+
+`data` holds what inference must repeat to see inputs as training did: the chat template of the
+prompts and the image preprocessing (`pad_to_square`).
 
 Training checkpoints (`vlm_jax/checkpoint.py`) hold the same config and params plus optimizer and
 data-iterator state; `load_model` accepts a model directory.
@@ -20,13 +32,21 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from vlm_jax.config_utils import from_dict, to_dict
-from vlm_jax.models.vlm import VLMConfig
+from vlm_jax.models.vlm import VLMConfig, architecture_only, run_settings
 
 FORMAT = "vlm_jax.model/1"
+DATA_SETTINGS = ("template", "pad_to_square")  # the keys of config.json's "data" section
+GENERATION_CONFIG = "generation_config.json"
 
 
-def save_model(directory: str, config: VLMConfig, params: Any, tokenizer=None) -> None:
-    """Write a model directory (overwrites `directory/params` if present)."""
+def save_model(directory: str, config: VLMConfig, params: Any, tokenizer=None,
+               data: dict | None = None, generation_config: dict | None = None) -> None:
+    """Write a model directory (overwrites `directory/params` if present). `config`'s run
+    settings are recorded as `trained_with`, not as part of the model; `data`: the template and
+    preprocessing it was trained with (keys DATA_SETTINGS)."""
+    unknown = sorted(set(data or {}) - set(DATA_SETTINGS))
+    if unknown:
+        raise ValueError(f"model directory data settings {unknown}; supported: {DATA_SETTINGS}")
     path = epath.Path(directory).absolute() if "://" not in str(directory) else epath.Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
@@ -35,21 +55,57 @@ def save_model(directory: str, config: VLMConfig, params: Any, tokenizer=None) -
     if tokenizer is not None:
         tokenizer.save(str(path / "tokenizer"))
     if jax.process_index() == 0:
+        if generation_config is not None:
+            (path / GENERATION_CONFIG).write_text(json.dumps(generation_config, indent=2))
+        meta = {"format": FORMAT, "model": to_dict(architecture_only(config)),
+                "data": dict(data or {}), "trained_with": run_settings(config)}
         # Written last: a directory without config.json is an incomplete save.
-        (path / "config.json").write_text(
-            json.dumps({"format": FORMAT, "model": to_dict(config)}, indent=2))
+        (path / "config.json").write_text(json.dumps(meta, indent=2))
 
 
-def load_config(directory: str) -> VLMConfig:
-    path = epath.Path(directory)
-    config_file = path / "config.json"
+def _read_meta(directory: str) -> dict:
+    config_file = epath.Path(directory) / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{directory} is not a vlm_jax model directory (no config.json; "
                                 f"an interrupted save or a different kind of checkpoint)")
     meta = json.loads(config_file.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{config_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    return from_dict(VLMConfig, meta["model"], "model")
+    return meta
+
+
+def load_config(directory: str) -> VLMConfig:
+    """The model's architecture (run settings at their defaults: f32 compute, no remat)."""
+    return architecture_only(from_dict(VLMConfig, _read_meta(directory)["model"], "model"))
+
+
+def load_data_settings(directory: str) -> dict:
+    """{"template": name or None, "pad_to_square": bool}: what the model was trained on (an
+    import or an older directory records nothing: template None, no padding)."""
+    data = _read_meta(directory).get("data") or {}
+    return {"template": data.get("template"), "pad_to_square": bool(data.get("pad_to_square"))}
+
+
+def load_trained_with(directory: str) -> dict:
+    """The run settings the model was trained with, e.g. {"dtype": "bfloat16"} (information)."""
+    meta = _read_meta(directory)
+    if "trained_with" in meta:
+        return dict(meta["trained_with"])
+    return run_settings(from_dict(VLMConfig, meta["model"], "model"))
+
+
+def compute_note(directory: str, dtype: str) -> str | None:
+    """A line saying how the model computes here when training computed otherwise, else None."""
+    trained = load_trained_with(directory).get("dtype")
+    if trained is None or trained == dtype:
+        return None
+    return (f"note: {directory} was trained with {trained} compute; computing in {dtype} here "
+            f"(--dtype {trained} to match)")
+
+
+def load_generation_config(directory: str) -> dict | None:
+    path = epath.Path(directory) / GENERATION_CONFIG
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def load_model(directory: str, shardings: Any = None, load_tokenizer: bool = True):

@@ -9,14 +9,26 @@ the tokenizer (with `<image>`) and a LlavaProcessor config, so that `AutoProcess
 `<image>` to `image_seq_length` tokens and preprocesses images as our pipeline does.
 `part="vision"` writes the encoder alone as a `SiglipVisionModel`.
 
-After writing, the export loads the result in transformers and compares it with our model on a
-probe input; a mismatch raises `ExportMismatch` (the CLI exits non-zero), never a silently wrong
-model. Training's final `model/` already has LoRA adapters merged (`TrainPlan.model_params`).
+The export is written into a temporary directory beside `out`, loaded there in transformers and
+compared with our model on a probe input, both in f32 whatever the model was trained in (a
+compute dtype is a run setting, not part of the model); only a passing export is moved to `out`.
+A mismatch raises `ExportMismatch` (the CLI exits non-zero) and leaves nothing behind. A non-empty
+`out` is refused unless `overwrite=True`. Training's final `model/` already has LoRA adapters
+merged (`TrainPlan.model_params`).
+
+Besides the weights, a LLaVA export carries what makes transformers answer as we do: the chat
+template the model was trained with (as the processor's Jinja template; an untrained import keeps
+its LLM's own), `generation_config.json` with the stop tokens our `generate` stops at (EOS and the
+template's end-of-turn token, over the imported LLM's generation config), and an image processor
+that pads to a square first when training did (`LlavaImageProcessorPil(do_pad=True)`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import tempfile
 from typing import Any
 
 import jax
@@ -25,7 +37,7 @@ import numpy as np
 
 from vlm_jax import checkpoint, model_dir
 from vlm_jax.convert import hf_io, hf_llava, hf_siglip
-from vlm_jax.models.vlm import VLMConfig
+from vlm_jax.models.vlm import VLMConfig, architecture_only
 
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 PARTS = ("llava", "vision")
@@ -60,6 +72,7 @@ class ExportResult:
     bf16_drift: float | None   # bf16 export only: transformers vs our f32 weights
     bf16_bound: float | None
     processor: bool            # whether tokenizer + processor files were written
+    pad_to_square: bool = False  # the processor pads images to a square first
 
 
 def to_disk_keys(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -76,8 +89,16 @@ def to_disk_keys(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class ChatSettings:
+    """What the model was trained to read, for the processor and generation config."""
+    template: str | None = None          # our chat template name (vlm_jax/data/templates.py)
+    pad_to_square: bool = False          # LLaVA-1.5's expand2square before the resize
+    generation_config: dict | None = None  # the imported LLM's HF generation config
+
+
 def export_hf(checkpoint_path: str, out: str, dtype: str = "float32", part: str = "llava",
-              check: bool = True) -> ExportResult:
+              check: bool = True, overwrite: bool = False) -> ExportResult:
     """Export a model directory (or a finished workdir) to `out`; checks itself unless told not."""
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"--dtype {dtype!r}; supported: {tuple(EXPORT_DTYPES)}")
@@ -87,14 +108,64 @@ def export_hf(checkpoint_path: str, out: str, dtype: str = "float32", part: str 
         source = checkpoint.resolve_model_dir(checkpoint_path)
     except ValueError as e:
         raise ValueError(f"--checkpoint {checkpoint_path}: {e}") from e
+    _check_out(out, source, overwrite)
     config, params, tokenizer = model_dir.load_model(source)
     params = model_dir.numpy_params(params)
-    return export_params(config, params, tokenizer, out, dtype=dtype, part=part, check=check)
+    data = model_dir.load_data_settings(source)
+    chat = ChatSettings(data["template"], data["pad_to_square"],
+                        model_dir.load_generation_config(source))
+    return export_params(config, params, tokenizer, out, dtype=dtype, part=part, check=check,
+                         chat=chat, overwrite=overwrite)
+
+
+def _check_out(out: str, source: str | None, overwrite: bool) -> None:
+    """Refuse an `out` that would destroy something: the model itself, or files already there."""
+    out_real = os.path.realpath(out)
+    if source is not None:
+        source_real = os.path.realpath(source)
+        if out_real == source_real or out_real.startswith(source_real + os.sep) \
+                or source_real.startswith(out_real + os.sep):
+            raise ValueError(f"--out {out} overlaps the exported model {source}; export elsewhere")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a directory")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise ValueError(f"--out {out} is not empty; choose a new directory or pass --overwrite "
+                         f"(its contents are replaced only by an export that passed its check)")
 
 
 def export_params(config: VLMConfig, params: Any, tokenizer, out: str, dtype: str = "float32",
-                  part: str = "llava", check: bool = True) -> ExportResult:
-    """Write `params` (plain nested dict, LoRA already merged) as a HF directory, then check it."""
+                  part: str = "llava", check: bool = True, chat: ChatSettings = ChatSettings(),
+                  overwrite: bool = False) -> ExportResult:
+    """Write `params` (plain nested dict, LoRA already merged) as a HF directory, then check it.
+    The files go to a temporary directory first and reach `out` only once the check passed."""
+    _check_out(out, None, overwrite)
+    config = architecture_only(config)  # the self-check compares f32 with f32
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.export-",
+                               dir=parent)
+    try:
+        result = _write_and_check(config, params, tokenizer, staging, dtype, part, check, chat)
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dataclasses.replace(result, out=out)
+
+
+def _move_into_place(staging: str, out: str) -> None:
+    """`staging` becomes `out`; an old `out` (allowed by overwrite) is removed only after."""
+    old = None
+    if os.path.exists(out):
+        old = f"{staging}.old"
+        os.rename(out, old)
+    os.rename(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_and_check(config: VLMConfig, params: Any, tokenizer, out: str, dtype: str, part: str,
+                     check: bool, chat: ChatSettings) -> ExportResult:
     if part == "vision":
         if config.vision is None:
             raise ValueError("--part vision: this model has no vision tower")
@@ -110,9 +181,11 @@ def export_params(config: VLMConfig, params: Any, tokenizer, out: str, dtype: st
                                         for k, v in state_dict.items()})
     has_processor = False
     if part == "llava" and tokenizer is not None:
-        _write_processor(out, config, tokenizer)
+        _write_processor(out, config, tokenizer, chat)
+        _write_generation_config(out, tokenizer, chat)
         has_processor = True
-    result = ExportResult(out, part, dtype, float("nan"), F32_TOLERANCE, None, None, has_processor)
+    result = ExportResult(out, part, dtype, float("nan"), F32_TOLERANCE, None, None, has_processor,
+                          chat.pad_to_square)
     if check:
         result = (check_vision_export if part == "vision" else check_llava_export)(
             result, config, params, tokenizer)
@@ -144,27 +217,64 @@ def _with_dtype(hf_config: dict, dtype: str) -> dict:
     return hf_config
 
 
-def _write_processor(out: str, config: VLMConfig, tokenizer) -> None:
-    """Tokenizer files with `<image>` + a LlavaProcessor whose SiglipImageProcessor matches
-    `data/images.preprocess_image` (bicubic resize to S x S, x / 127.5 - 1)."""
-    from transformers import AutoTokenizer, LlavaProcessor, SiglipImageProcessor
+def _write_processor(out: str, config: VLMConfig, tokenizer, chat: ChatSettings) -> None:
+    """Tokenizer files with `<image>` + a LlavaProcessor whose image processor matches
+    `data/images.preprocess_image` (optional pad to a square with the mean colour, bicubic resize
+    to S x S, x / 127.5 - 1) and whose chat template renders our training prompts."""
+    from transformers import AutoTokenizer, LlavaImageProcessorPil, LlavaProcessor
 
     image_token_id = tokenizer.token_to_id(tokenizer.image_token)
     if image_token_id != config.image_token_id:
         raise ValueError(f"the tokenizer maps {tokenizer.image_token} to {image_token_id} but the "
                          f"model's image_token_id is {config.image_token_id}")
-    tokenizer.save(out)
+    chat_template = _chat_template(tokenizer, chat)
+    kept = tokenizer.chat_template
+    tokenizer.chat_template = chat_template  # the tokenizer files carry the same template
+    try:
+        tokenizer.save(out)
+    finally:
+        tokenizer.chat_template = kept
     hf_tokenizer = AutoTokenizer.from_pretrained(out)
     size = config.vision.image_size
-    image_processor = SiglipImageProcessor(size={"height": size, "width": size}, resample=3,
-                                           do_resize=True, do_rescale=True, rescale_factor=1 / 255,
-                                           do_normalize=True, image_mean=[0.5] * 3,
-                                           image_std=[0.5] * 3)
+    # The PIL backend: its bicubic resize is PIL's, as ours (the torchvision one differs).
+    image_processor = LlavaImageProcessorPil(
+        do_pad=chat.pad_to_square, size={"height": size, "width": size}, do_center_crop=False,
+        resample=3, do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=[0.5] * 3, image_std=[0.5] * 3, do_convert_rgb=True)
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=hf_tokenizer,
                                patch_size=config.vision.patch_size,
                                vision_feature_select_strategy=config.vision_feature_select,
-                               image_token=tokenizer.image_token, num_additional_image_tokens=0)
+                               image_token=tokenizer.image_token, num_additional_image_tokens=0,
+                               chat_template=chat_template)
     processor.save_pretrained(out)
+
+
+def _chat_template(tokenizer, chat: ChatSettings) -> str | None:
+    """The Jinja template of the template the model was trained with; for an untrained import,
+    the LLM's own (kept by the import), which our `generate` does not use by default."""
+    if chat.template is not None:
+        from vlm_jax.data.templates import get_template
+        return get_template(chat.template).jinja
+    return tokenizer.chat_template
+
+
+def _write_generation_config(out: str, tokenizer, chat: ChatSettings) -> None:
+    """generation_config.json: the imported LLM's, with the stop tokens our `generate` uses
+    (EOS and the template's end-of-turn token) so transformers' `generate` stops where we do."""
+    from vlm_jax.generate import stop_token_ids
+    generation = dict(chat.generation_config or {})
+    imported_eos = generation.get("eos_token_id")
+    imported_eos = [] if imported_eos is None else (
+        [imported_eos] if isinstance(imported_eos, int) else list(imported_eos))
+    stops = list(dict.fromkeys(stop_token_ids(tokenizer, chat.template) + imported_eos))
+    for key, value in (("bos_token_id", tokenizer.bos_id), ("pad_token_id", tokenizer.pad_id)):
+        if value is not None:
+            generation[key] = value
+    if stops:
+        generation["eos_token_id"] = stops if len(stops) > 1 else stops[0]
+    generation.pop("transformers_version", None)
+    with open(os.path.join(out, "generation_config.json"), "w") as f:
+        json.dump(generation, f, indent=2)
 
 
 # ----------------------------------------------------------------------------- self-check
@@ -198,7 +308,8 @@ def _probe_inputs(result: ExportResult, config: VLMConfig, tokenizer
     if got_tokens != per_image:
         raise ExportMismatch(f"the exported processor expands <image> to {got_tokens} tokens, the "
                              f"model reads {per_image} per image")
-    ours = preprocess_image(np.asarray(image), config.vision.image_size).transpose(2, 0, 1)[None]
+    ours = preprocess_image(np.asarray(image), config.vision.image_size,
+                            pad_to_square=result.pad_to_square).transpose(2, 0, 1)[None]
     pixel_diff = float(np.abs(ours - pixels).max())
     if pixel_diff > 1e-5:
         raise ExportMismatch(f"the exported image processor differs from ours: max |diff| "
@@ -293,8 +404,9 @@ def _check_loading_info(info: dict, out: str) -> None:
 
 def describe(result: ExportResult) -> str:
     """One line for the CLI: what was written and how well it matched."""
-    line = (f"wrote {result.out} ({result.part}, {result.dtype}); self-check: max |diff| "
-            f"{result.max_abs_diff:.3g} <= {result.tolerance:g} vs transformers")
+    line = (f"wrote {result.out} ({result.part}, {result.dtype} weights); self-check, f32 compute "
+            f"on both sides: max |diff| {result.max_abs_diff:.3g} <= {result.tolerance:g} vs "
+            f"transformers")
     if result.bf16_drift is not None:
         line += (f"; bf16 rounding moves outputs by {result.bf16_drift:.3g} "
                  f"(bound {result.bf16_bound:.3g} = {BF16_RELATIVE_TOLERANCE:g} x output scale)")

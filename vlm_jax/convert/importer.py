@@ -9,6 +9,7 @@ Accepted inputs:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -22,6 +23,15 @@ from vlm_jax.models.vlm import VLMConfig, init_params
 LLM_TYPES = ("llama", "qwen2", "gemma")
 SIGLIP_TYPES = ("siglip", "siglip_vision_model")
 IMAGE_TOKEN = "<image>"
+
+
+def _generation_config(directory: str | None) -> dict | None:
+    """The LLM's HF generation_config.json (its stop tokens), kept so an export writes it back."""
+    path = os.path.join(directory, "generation_config.json") if directory else None
+    if path is None or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def _find_tokenizer(directory: str):
@@ -131,7 +141,8 @@ def import_hf(out: str, hf_dir: str | None = None, vision_dir: str | None = None
         fresh = init_params(config, jax.random.key(seed))
         params = {"vision_tower": vision_params, "projector": fresh["projector"], "llm": llm_params}
     params = _as_float32_like(params, config, seed)
-    model_dir.save_model(out, config, params, tokenizer)
+    model_dir.save_model(out, config, params, tokenizer,
+                         generation_config=_generation_config(hf_dir or text_dir))
     return config
 
 

@@ -27,6 +27,11 @@ from vlm_jax.models.projector import Projector, ProjectorConfig, num_output_toke
 from vlm_jax.models.siglip import SiglipTextTower, SiglipVisionTower, TextTowerConfig, VisionConfig
 
 COMPUTE_FIELDS = ("dtype", "param_dtype", "attention_backend", "remat_policy")
+# How a model computes, not what it holds: chosen by the command that runs it (train config,
+# `--dtype` on generate / eval), never stored in a model directory. param_dtype is a fact of the
+# saved weights and stays.
+RUN_SETTINGS = ("dtype", "attention_backend", "remat_policy")
+TOWERS = ("vision", "text_tower", "projector", "llm")
 FEATURE_SELECT = ("full", "default")
 
 
@@ -71,6 +76,45 @@ class VLMConfig:
         overrides = {f: getattr(self, f) for f in COMPUTE_FIELDS
                      if getattr(self, f) is not None and hasattr(sub, f)}
         return dataclasses.replace(sub, **overrides) if overrides else sub
+
+
+def architecture_only(config: VLMConfig) -> VLMConfig:
+    """`config` with every run setting (RUN_SETTINGS) back at its default in every tower: f32
+    compute, automatic attention backend, no remat. What a model directory records."""
+    towers = {}
+    for part in TOWERS:
+        sub = getattr(config, part)
+        if sub is None:
+            continue
+        defaults = {f.name: f.default for f in dataclasses.fields(sub) if f.name in RUN_SETTINGS}
+        towers[part] = dataclasses.replace(sub, **defaults) if defaults else sub
+    return dataclasses.replace(config, **towers, **{name: None for name in RUN_SETTINGS})
+
+
+def run_settings(config: VLMConfig) -> dict:
+    """The non-default run settings of `config` ({"dtype": "bfloat16", "llm.remat_policy": ...}),
+    to record what a model was trained with."""
+    out = {name: getattr(config, name) for name in RUN_SETTINGS if getattr(config, name)}
+    bare = architecture_only(config)
+    for part in TOWERS:
+        sub, default = getattr(config, part), getattr(bare, part)
+        for name in RUN_SETTINGS:
+            if sub is not None and hasattr(sub, name) and getattr(sub, name) != getattr(default, name):
+                out[f"{part}.{name}"] = getattr(sub, name)
+    return out
+
+
+def with_run_settings(config: VLMConfig, dtype: str | None = None,
+                      attention_backend: str | None = None,
+                      remat_policy: str | None = None) -> VLMConfig:
+    """`config` computing as asked (None keeps what it has); validated like a config field."""
+    asked = {k: v for k, v in dict(dtype=dtype, attention_backend=attention_backend,
+                                   remat_policy=remat_policy).items() if v is not None}
+    updated = dataclasses.replace(config, **asked)
+    for part in TOWERS:  # replace() runs each tower's checks, which name the bad field
+        if getattr(updated, part) is not None:
+            updated.resolved(part)
+    return updated
 
 
 class ContrastiveHead(nn.Module):
