@@ -130,3 +130,43 @@ def _on_event(event, *args, **kwargs):
 
 
 jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+def _epochs_config(overrides):
+    config = config_lib.load_config_file(TINY)
+    del config.train.optimizer["warmup_steps"]  # counted in steps: refused with train.epochs
+    return config_lib.apply_overrides(config, list(overrides))
+
+
+def test_a_run_measured_in_epochs():
+    run = config_lib.build_run_config(_epochs_config(
+        ["train.steps=None", "train.epochs=2", "train.optimizer.warmup_ratio=0.03"]), 8, 1)
+    assert run.train.steps is None and run.train.epochs == 2 and run.data.num_epochs == 2
+    cases = [
+        (["train.epochs=2"], "train.steps=20 and train.epochs=2 are both set"),
+        (["train.steps=None", "train.epochs=0"], "train.epochs=0 must be >= 1"),
+        (["train.steps=None", "train.epochs=1", "train.optimizer.total_steps=9"],
+         "train.optimizer.total_steps=9 with train.epochs"),
+        (["train.steps=None", "train.epochs=1", "train.optimizer.warmup_steps=9"],
+         "use train.optimizer.warmup_ratio"),
+        (["train.steps=None", "train.epochs=1", "data.num_epochs=3"],
+         "train.epochs=1 but data.num_epochs=3"),
+        (["train.steps=None", "train.epochs=1",
+          "data.sources=[{'kind': 'webdataset', 'options': {'shards': 'x.tar'}}]"],
+         "source of known size"),
+        (["train.steps=None", "train.epochs=1",
+          "data.sources=[{'kind': 'shapes'}, {'kind': 'shapes'}]"], "needs one data source"),
+        (["train.steps=None"], "train.steps=None must be >= 1"),
+        (["train.optimizer.warmup_ratio=1.5"], "warmup_ratio=1.5"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ValueError, match=message):
+            config_lib.build_run_config(_epochs_config(overrides), 8, 1)
+
+
+def test_warmup_ratio_sets_the_warmup_from_the_run_length():
+    from vlm_jax.train.optimizer import make_schedule, warmup_length
+    run = _build(overrides=["train.steps=200", "train.optimizer.warmup_ratio=0.05"])
+    assert warmup_length(run.train.optimizer) == 10
+    schedule = make_schedule(run.train.optimizer)
+    assert float(schedule(5)) == pytest.approx(0.5 * run.train.optimizer.learning_rate)

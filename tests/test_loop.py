@@ -8,6 +8,7 @@ import struct
 import time
 
 import jax
+import numpy as np
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
@@ -146,3 +147,54 @@ def test_too_many_skipped_examples_stops_with_the_counts(tmp_path):
     config = _config(["data.seq_len=20", "data.min_seen_for_skip_check=8"])
     with pytest.raises(TrainingStopped, match=r"step 1: skipped \d+ of \d+ examples .*too_long"):
         train(config, str(tmp_path))
+
+
+def test_last_step_time_is_a_real_step_when_the_backend_runs_steps_at_dispatch(tmp_path,
+                                                                                monkeypatch):
+    # A backend that computes inside the train_step call (as XLA:CPU may): the step's clock must
+    # start before the call, or the last step (finished right away) logs ~0 s and huge ex/s.
+    from vlm_jax.train import loop
+
+    make_train_step = loop.make_train_step
+
+    def synchronous_slow(plan):
+        step = make_train_step(plan)
+
+        def run(state, batch):
+            state, metrics = step(state, batch)
+            jax.block_until_ready(metrics)
+            time.sleep(0.3)
+            return state, metrics
+        return run
+
+    monkeypatch.setattr(loop, "make_train_step", synchronous_slow)
+    train(_config(["log.every_steps=1"], arg="steps=4"), str(tmp_path / "run"))
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    times = [r["step_time_s"] for r in rows if "loss" in r]
+    assert len(times) == 4 and all(t >= 0.3 for t in times), times
+
+
+def test_one_epoch_of_a_packed_run_trains_every_example_once(tmp_path):
+    # 40 examples, several per packed row: the run ends with the data, its lr schedule counts
+    # examples and spans exactly the 40, and every example is trained on once.
+    config = _config(["log.every_steps=1"], arg="phase=instruct,steps=4,seq_len=128")
+    config.data.sources[0]["options"]["num_examples"] = 40
+    config.train.steps = None
+    config.train.epochs = 1
+    del config.train.optimizer["warmup_steps"]
+    config.train.optimizer.warmup_ratio = 0.25
+    metrics = train(config, str(tmp_path / "run"))
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    train_rows = [r for r in rows if "loss" in r]
+    per_step = [r["num_examples"] for r in train_rows]
+    assert sum(per_step) == 40 and max(per_step) > 8  # packed: more examples than the 8 rows
+    assert [r["examples_seen"] for r in train_rows] == list(np.cumsum(per_step))
+    assert train_rows[-1]["epoch"] == 1.0 and train_rows[-1]["data/seen"] == 40
+    assert metrics["step"] == len(train_rows)
+    # lr(examples seen before the step): warmup over 10 examples, then cosine to 0 at 40
+    import optax
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, 3e-3, 10), optax.cosine_decay_schedule(3e-3, 30)], [10])
+    seen_before = [0.0] + [r["examples_seen"] for r in train_rows[:-1]]
+    np.testing.assert_allclose([r["lr"] for r in train_rows],
+                               [float(schedule(s)) for s in seen_before], rtol=1e-5)

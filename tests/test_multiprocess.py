@@ -242,3 +242,30 @@ def test_slurm_one_task_per_node_gets_all_node_gpus():
 
 if __name__ == "__main__":
     _restore_worker(sys.argv[1:])
+
+
+def test_pair_trains_one_epoch_and_stops_together(tmp_path):
+    # 41 examples, one per row (no packing), 4 rows per process: the shards (21 and 20 examples) make 6 and
+    # 5 batches. The process that runs out first feeds empty batches until the other is done, so
+    # both stop at the same step (else one would wait forever in a collective) and every
+    # example is trained on exactly once.
+    source = ("[{'kind': 'shapes', 'options': {'split': 'train', 'image_size': 32, 'task': 'qa', "
+              "'turns_per_example': 1, 'num_examples': 41}}]")
+    overrides = [f"--config.{o}" for o in (
+        "train.steps=None", "train.epochs=1", "train.optimizer.warmup_steps=0",
+        f"data.sources={source}", "data.seq_len=48", "data.packing=False", "mesh.data=8",
+        "mesh.fsdp=1",
+        "log.every_steps=1", "log.progress_bar=False", "eval_data=None",
+        "checkpoint.every_steps=100")]
+    _wait_pair(_start_pair([sys.executable, "-m", "vlm_jax.cli", "train", "--config",
+                            TINY_ARG.format(steps=1, batch=4), "--workdir",
+                            str(tmp_path / "pair"), *overrides], cwd=ROOT))
+    rows = [json.loads(line) for line in open(tmp_path / "pair" / "metrics.jsonl")]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 7))
+    assert [r["num_examples"] for r in train_rows] == [8] * 5 + [1]
+    assert train_rows[-1]["examples_seen"] == 41 and train_rows[-1]["epoch"] == 1.0
+    state_dir = tmp_path / "pair" / "checkpoints" / "6" / "state"
+    for process in (0, 1):  # both saved the last step
+        assert os.listdir(state_dir / f"ocdbt.process_{process}" / "d"), process
+    assert os.path.exists(tmp_path / "pair" / "model" / "config.json")

@@ -73,7 +73,11 @@ class InitFromConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000
+    """A run lasts `steps` optimizer steps, or `epochs` passes over the data (then steps is None,
+    the run ends when the data does, and the lr schedule counts examples, not steps: with
+    packing a step holds a varying number of examples; see train/optimizer.py)."""
+    steps: int | None = 1000
+    epochs: int | None = None
     phase: PhaseConfig = PhaseConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     micro_batches: int = 1
@@ -208,8 +212,8 @@ def _typed(text: str, current: Any, where: str, hint: Any = None) -> Any:
             if text.lower() not in ("true", "false", "1", "0"):
                 raise ValueError("expected true/false")
             return text.lower() in ("true", "1")
-        if text.lower() == "none" and current is None:
-            return None
+        if text.lower() == "none" and (current is None or type(None) in typing.get_args(hint)):
+            return None  # an optional field (e.g. train.epochs=None)
         if kind is int:
             return int(text)
         if kind is float:
@@ -263,6 +267,8 @@ def build_run_config(config: Mapping[str, Any] | ml_collections.ConfigDict,
     sections = {name: from_dict(hints[name], raw[name], name)
                 for name in ("tokenizer", "mesh", "checkpoint", "log", "eval")
                 if raw.get(name) is not None}
+    if train.epochs is not None:
+        data = _epochs_data(data, train.epochs)
     run = RunConfig(model=model, data=data, train=train, eval_data=eval_data, **sections)
     _check_phase(run)
     _check_mesh_and_batch(run, num_devices, process_count)
@@ -273,21 +279,58 @@ def build_run_config(config: Mapping[str, Any] | ml_collections.ConfigDict,
     return run
 
 
+# Placeholder length of an epochs run's schedule: the trainer sets it to epochs x the examples
+# of one pass over the data when it has read the sources.
+EPOCHS_SCHEDULE_PLACEHOLDER = 1
+
+
 def _train_config(values: Mapping[str, Any]) -> TrainConfig:
     values = dict(values)
     optimizer = dict(values.get("optimizer") or {})
-    # The schedule ends with the run unless the config says otherwise.
-    optimizer.setdefault("total_steps", values.get("steps", TrainConfig.steps))
+    if values.get("epochs") is not None:
+        if values.get("steps") is not None:
+            raise ValueError(f"train.steps={values['steps']} and train.epochs={values['epochs']} "
+                             f"are both set; a run is measured in one of them (set steps=None)")
+        if values["epochs"] < 1:
+            raise ValueError(f"train.epochs={values['epochs']} must be >= 1")
+        for key, instead in (("total_steps", "it spans the epochs' examples"),
+                             ("warmup_steps", "use train.optimizer.warmup_ratio")):
+            if optimizer.get(key):  # warmup_steps=0 (none) is fine
+                raise ValueError(f"train.optimizer.{key}={optimizer[key]} with train.epochs: the "
+                                 f"schedule counts examples there and {instead}")
+        values["steps"] = None
+        optimizer["total_steps"] = EPOCHS_SCHEDULE_PLACEHOLDER
+    else:
+        steps = values.get("steps", TrainConfig.steps)
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"train.steps={steps} must be >= 1 (or set train.epochs)")
+        # The schedule ends with the run unless the config says otherwise.
+        optimizer.setdefault("total_steps", steps)
     values["optimizer"] = optimizer
     train = from_dict(TrainConfig, values, "train")
-    if train.steps < 1:
-        raise ValueError(f"train.steps={train.steps} must be >= 1")
     if train.micro_batches < 1:
         raise ValueError(f"train.micro_batches={train.micro_batches} must be >= 1")
     if isinstance(train.init_from.groups, str) or not train.init_from.groups:
         raise ValueError(f"train.init_from.groups={train.init_from.groups!r}: a list of regexes "
                          f"over param paths, e.g. ['vision_tower/.*']")
     return train
+
+
+def _epochs_data(data: DataConfig, epochs: int) -> DataConfig:
+    """The data of a run measured in epochs: exactly `epochs` passes over one source of known
+    size (a weighted mixture has no single epoch; a stream does not know its size)."""
+    from vlm_jax.data.pipeline import STREAM_KINDS
+    if data.num_epochs not in (None, epochs):
+        raise ValueError(f"train.epochs={epochs} but data.num_epochs={data.num_epochs}; leave "
+                         f"data.num_epochs out, it follows train.epochs")
+    if len(data.sources) != 1:
+        raise ValueError(f"train.epochs needs one data source (data.sources has "
+                         f"{len(data.sources)}: a weighted mixture has no single epoch); use "
+                         f"train.steps")
+    if data.sources[0].kind in STREAM_KINDS:
+        raise ValueError(f"train.epochs needs a source of known size; data.sources[0].kind="
+                         f"{data.sources[0].kind!r} is a stream: use train.steps")
+    return dataclasses.replace(data, num_epochs=epochs)
 
 
 def _data_config(values: Mapping[str, Any], model: VLMConfig, where: str) -> DataConfig:

@@ -155,6 +155,7 @@ class PipelineIterator(grain.DatasetIterator):
     def __init__(self, batches: grain.DatasetIterator):
         super().__init__(batches)
         self._accounting = _find_parent(batches, SkipAccountingIterator)
+        self.epoch_examples: int | None = None  # set by build_pipeline_from
 
     def __next__(self) -> dict[str, np.ndarray]:
         return next(self._parent)
@@ -195,7 +196,12 @@ def build_pipeline_from(cfg: DataConfig, sources: Sequence[tuple[str, Any, float
                 else examples.map(single_example_row))
         batches = rows.batch(cfg.batch_size, batch_fn=functools.partial(
             assemble_batch, batch_size=cfg.batch_size, spec=spec))
-    return PipelineIterator(iter(batches))
+    iterator = PipelineIterator(iter(batches))
+    # Raw examples in one pass over all sources (all processes), None when a stream has no size:
+    # what "one epoch" means to a trainer that counts examples.
+    sizes = [len(source) if hasattr(source, "__getitem__") else None for _, source, _ in sources]
+    iterator.epoch_examples = None if None in sizes else sum(sizes)
+    return iterator
 
 
 def build_example_dataset(cfg: DataConfig, sources: Sequence[tuple[str, Any, float]],

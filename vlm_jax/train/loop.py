@@ -3,7 +3,9 @@ resumed), steps, periodic eval, logs and checkpoints, then the final model direc
 
     metrics = train(config, workdir)      # config: ConfigDict from configs/*.py, or a RunConfig
 
-Steps are counted, not epochs (processes may yield different numbers of batches). A run resumes
+A run lasts `train.steps` steps, or `train.epochs` passes over its data (it then ends with the
+data, its lr schedule counts examples, and with several processes a process whose shard ended
+first feeds empty batches until all have: every process stops at the same step). A run resumes
 from the latest complete checkpoint in `workdir` by itself. SIGTERM (preemption) saves at the
 next step boundary and returns with `metrics["preempted"] = True`. A non-finite loss or gradient
 norm, or too many skipped examples, stops the run with `TrainingStopped` naming the step and the
@@ -16,6 +18,7 @@ config.json, the tokenizer and the model directory's tokenizer and config.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -148,9 +151,16 @@ class _Trainer:
         self.is_writer = jax.process_index() == 0
         self.tokenizer = build_tokenizer(run, workdir)
         self.mesh = sharding.make_mesh(run.mesh)
+        self.data_iter = build_pipeline(run.data, self.tokenizer)
+        self.by_epochs = run.train.epochs is not None
+        optimizer = run.train.optimizer
+        self.total_examples = None
+        if self.by_epochs:  # the schedule spans every example of every epoch
+            self.total_examples = run.train.epochs * self.data_iter.epoch_examples
+            optimizer = dataclasses.replace(optimizer, total_steps=max(self.total_examples, 1))
         self.plan = plan_training(run.model, TrainStepConfig(
-            phase=run.train.phase, optimizer=run.train.optimizer,
-            micro_batches=run.train.micro_batches), self.mesh)
+            phase=run.train.phase, optimizer=optimizer, micro_batches=run.train.micro_batches,
+            schedule_unit="examples" if self.by_epochs else "steps"), self.mesh)
         self.keys = batch_keys(run.train.phase.name)
         self.checkpointer = checkpoint.Checkpointer(workdir, run.checkpoint.keep,
                                                     run.checkpoint.async_save, run.to_dict())
@@ -161,6 +171,8 @@ class _Trainer:
         self.peak_flops = flops.peak_flops_per_device(
             dtype=dtype, configured=run.log.peak_flops_per_device,
             measure_cpu=run.log.measure_cpu_peak) if self.is_writer else None
+        self._exhausted = False
+        self._empty_batch = None
 
     # ------------------------------------------------------------------ setup
 
@@ -180,44 +192,48 @@ class _Trainer:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> dict:
-        run, total = self.cfg, self.cfg.train.steps
-        data_iter = build_pipeline(run.data, self.tokenizer)
+        run, total = self.cfg, self.cfg.train.steps  # total: None in a run measured in epochs
+        data_iter = self.data_iter
         state, start = self._initial_state(data_iter)
         if self.is_writer:
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
                 json.dump(run.to_dict(), f, indent=2)
         self.logger = RunLogger(self.workdir, total, start, self.is_writer, run.log.progress_bar,
-                                run.log.tensorboard, run.log.batch_hash)
+                                run.log.tensorboard, run.log.batch_hash,
+                                total_examples=self.total_examples)
         if start:
             self.logger.message(f"resumed from {self.checkpointer.directory}/{start}")
+        if self.by_epochs:
+            self.logger.message(f"{run.train.epochs} epoch(s) of {self.data_iter.epoch_examples} "
+                                f"examples; the lr schedule spans {self.total_examples} examples")
         train_step = make_train_step(self.plan)
         self.eval_step = _make_eval_step(self.plan) if run.eval_data is not None else None
         step, pending, last_row, preempted = start, None, {}, False
-        clock = time.perf_counter()
         try:
-            while step < total:
+            while total is None or step < total:
                 if self._preempted(step):
                     preempted = True
                     break
-                local = self._next_batch(data_iter, step)
+                local = self._next_batch(data_iter, step)  # overlaps the previous step's compute
                 if local is None:
                     break
+                if pending is not None:
+                    # The previous step must end before this one's clock starts: timing a step
+                    # from its dispatch would miss the compute a synchronous backend does there.
+                    last_row = self._finish_step(*pending, data_iter) or last_row
+                clock = time.perf_counter()
                 state, metrics = train_step(state, sharding.global_batch(
                     {k: local[k] for k in self.keys}, self.mesh))
                 step += 1
                 if run.log.batch_hash:
                     self.logger.batch_hash(step, batch_digest(local))
-                if pending is not None:  # read the previous step's metrics while this one runs
-                    last_row = self._finish_step(*pending, data_iter) or last_row
-                    clock = time.perf_counter()  # the previous step is done: this one's starts
                 pending = (step, metrics, batch_counts(local), clock)
                 if step % run.checkpoint.every_steps == 0 or step == total:
                     last_row = self._finish_step(*pending, data_iter, force_row=True) or last_row
                     pending = None
                     self._save(step, state, data_iter)
-                    clock = time.perf_counter()
                 if self.eval_step is not None and run.eval.every_steps \
-                        and step % run.eval.every_steps == 0 and step < total:
+                        and step % run.eval.every_steps == 0 and step != total:
                     last_row.update(self._evaluate(step, state))
             if pending is not None:
                 last_row = self._finish_step(*pending, data_iter, force_row=True) or last_row
@@ -233,12 +249,28 @@ class _Trainer:
                     last_row.update(self._evaluate(step, state))
                 model_dir.save_model(os.path.join(self.workdir, "model"), run.model,
                                      self.plan.model_params(state),  # params: every process
-                                     self.tokenizer if self.is_writer else None)
+                                     self.tokenizer if self.is_writer else None,
+                                     data=self._trained_data_settings(),
+                                     generation_config=self._inherited_generation_config())
         finally:
             self.checkpointer.close()
             self.logger.close()
         return {**last_row, "step": step, "preempted": preempted,
                 "checkpoint": f"{self.checkpointer.directory}/{step}"}
+
+    def _trained_data_settings(self) -> dict:
+        """What inference must repeat: the prompts' chat template and the image preprocessing."""
+        data = self.cfg.data
+        template = {"align": "plain", "instruct": data.template}.get(data.task)  # align: captions
+        return {"template": template, "pad_to_square": data.pad_to_square}
+
+    def _inherited_generation_config(self) -> dict | None:
+        """The HF generation config of the model this run started from (an import keeps its
+        LLM's), carried along so that an export still knows the LLM's stop tokens."""
+        if not self.cfg.train.init_from.path:
+            return None
+        source = checkpoint.resolve_model_dir(self.cfg.train.init_from.path)
+        return model_dir.load_generation_config(source)
 
     def _preempted(self, step: int) -> bool:
         if jax.process_count() > 1:  # every process must stop at the same step
@@ -246,15 +278,31 @@ class _Trainer:
         return self.preemption.requested
 
     def _next_batch(self, data_iter, step: int) -> dict | None:
-        try:
-            return next(data_iter)
-        except StopIteration:
-            self.logger.message(f"data ran out after step {step} (data.num_epochs="
-                                f"{self.cfg.data.num_epochs}); stopping")
-            return None
-        except TooManySkippedExamples as e:
-            raise TrainingStopped(f"step {step + 1}: {e}; last good checkpoint: "
-                                  f"{self._last_good()}") from e
+        """This process's next batch, or None when the run's data has ended. In a run measured
+        in epochs with several processes, a process whose shard ended feeds empty batches (no
+        example, no loss) until every process's shard has: all stop at the same step, and every
+        example of every shard is trained on."""
+        local = None
+        if not self._exhausted:
+            try:
+                local = next(data_iter)
+            except StopIteration:
+                self._exhausted = True
+            except TooManySkippedExamples as e:
+                raise TrainingStopped(f"step {step + 1}: {e}; last good checkpoint: "
+                                      f"{self._last_good()}") from e
+        if self.by_epochs and jax.process_count() > 1:
+            has_data = multihost_utils.process_allgather(np.int32(local is not None))
+            if local is None and np.any(has_data):
+                local = self._empty_batch
+        if local is not None:
+            if self._empty_batch is None and self.by_epochs and jax.process_count() > 1:
+                self._empty_batch = {k: np.zeros_like(v) for k, v in local.items()}
+            return local
+        what = (f"{self.cfg.train.epochs} epoch(s)" if self.by_epochs
+                else f"data.num_epochs={self.cfg.data.num_epochs}")
+        self.logger.message(f"data ran out after step {step} ({what}); stopping")
+        return None
 
     def _last_good(self) -> str:
         return ("none" if self.last_saved is None
@@ -270,21 +318,27 @@ class _Trainer:
                 f"step {step}: loss {values['loss']} / grad norm {values['grad_norm']} is not "
                 f"finite; the update was not applied. Last good checkpoint: {self._last_good()}")
         log_now = force_row or step % self.cfg.log.every_steps == 0
+        examples_seen = values.get("examples_seen")
         if not log_now:
-            self.logger.step(step, None)
+            self.logger.step(step, None, examples_seen)
             return None
         seconds = time.perf_counter() - started
         examples, tokens, images = (n * jax.process_count() for n in counts)
         row = {**values, "step_time_s": seconds, "examples_per_s": examples / seconds,
                "tokens_per_s": tokens / seconds if tokens else None}
+        counts = data_iter.skip_counts()
+        if examples_seen is not None:  # exact: examples trained on, over one pass's examples
+            row["epoch"] = examples_seen / data_iter.epoch_examples
+        elif data_iter.epoch_examples:  # raw examples this process read per pass over its shard
+            row["epoch"] = counts["seen"] / (data_iter.epoch_examples / jax.process_count())
         if self.peak_flops is not None:
             seq_len = self.cfg.data.seq_len if "text_ids" not in self.keys else None
             step_flops = flops.train_step_flops(
                 self.cfg.model, self.cfg.train.phase, self.cfg.data.batch_size * jax.process_count(),
                 seq_len=seq_len, num_images=images, trainable=self.trainable_groups).total
             row["mfu"] = flops.mfu(step_flops, seconds, self.peak_flops, jax.device_count())
-        row.update(flat_skip_counts(data_iter.skip_counts()))
-        self.logger.step(step, row)
+        row.update(flat_skip_counts(counts))
+        self.logger.step(step, row, examples_seen)
         return row
 
     def _save(self, step: int, state, data_iter) -> None:

@@ -4,6 +4,7 @@ TensorBoard event files under `workdir/tensorboard/`. Only process 0 writes.
 
 A JSONL row is one flat dict: {"step": 20, "loss": ..., "lr": ..., "grad_norm": ...,
 "step_time_s": ..., "examples_per_s": ..., "tokens_per_s": ..., "mfu": ... (when known),
+"num_examples": ..., "epoch": ..., "examples_seen": ... (a run measured in epochs),
 "data/seen": ..., "data/truncated": ..., "data/skipped/<reason>": ...}; eval rows hold
 "eval/<metric>" keys.
 With `log.batch_hash`, `workdir/data_hashes.jsonl` gets {"step", "hash"} for every step.
@@ -20,7 +21,7 @@ import tqdm
 
 from vlm_jax.train.event_file import EventFileWriter
 
-PROGRESS_KEYS = (("loss", "loss", ".4f"), ("step_time_s", "s/step", ".3f"),
+PROGRESS_KEYS = (("loss", "loss", ".4f"), ("epoch", "epoch", ".2f"), ("step_time_s", "s/step", ".3f"),
                  ("examples_per_s", "ex/s", ".1f"), ("tokens_per_s", "tok/s", ".0f"),
                  ("mfu", "mfu", ".1%"))
 
@@ -35,8 +36,11 @@ def flat_skip_counts(counts: Mapping[str, Any]) -> dict[str, float]:
 class RunLogger:
     """Writes rows and moves the progress bar; every method is a no-op off process 0."""
 
-    def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool,
-                 progress_bar: bool = True, tensorboard: bool = True, batch_hash: bool = False):
+    def __init__(self, workdir: str, total_steps: int | None, start_step: int, enabled: bool,
+                 progress_bar: bool = True, tensorboard: bool = True, batch_hash: bool = False,
+                 total_examples: int | None = None):
+        """The bar counts steps, or examples when `total_examples` is given (a run measured in
+        epochs, whose step count is not known in advance)."""
         self.enabled = enabled
         self._metrics_file = self._hash_file = self._events = self._bar = None
         if not enabled:
@@ -47,17 +51,25 @@ class RunLogger:
             self._hash_file = open(os.path.join(workdir, "data_hashes.jsonl"), "a")
         if tensorboard:
             self._events = EventFileWriter(os.path.join(workdir, "tensorboard"))
+        self._by_examples = total_examples is not None
         if progress_bar:
-            self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
+            self._bar = tqdm.tqdm(total=total_examples if self._by_examples else total_steps,
+                                  initial=0 if self._by_examples else start_step,
+                                  unit="ex" if self._by_examples else "step",
                                   dynamic_ncols=True, file=sys.stderr)
         self._last_write = time.monotonic()
 
-    def step(self, step: int, row: Mapping[str, float] | None) -> None:
-        """Advance the bar to `step`; `row` (or None between log steps) goes to the files."""
+    def step(self, step: int, row: Mapping[str, float] | None,
+             examples_seen: float | None = None) -> None:
+        """Advance the bar to `step` (or to `examples_seen`); `row` (or None between log steps)
+        goes to the files."""
         if not self.enabled:
             return
         if self._bar is not None:
-            self._bar.update(step - self._bar.n)
+            position = int(examples_seen) if self._by_examples and examples_seen is not None else (
+                None if self._by_examples else step)
+            if position is not None:
+                self._bar.update(position - self._bar.n)
         if row is None:
             return
         if self._bar is not None:

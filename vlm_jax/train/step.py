@@ -28,7 +28,7 @@ from vlm_jax.models.decoder import lm_head_weight
 from vlm_jax.models.vlm import VLM, VLMConfig, dummy_inputs
 from vlm_jax.train import losses, param_groups, phases
 from vlm_jax.train.lora import init_lora, merge_lora
-from vlm_jax.train.optimizer import OptimizerConfig, make_optimizer
+from vlm_jax.train.optimizer import OptimizerConfig, examples_seen, make_optimizer
 
 NEXT_TOKEN_KEYS = ("input_ids", "target_ids", "loss_mask", "positions", "mask_ar")
 CONTRASTIVE_KEYS = ("images", "text_ids")
@@ -39,6 +39,7 @@ class TrainStepConfig:
     phase: phases.PhaseConfig = phases.PhaseConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     micro_batches: int = 1  # gradient accumulation: the global batch is split into this many
+    schedule_unit: str = "steps"  # "examples": the lr schedule counts examples (train.epochs)
 
     def __post_init__(self):
         if self.micro_batches < 1:
@@ -111,7 +112,8 @@ def plan_training(model_config: VLMConfig, config: TrainStepConfig, mesh: Mesh,
         raise ValueError(f"phase {config.phase.name!r} with train.phase.param_groups="
                          f"{list(config.phase.param_groups)} leaves no param trainable")
     trainable_multipliers, _ = phases.split_trainable(multipliers, multipliers)
-    optimizer, schedule = make_optimizer(config.optimizer, trainable, trainable_multipliers)
+    optimizer, schedule = make_optimizer(config.optimizer, trainable, trainable_multipliers,
+                                         unit=config.schedule_unit)
     trainable_shardings, frozen_shardings = phases.split_trainable(full_shardings, multipliers)
     replicated = NamedSharding(mesh, P())
     opt_shardings = optax.tree_map_params(
@@ -229,8 +231,16 @@ def _next_token_grads(plan: TrainPlan, state: TrainState, batch: dict):
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
         (grads, loss, correct), _ = jax.lax.scan(
             accumulate, init, _split_micro_batches(batch, num_micro, plan.mesh))
-    metrics = {"loss": loss, "token_accuracy": correct / denom, "num_loss_tokens": num_tokens}
+    metrics = {"loss": loss, "token_accuracy": correct / denom, "num_loss_tokens": num_tokens,
+               "num_examples": _num_examples(batch)}
     return grads, metrics
+
+
+def _num_examples(batch: dict) -> jax.Array:
+    """f32[]: examples in a next-token batch (packed rows count their segments; padding rows 0)."""
+    if "segment_ids" in batch:
+        return jnp.sum(jnp.max(batch["segment_ids"], axis=1)).astype(jnp.float32)
+    return jnp.asarray(batch["input_ids"].shape[0], jnp.float32)
 
 
 def _contrastive_grads(plan: TrainPlan, state: TrainState, batch: dict):
@@ -253,8 +263,9 @@ def make_train_step(plan: TrainPlan) -> Callable[[TrainState, dict], tuple[Train
 
     batch: global arrays (see `sharding.global_batch`). Next-token phases read input_ids,
     target_ids, loss_mask, positions, mask_ar (+ images, segment_ids); contrastive reads images
-    and text_ids. metrics: loss, grad_norm, lr, is_finite (1.0 / 0.0), and token_accuracy +
-    num_loss_tokens (next-token) or num_examples (contrastive)."""
+    and text_ids. metrics: loss, grad_norm, lr, is_finite (1.0 / 0.0), num_examples, and
+    token_accuracy + num_loss_tokens (next-token); examples_seen when the schedule counts
+    examples."""
     phase = plan.config.phase
     contrastive = phase.step_kind == "contrastive"
     required_keys = CONTRASTIVE_KEYS if contrastive else NEXT_TOKEN_KEYS
@@ -266,14 +277,19 @@ def make_train_step(plan: TrainPlan) -> Callable[[TrainState, dict], tuple[Train
         grads_fn = _contrastive_grads if contrastive else _next_token_grads
         grads, metrics = grads_fn(plan, state, batch)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = plan.optimizer.update(grads, state.opt_state, state.trainable)
+        updates, opt_state = plan.optimizer.update(grads, state.opt_state, state.trainable,
+                                                   num_examples=metrics["num_examples"])
         trainable = optax.apply_updates(state.trainable, updates)
         is_finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         keep_if_bad = lambda new, old: jnp.where(is_finite, new, old)  # noqa: E731
         trainable = jax.tree.map(keep_if_bad, trainable, state.trainable)
         opt_state = jax.tree.map(keep_if_bad, opt_state, state.opt_state)
-        metrics = {**metrics, "grad_norm": grad_norm, "lr": plan.schedule(state.step),
+        by_examples = plan.config.schedule_unit == "examples"
+        lr = plan.schedule(examples_seen(state.opt_state) if by_examples else state.step)
+        metrics = {**metrics, "grad_norm": grad_norm, "lr": lr,
                    "is_finite": is_finite.astype(jnp.float32)}
+        if by_examples:  # exact and global, restored on resume
+            metrics["examples_seen"] = examples_seen(opt_state)
         new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
         return new_state, metrics
 
