@@ -60,13 +60,22 @@ def get_config(arg=None):
                      examples_per_row=0, template="", seq_len=2048, micro_batches=1)
     if args.phase not in PHASES:
         raise ValueError(f"configs/llava15_siglip.py: phase={args.phase!r}; supported: {tuple(PHASES)}")
+    for name in ("batch", "examples_per_row", "steps", "devices"):
+        if args[name] < 0:
+            raise ValueError(f"configs/llava15_siglip.py: {name}={args[name]} must be >= 0 "
+                             f"(0 = the default)")
+    if args.processes < 1:
+        raise ValueError(f"configs/llava15_siglip.py: processes={args.processes} must be >= 1")
     task, default_batch, lr = PHASES[args.phase]
     batch = args.batch or default_batch
 
     config = ml_collections.ConfigDict()
     model = None
     if args.model:
-        source_model = resolve_model_dir(args.model)
+        try:
+            source_model = resolve_model_dir(args.model)
+        except ValueError as e:
+            raise ValueError(f"configs/llava15_siglip.py: model={e}") from None
         model = to_dict(model_dir.load_config(source_model))
         # bf16 compute on f32 master weights; full remat keeps a 7-8B LLM's activations small.
         # Run settings: the trained model directory records the architecture only.
@@ -97,7 +106,7 @@ def get_config(arg=None):
         **length, seed=0, micro_batches=args.micro_batches, phase=dict(name=args.phase),
         optimizer=dict(learning_rate=lr, schedule="cosine", weight_decay=0.0, grad_clip_norm=1.0,
                        **schedule),
-        init_from=dict(path=resolve_model_dir(args.model) if args.model else None, groups=[".*"]))
+        init_from=dict(path=source_model if args.model else None, groups=[".*"]))
     config.checkpoint = dict(every_steps=500, keep=3, async_save=True)
     config.log = dict(every_steps=10, progress_bar=True, tensorboard=True, measure_cpu_peak=False)
     config.eval = dict(every_steps=0, num_batches=8)

@@ -162,17 +162,24 @@ def abstract_train_state(plan) -> Any:
 
 def resolve_model_dir(path: str) -> str:
     """A model directory, or a finished run's workdir (its `model/`). A workdir holds a
-    config.json of its own (the run config), so `model/` is looked for first."""
+    config.json of its own (the run config), so `model/` is looked for first. The error names
+    the path only: callers say which field or flag gave it."""
     if os.path.exists(os.path.join(path, "model", "config.json")):
         return os.path.join(path, "model")
     if os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "params")):
         return path
     if os.path.isdir(os.path.join(path, "checkpoints")):
-        raise ValueError(f"train.init_from.path={path} is a workdir without model/ (its run did "
-                         f"not finish): resume that run to the end first, or point at a model "
-                         f"directory")
-    raise ValueError(f"train.init_from.path={path} is neither a model directory (config.json) "
-                     f"nor a finished run's workdir (model/config.json)")
+        raise ValueError(f"{path} is a workdir without model/ (its run did not finish): resume "
+                         f"that run to the end first, or point at a model directory")
+    raise ValueError(f"{path} is neither a model directory (config.json) nor a finished run's "
+                     f"workdir (model/config.json)")
+
+
+def _init_from_dir(run) -> str:
+    try:
+        return resolve_model_dir(run.train.init_from.path)
+    except ValueError as e:
+        raise ValueError(f"train.init_from.path={e}") from None
 
 
 def _abstract_params(config: VLMConfig) -> dict:
@@ -203,7 +210,7 @@ def _taken_paths(run, source_config: VLMConfig) -> list[str]:
 
 def check_init_from(run) -> None:
     """Validate train.init_from against the model config (shapes only, nothing loaded)."""
-    source_dir = resolve_model_dir(run.train.init_from.path)
+    source_dir = _init_from_dir(run)
     _taken_paths(run, model_dir.load_config(source_dir))
 
 
@@ -211,7 +218,7 @@ def apply_init_from(run, plan, state):
     """`state` (freshly created) with the train.init_from groups replaced by the source's params,
     restored straight onto the state's shardings. The optimizer state needs no change: Adam's
     moments start at zero whatever the params are, and LoRA adapters depend on shapes only."""
-    source_dir = resolve_model_dir(run.train.init_from.path)
+    source_dir = _init_from_dir(run)
     source_config = model_dir.load_config(source_dir)
     taken = _taken_paths(run, source_config)
     with sharding.rules_context(plan.mesh, plan.rules):

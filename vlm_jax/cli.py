@@ -116,7 +116,7 @@ def _load_for_generation(args: argparse.Namespace):
     try:
         source = resolve_model_dir(args.checkpoint)
     except ValueError as e:
-        raise ValueError(f"--checkpoint {args.checkpoint}: {e}") from None
+        raise ValueError(f"--checkpoint {e}") from None
     model = vlm_jax.load(source, dtype=args.dtype)
     note = model_dir.compute_note(source, args.dtype)
     if note:

@@ -106,7 +106,7 @@ def run(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     try:
         model_path = resolve_model_dir(args.checkpoint)
     except ValueError as e:
-        raise ValueError(f"--checkpoint {args.checkpoint}: {e}") from None
+        raise ValueError(f"--checkpoint {e}") from None
     config = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
     if not config.get("model"):
         # A recipe that reads its model section from a model directory (model=DIR in its

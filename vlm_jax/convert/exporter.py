@@ -107,7 +107,7 @@ def export_hf(checkpoint_path: str, out: str, dtype: str = "float32", part: str 
     try:
         source = checkpoint.resolve_model_dir(checkpoint_path)
     except ValueError as e:
-        raise ValueError(f"--checkpoint {checkpoint_path}: {e}") from e
+        raise ValueError(f"--checkpoint {e}") from None
     _check_out(out, source, overwrite)
     config, params, tokenizer = model_dir.load_model(source)
     params = model_dir.numpy_params(params)
