@@ -301,6 +301,8 @@ def _bf16_trained_dir(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens([AddedToken("<image>", special=True, normalized=False)])
     tok.save(str(tokenizer_dir / "tokenizer.json"))
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "w1", "eos_token": "w2", "pad_token": None}))
     from vlm_jax.data.tokenizer import Tokenizer as OurTokenizer
     model_dir.save_model(str(ckpt), config, params, OurTokenizer.from_path(str(tokenizer_dir)))
     return ckpt
@@ -348,3 +350,23 @@ def test_a_failed_export_leaves_nothing_and_nothing_is_overwritten(tmp_path, mon
                      "--overwrite"]) == 0
     assert "model.safetensors" in os.listdir(out) and "notes.txt" not in os.listdir(out)
     assert sorted(os.listdir(tmp_path)) == ["hf", "tok", "trained"]  # no staging left behind
+
+
+def test_the_self_check_compares_greedy_answers_through_the_chat_template(tmp_path, monkeypatch,
+                                                                          capsys):
+    import dataclasses
+
+    from vlm_jax.data import templates
+    ckpt = _bf16_trained_dir(tmp_path)
+    saved = json.load(open(ckpt / "config.json"))
+    saved["data"] = {"template": "minimal", "pad_to_square": True}  # as training records it
+    (ckpt / "config.json").write_text(json.dumps(saved))
+    assert cli_main(["export-hf", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
+    assert "the same greedy answer (" in capsys.readouterr().out
+    # a chat template that renders another prompt than ours is caught, and nothing is written
+    minimal = templates.TEMPLATES["minimal"]
+    monkeypatch.setitem(templates.TEMPLATES, "minimal", dataclasses.replace(
+        minimal, jinja=minimal.jinja.replace("{{- bos ~ ", "{{- bos ~ 'w5 ' ~ ", 1)))
+    assert cli_main(["export-hf", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf2")]) == 3
+    assert "chat template gives prompt ids" in capsys.readouterr().err
+    assert not (tmp_path / "hf2").exists()

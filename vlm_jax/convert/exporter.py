@@ -56,6 +56,8 @@ _DISK_PREFIXES = (
     (hf_llava.PROJECTOR_PREFIX, "multi_modal_projector."),
 )
 _PROBE_TEXT = "<image>\nWhat is in this picture? A red circle."
+_PROBE_QUESTION = "What is in this picture?"
+ANSWER_TOKENS = 8  # greedy answer length compared by the self-check
 
 
 class ExportMismatch(RuntimeError):
@@ -73,6 +75,7 @@ class ExportResult:
     bf16_bound: float | None
     processor: bool            # whether tokenizer + processor files were written
     pad_to_square: bool = False  # the processor pads images to a square first
+    answer_tokens: int | None = None  # greedy answer compared with transformers' (None: not)
 
 
 def to_disk_keys(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -187,8 +190,10 @@ def _write_and_check(config: VLMConfig, params: Any, tokenizer, out: str, dtype:
     result = ExportResult(out, part, dtype, float("nan"), F32_TOLERANCE, None, None, has_processor,
                           chat.pad_to_square)
     if check:
-        result = (check_vision_export if part == "vision" else check_llava_export)(
-            result, config, params, tokenizer)
+        if part == "vision":
+            result = check_vision_export(result, config, params, tokenizer)
+        else:
+            result = check_llava_export(result, config, params, tokenizer, chat)
     return result
 
 
@@ -345,8 +350,10 @@ def _compare(result: ExportResult, ours_exact: np.ndarray, ours_f32: np.ndarray,
 
 
 def check_llava_export(result: ExportResult, config: VLMConfig, params: Any,
-                       tokenizer) -> ExportResult:
-    """Load `result.out` in transformers (f32, eval) and compare logits with ours."""
+                       tokenizer, chat: ChatSettings = ChatSettings()) -> ExportResult:
+    """Load `result.out` in transformers (f32, eval) and compare logits with ours; for a model
+    with a trained chat template, also the greedy answer to a probe question, asked the way a
+    transformers user asks it (`check_answers`)."""
     import torch
     from transformers import LlavaForConditionalGeneration
 
@@ -361,7 +368,52 @@ def check_llava_export(result: ExportResult, config: VLMConfig, params: Any,
     ours_exact = LoadedModel(config, _rounded(params, result.dtype), None).logits(ids, pixels)
     ours_f32 = (ours_exact if result.dtype == "float32"
                 else LoadedModel(config, params, None).logits(ids, pixels))
-    return _compare(result, ours_exact, ours_f32, theirs, "LLaVA logits")
+    result = _compare(result, ours_exact, ours_f32, theirs, "LLaVA logits")
+    if chat.template is not None and result.processor:
+        result = check_answers(result, config, _rounded(params, result.dtype), tokenizer, chat,
+                               hf_model)
+    return result
+
+
+def check_answers(result: ExportResult, config: VLMConfig, params: Any, tokenizer,
+                  chat: ChatSettings, hf_model) -> ExportResult:
+    """The exported processor's `apply_chat_template` + default call must give exactly our
+    prompt ids (one BOS, the image expanded), and transformers' greedy `generate` exactly our
+    greedy answer, stopping where ours stops (on the probe image, ANSWER_TOKENS at most)."""
+    import torch
+    from transformers import AutoProcessor
+
+    from vlm_jax.data.images import preprocess_image
+    from vlm_jax.evaluate import prompt_ids
+    from vlm_jax.generate import greedy_generate, stop_token_ids
+    processor = AutoProcessor.from_pretrained(result.out)
+    image = _probe_image(config.vision.image_size)
+    messages = [{"role": "user", "content": [{"type": "image"},
+                                             {"type": "text", "text": _PROBE_QUESTION}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=prompt, images=image, return_tensors="pt")
+    ours_ids = prompt_ids(tokenizer, _PROBE_QUESTION, chat.template, config.tokens_per_image)
+    theirs_ids = inputs["input_ids"][0].tolist()
+    if theirs_ids != ours_ids.tolist():
+        raise ExportMismatch(f"the exported processor's chat template gives prompt ids "
+                             f"{theirs_ids}, vlm-jax generate gives {ours_ids.tolist()}")
+    with torch.no_grad():
+        out = hf_model.generate(**inputs, do_sample=False, max_new_tokens=ANSWER_TOKENS)
+    theirs = out[0, len(theirs_ids):].tolist()
+    stops = stop_token_ids(tokenizer, chat.template)
+    pixels = preprocess_image(np.asarray(image), config.vision.image_size,
+                              pad_to_square=chat.pad_to_square)[None, None]
+    tokens, lengths = greedy_generate(config, params, ours_ids[None], np.array([len(ours_ids)]),
+                                      pixels, ANSWER_TOKENS, stops)
+    ours = tokens[0, :lengths[0]].tolist()  # ours stops before the stop token, theirs after it
+    if len(ours) == ANSWER_TOKENS:
+        same = theirs == ours
+    else:
+        same = bool(theirs) and theirs[:-1] == ours and theirs[-1] in stops
+    if not same:
+        raise ExportMismatch(f"greedy answers differ: transformers {theirs}, vlm-jax {ours} "
+                             f"(stop tokens {stops})")
+    return dataclasses.replace(result, answer_tokens=len(ours))
 
 
 def check_vision_export(result: ExportResult, config: VLMConfig, params: Any,
@@ -410,6 +462,11 @@ def describe(result: ExportResult) -> str:
     if result.bf16_drift is not None:
         line += (f"; bf16 rounding moves outputs by {result.bf16_drift:.3g} "
                  f"(bound {result.bf16_bound:.3g} = {BF16_RELATIVE_TOLERANCE:g} x output scale)")
+    if result.answer_tokens is not None:
+        line += (f"; the same greedy answer ({result.answer_tokens} tokens) through its "
+                 f"processor's chat template and generate")
+    elif result.part == "llava" and result.processor:
+        line += "; answers not compared (no trained chat template: an untrained import)"
     if result.part == "llava" and not result.processor:
         line += "; no tokenizer in the checkpoint: no tokenizer/processor files written"
     return line
