@@ -338,8 +338,7 @@ def test_a_failed_export_leaves_nothing_and_nothing_is_overwritten(tmp_path, mon
     assert not out.exists() and sorted(os.listdir(tmp_path)) == ["tok", "trained"]
     monkeypatch.undo()
 
-    for target, message in ((ckpt, "overlaps the exported model"),
-                            (ckpt / "params", "overlaps the exported model")):
+    for target, message in ((ckpt, "overlaps the input"), (ckpt / "params", "overlaps the input")):
         assert cli_main(["export-hf", "--checkpoint", str(ckpt), "--out", str(target)]) == 2
         assert message in capsys.readouterr().err
     out.mkdir()

@@ -17,6 +17,9 @@ are dropped on load and only reported as `trained_with`.
 `data` holds what inference must repeat to see inputs as training did: the chat template of the
 prompts and the image preprocessing (`pad_to_square`).
 
+A directory is written whole or not at all: `save_model` fills a hidden sibling
+(`.NAME.saving`) and renames it into place, so a reader never sees a half-written model.
+
 Training checkpoints (`vlm_jax/checkpoint.py`) hold the same config and params plus optimizer and
 data-iterator state; `load_model` accepts a model directory.
 """
@@ -30,6 +33,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from vlm_jax.config_utils import from_dict, to_dict
 from vlm_jax.models.vlm import VLMConfig, architecture_only, run_settings
@@ -41,26 +45,93 @@ GENERATION_CONFIG = "generation_config.json"
 
 def save_model(directory: str, config: VLMConfig, params: Any, tokenizer=None,
                data: dict | None = None, generation_config: dict | None = None) -> None:
-    """Write a model directory (overwrites `directory/params` if present). `config`'s run
-    settings are recorded as `trained_with`, not as part of the model; `data`: the template and
-    preprocessing it was trained with (keys DATA_SETTINGS)."""
+    """Write a model directory, replacing whatever is at `directory` once the new one is whole.
+    `config`'s run settings are recorded as `trained_with`, not as part of the model; `data`: the
+    template and preprocessing it was trained with (keys DATA_SETTINGS).
+
+    Every process of a multi-process run calls this (each writes its own params shards); process
+    0 alone writes the rest. The files go to `staging_path(directory)`, the same on every process,
+    which process 0 renames into place after all processes finished: an interrupted save leaves
+    the old directory or the new one, never a mix."""
     unknown = sorted(set(data or {}) - set(DATA_SETTINGS))
     if unknown:
         raise ValueError(f"model directory data settings {unknown}; supported: {DATA_SETTINGS}")
     path = epath.Path(directory).absolute() if "://" not in str(directory) else epath.Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(path / "params", params, force=True)
-    checkpointer.wait_until_finished()
-    if tokenizer is not None:
-        tokenizer.save(str(path / "tokenizer"))
-    if jax.process_index() == 0:
-        if generation_config is not None:
-            (path / GENERATION_CONFIG).write_text(json.dumps(generation_config, indent=2))
-        meta = {"format": FORMAT, "model": to_dict(architecture_only(config)),
-                "data": dict(data or {}), "trained_with": run_settings(config)}
-        # Written last: a directory without config.json is an incomplete save.
-        (path / "config.json").write_text(json.dumps(meta, indent=2))
+    staging = staging_path(path)
+    is_writer = jax.process_index() == 0
+    if is_writer and staging.exists():  # left by an interrupted save
+        staging.rmtree()
+    _sync_processes("vlm_jax: model staging directory cleared")
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(staging / "params", params)
+        checkpointer.wait_until_finished()
+        if tokenizer is not None:
+            tokenizer.save(str(staging / "tokenizer"))
+        if is_writer:
+            if generation_config is not None:
+                (staging / GENERATION_CONFIG).write_text(json.dumps(generation_config, indent=2))
+            meta = {"format": FORMAT, "model": to_dict(architecture_only(config)),
+                    "data": dict(data or {}), "trained_with": run_settings(config)}
+            (staging / "config.json").write_text(json.dumps(meta, indent=2))
+        _sync_processes("vlm_jax: model directory written")
+        if is_writer:
+            move_into_place(staging, path)
+    except BaseException:
+        if is_writer and staging.exists():
+            staging.rmtree()
+        raise
+    _sync_processes("vlm_jax: model directory in place")  # every process returns with it there
+
+
+def staging_path(directory: str | epath.Path) -> epath.Path:
+    """Where `save_model(directory)` writes before the rename: a hidden sibling, so that nothing
+    looking for a model directory (or a workdir's `model/`) finds a half-written one."""
+    path = epath.Path(directory)
+    return path.parent / f".{path.name}.saving"
+
+
+def check_output_dir(out: str, inputs: list[str], overwrite: bool) -> None:
+    """Refuse an `--out` that would destroy something: one that overlaps an input of the
+    command (even with `overwrite`), a file, or a non-empty directory without `overwrite`."""
+    out_real = os.path.realpath(out)
+    for source in inputs:
+        source_real = os.path.realpath(source)
+        if out_real == source_real or out_real.startswith(source_real + os.sep) \
+                or source_real.startswith(out_real + os.sep):
+            raise ValueError(f"--out {out} overlaps the input {source}; write elsewhere")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a directory")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise ValueError(f"--out {out} is not empty; choose a new directory or pass --overwrite "
+                         f"(its contents are replaced only once the new directory is complete)")
+
+
+def move_into_place(staging: str | epath.Path, path: str | epath.Path) -> None:
+    """`staging` becomes `path`; an old `path` is moved aside first and deleted only after."""
+    staging, path = epath.Path(staging), epath.Path(path)
+    old = path.parent / f".{path.name}.old"
+    if old.exists():
+        if path.exists():
+            old.rmtree()
+        else:  # a save interrupted between the two renames below: the old model is in `old`
+            old.rename(path)
+    if path.exists():
+        path.rename(old)
+    try:
+        staging.rename(path)
+    except BaseException:
+        if old.exists() and not path.exists():
+            old.rename(path)
+        raise
+    if old.exists():
+        old.rmtree()
+
+
+def _sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def _read_meta(directory: str) -> dict:

@@ -111,7 +111,7 @@ def export_hf(checkpoint_path: str, out: str, dtype: str = "float32", part: str 
         source = checkpoint.resolve_model_dir(checkpoint_path)
     except ValueError as e:
         raise ValueError(f"--checkpoint {e}") from None
-    _check_out(out, source, overwrite)
+    model_dir.check_output_dir(out, [source], overwrite)
     config, params, tokenizer = model_dir.load_model(source)
     params = model_dir.numpy_params(params)
     data = model_dir.load_data_settings(source)
@@ -121,27 +121,12 @@ def export_hf(checkpoint_path: str, out: str, dtype: str = "float32", part: str 
                          chat=chat, overwrite=overwrite)
 
 
-def _check_out(out: str, source: str | None, overwrite: bool) -> None:
-    """Refuse an `out` that would destroy something: the model itself, or files already there."""
-    out_real = os.path.realpath(out)
-    if source is not None:
-        source_real = os.path.realpath(source)
-        if out_real == source_real or out_real.startswith(source_real + os.sep) \
-                or source_real.startswith(out_real + os.sep):
-            raise ValueError(f"--out {out} overlaps the exported model {source}; export elsewhere")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} is a file, not a directory")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise ValueError(f"--out {out} is not empty; choose a new directory or pass --overwrite "
-                         f"(its contents are replaced only by an export that passed its check)")
-
-
 def export_params(config: VLMConfig, params: Any, tokenizer, out: str, dtype: str = "float32",
                   part: str = "llava", check: bool = True, chat: ChatSettings = ChatSettings(),
                   overwrite: bool = False) -> ExportResult:
     """Write `params` (plain nested dict, LoRA already merged) as a HF directory, then check it.
     The files go to a temporary directory first and reach `out` only once the check passed."""
-    _check_out(out, None, overwrite)
+    model_dir.check_output_dir(out, [], overwrite)
     config = architecture_only(config)  # the self-check compares f32 with f32
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
@@ -149,22 +134,11 @@ def export_params(config: VLMConfig, params: Any, tokenizer, out: str, dtype: st
                                dir=parent)
     try:
         result = _write_and_check(config, params, tokenizer, staging, dtype, part, check, chat)
-        _move_into_place(staging, out)
+        model_dir.move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return dataclasses.replace(result, out=out)
-
-
-def _move_into_place(staging: str, out: str) -> None:
-    """`staging` becomes `out`; an old `out` (allowed by overwrite) is removed only after."""
-    old = None
-    if os.path.exists(out):
-        old = f"{staging}.old"
-        os.rename(out, old)
-    os.rename(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_and_check(config: VLMConfig, params: Any, tokenizer, out: str, dtype: str, part: str,

@@ -5,6 +5,9 @@ Accepted inputs:
                                     a SiglipModel, a SiglipVisionModel, or a Llama / Qwen2 /
                                     Gemma *ForCausalLM
   --vision DIR --text DIR           compose a SigLIP tower and an LLM with a fresh projector
+
+A non-empty --out is refused unless --overwrite; the model directory is written whole or not at
+all (`model_dir.save_model`), so an old one is replaced only by a complete new one.
 """
 from __future__ import annotations
 
@@ -91,8 +94,11 @@ def _ensure_image_token(tokenizer, llm_config, llm_params, seed: int):
 
 def import_hf(out: str, hf_dir: str | None = None, vision_dir: str | None = None,
               text_dir: str | None = None, projector: str = "mlp2x_gelu",
-              feature_layer: int | None = None, seed: int = 0) -> VLMConfig:
-    """Convert HF weights into a model directory at `out`; returns its config."""
+              feature_layer: int | None = None, seed: int = 0,
+              overwrite: bool = False) -> VLMConfig:
+    """Convert HF weights into a model directory at `out`; returns its config. A non-empty `out`
+    is refused unless `overwrite` (its contents are then replaced once the new model is whole)."""
+    model_dir.check_output_dir(out, [d for d in (hf_dir, vision_dir, text_dir) if d], overwrite)
     tokenizer = None
     if hf_dir is not None:
         if vision_dir or text_dir:
