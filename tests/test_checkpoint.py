@@ -1,6 +1,7 @@
 """Checkpoints: a state saved on a data=8 mesh restores onto fsdp4 x tensor2 and onto one device
 with identical values (data-iterator position included), half-written checkpoints are never
-picked up, a checkpoint of another model is refused, and init_from takes only the named groups."""
+picked up, a damaged one is reported and the previous one used, a checkpoint of another model or
+another lr schedule is refused, and init_from takes only the named groups."""
 import os
 
 import jax
@@ -143,3 +144,84 @@ def test_init_from_a_finished_workdir_finds_its_model_dir(tmp_path):
     (tmp_path / "unfinished" / "checkpoints").mkdir(parents=True)
     with pytest.raises(ValueError, match="did not finish"):
         checkpoint.resolve_model_dir(str(tmp_path / "unfinished"))
+
+
+def _largest_file(directory):
+    files = [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
+    return max(files, key=os.path.getsize)
+
+
+def test_damaged_latest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, caplog):
+    run = _run_config(num_devices=8)
+    plan = _plan(run, 8)
+    states = {step: _random_state(plan, seed=step) for step in (1, 2)}
+    saver = checkpoint.Checkpointer(str(tmp_path), 3, False, run.to_dict())
+    for step, state in states.items():
+        saver.save(step, state, None)
+    saver.close()
+    # Truncate step 2's largest array data file (orbax's OCDBT data under state/).
+    with open(_largest_file(tmp_path / "checkpoints" / "2" / "state"), "r+b") as f:
+        f.truncate(100)
+
+    loader = checkpoint.Checkpointer(str(tmp_path), 3, False, run.to_dict())
+    with caplog.at_level("WARNING"):
+        restored, step = loader.restore_latest(checkpoint.abstract_train_state(plan), None)
+    loader.close()
+    assert step == 1
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(_host(states[1]))):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    (line,) = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert "checkpoints/2 is damaged" in line and "resuming from step 1" in line
+    assert "\n" not in line
+    # Moved aside (kept, and out of the way of the run's own save of step 2).
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+    assert os.listdir(tmp_path / "damaged_checkpoints") == ["2"]
+
+    # No checkpoint restores: refused naming the workdir, nothing moved or deleted.
+    with open(_largest_file(tmp_path / "checkpoints" / "1" / "state"), "r+b") as f:
+        f.truncate(100)
+    loader = checkpoint.Checkpointer(str(tmp_path), 3, False, run.to_dict())
+    with pytest.raises(ValueError, match=rf"workdir {tmp_path}: no checkpoint restores \(step 1: "
+                                         rf".*delete or move {tmp_path}/checkpoints"):
+        loader.restore_latest(checkpoint.abstract_train_state(plan), None)
+    loader.close()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+
+
+@pytest.mark.parametrize("override, shown", [
+    ("train.steps=30", r"train\.steps: checkpoint 20 vs config 30, train\.optimizer\.total_steps: "
+                       r"checkpoint 20 vs config 30"),
+    ("train.optimizer.learning_rate=1e-3",
+     r"train\.optimizer\.learning_rate: checkpoint 0\.003 vs config 0\.001"),
+    ("train.optimizer.warmup_steps=5", r"train\.optimizer\.warmup_steps: checkpoint 2 vs config 5"),
+])
+def test_resume_under_another_schedule_is_refused_unless_allowed(tmp_path, caplog, override,
+                                                                 shown):
+    run = _run_config(num_devices=8)
+    plan = _plan(run, 8)
+    state = _random_state(plan)
+    saver = checkpoint.Checkpointer(str(tmp_path), 1, False, run.to_dict())
+    saver.save(4, state, None)
+    saver.close()
+    changed = _run_config([override], num_devices=8).to_dict()
+    abstract = checkpoint.abstract_train_state(plan)
+    loader = checkpoint.Checkpointer(str(tmp_path), 1, False, changed)
+    with pytest.raises(checkpoint.IncompatibleCheckpoint,
+                       match=rf"another schedule \({shown}\).*--allow-schedule-change"):
+        loader.restore_latest(abstract, None)
+    loader.close()
+    assert os.listdir(tmp_path / "checkpoints") == ["4"]  # refused, not taken for damage
+
+    loader = checkpoint.Checkpointer(str(tmp_path), 1, False, changed, allow_schedule_change=True)
+    with caplog.at_level("WARNING"):
+        restored, step = loader.restore_latest(abstract, None)
+    loader.close()
+    assert step == 4 and int(restored.step) == int(state.step)
+    assert any("changed schedule" in r.getMessage() for r in caplog.records)
+
+
+def test_resume_with_other_log_and_checkpoint_settings_is_allowed():
+    run = _run_config(num_devices=8)
+    other = _run_config(["log.every_steps=1", "checkpoint.every_steps=3", "train.seed=1"],
+                        num_devices=8)
+    assert checkpoint.check_compatible(run.to_dict(), other.to_dict(), "here") == []

@@ -198,3 +198,65 @@ def test_one_epoch_of_a_packed_run_trains_every_example_once(tmp_path):
     seen_before = [0.0] + [r["examples_seen"] for r in train_rows[:-1]]
     np.testing.assert_allclose([r["lr"] for r in train_rows],
                                [float(schedule(s)) for s in seen_before], rtol=1e-5)
+
+
+def test_first_ctrl_c_asks_to_stop_a_second_interrupts(capsys):
+    import signal
+
+    from vlm_jax.train import loop
+    previous = signal.getsignal(signal.SIGINT)
+    with loop._Preemption() as preemption:
+        signal.raise_signal(signal.SIGINT)
+        assert preemption.requested and preemption.reason == "Ctrl-C"
+        assert capsys.readouterr().err.strip() == loop.CTRL_C_MESSAGE
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is previous
+    with loop._Preemption() as preemption:
+        signal.raise_signal(signal.SIGTERM)
+        assert preemption.requested and preemption.reason == "SIGTERM"
+
+
+def test_cli_train_exit_codes_and_lines(tmp_path, monkeypatch, capsys):
+    from vlm_jax import cli
+    from vlm_jax.train import loop
+    argv = ["train", "--config", f"{TINY}:steps=4", "--workdir", str(tmp_path)]
+    calls = []
+
+    def fake_train(outcome):
+        def run(config, workdir, allow_schedule_change=False):
+            calls.append(allow_schedule_change)
+            if outcome == "interrupt":
+                raise KeyboardInterrupt
+            return {"step": 3, "preempted": True, "stopped_by": outcome,
+                    "checkpoint": f"{workdir}/checkpoints/3"}
+        return run
+
+    monkeypatch.setattr(loop, "train", fake_train("interrupt"))
+    assert cli.main(argv) == 130  # a second Ctrl-C
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted by Ctrl-C" in err and str(tmp_path) in err
+    monkeypatch.setattr(loop, "train", fake_train("Ctrl-C"))
+    assert cli.main(argv + ["--allow-schedule-change"]) == 130  # saved, then stopped
+    err = capsys.readouterr().err
+    assert err == (f"vlm-jax train: stopped by Ctrl-C at step 3; checkpoint {tmp_path}/"
+                   f"checkpoints/3; re-run the same command to resume\n")
+    monkeypatch.setattr(loop, "train", fake_train("SIGTERM"))
+    assert cli.main(argv) == 0  # preemption: the launcher restarts it
+    assert "vlm-jax train: preempted" in capsys.readouterr().out
+    assert calls == [False, True, False]
+
+
+def test_align_without_init_from_warns_once_naming_the_random_towers(tmp_path, caplog):
+    def random_tower_lines():
+        return [r.getMessage() for r in caplog.records if "randomly initialised" in r.getMessage()]
+
+    with caplog.at_level("WARNING"):
+        train(_config(["eval_data=None"], arg="phase=align,steps=2"), str(tmp_path / "align"))
+    (line,) = random_tower_lines()
+    assert "train.phase=align" in line and "vision tower" in line and "LLM" in line
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # started from that model: nothing to say
+        train(_config(["eval_data=None", f"train.init_from.path={tmp_path / 'align'}"],
+                      arg="phase=instruct,steps=2"), str(tmp_path / "instruct"))
+    assert random_tower_lines() == []

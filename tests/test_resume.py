@@ -1,7 +1,8 @@
 """Exact resume across processes (`python -m vlm_jax.cli train` in a subprocess): 2N steps straight
 == N steps, SIGKILL, resume to 2N (final params and every step's batch bit-identical); the same
 with SIGTERM, which saves at the next step boundary and exits cleanly, the resumed run starting
-right after that step."""
+right after that step; and Ctrl-C, which saves the same way and exits with 130 in one line (a
+damaged checkpoint then refuses the re-run in one line; intact, the same command resumes)."""
 import json
 import os
 import signal
@@ -127,3 +128,94 @@ def test_sigterm_saves_then_resume_is_bit_identical(tmp_path, straight):
     assert f"resumed from {os.path.join(workdir, 'checkpoints')}/{preempted}" in done.stderr
     assert _hashes(workdir)[first_attempt]["step"] == preempted + 1
     _check_same_as_straight(workdir, straight)
+
+
+def _ctrl_c_command(workdir):
+    """A run far longer than the test: Ctrl-C, not its end, must stop it."""
+    command = _command(workdir)
+    command[command.index("--config") + 1] = os.path.join(ROOT, "configs", "tiny.py") + ":steps=200"
+    return command + ["--config.checkpoint.every_steps=1000", "--config.log.every_steps=1"]
+
+
+def test_ctrl_c_saves_then_the_same_command_resumes(tmp_path):
+    from etils import epath
+
+    from vlm_jax.checkpoint import is_complete
+    from vlm_jax.train.loop import CTRL_C_MESSAGE
+    workdir = str(tmp_path)
+    process = subprocess.Popen(_ctrl_c_command(workdir), env=_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while len(_hashes(workdir)) < 3:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.time() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stdout + stderr
+    assert stderr.count(CTRL_C_MESSAGE) == 1
+    stopped = len(_hashes(workdir))
+    assert 3 <= stopped < 200
+    checkpoints = os.path.join(workdir, "checkpoints")
+    assert (f"vlm-jax train: stopped by Ctrl-C at step {stopped}; checkpoint {checkpoints}/"
+            f"{stopped}; re-run the same command to resume") in stderr
+    assert os.listdir(checkpoints) == [str(stopped)]
+    assert is_complete(epath.Path(checkpoints) / str(stopped))
+
+    # With that one checkpoint damaged the re-run refuses in one line, never starts over.
+    state_files = [os.path.join(root, name) for root, _, names
+                   in os.walk(os.path.join(checkpoints, str(stopped), "state")) for name in names]
+    largest = max(state_files, key=os.path.getsize)
+    intact = open(largest, "rb").read()
+    with open(largest, "r+b") as f:
+        f.truncate(100)
+    refused = subprocess.run(_ctrl_c_command(workdir), env=_env(), capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    (line,) = [text for text in refused.stderr.splitlines()
+               if text.startswith("vlm-jax train: error:")]
+    assert f"workdir {workdir}: no checkpoint restores (step {stopped}: " in line
+    assert len(_hashes(workdir)) == stopped  # no step ran
+    with open(largest, "wb") as f:
+        f.write(intact)
+
+    done = subprocess.run(_ctrl_c_command(workdir), env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {checkpoints}/{stopped}" in done.stderr
+    assert [row["step"] for row in _hashes(workdir)] == list(range(1, 201))
+
+
+def test_ctrl_c_in_one_process_of_two_stops_both_at_the_same_step(tmp_path):
+    """With several processes SIGTERM belongs to JAX's preemption service, which stops every
+    process at one step (a Python SIGTERM handler once hid it: the run went on to its end); a
+    Ctrl-C in one process is passed on to it."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        coordinator = f"127.0.0.1:{s.getsockname()[1]}"
+    workdir = str(tmp_path)
+    command = _ctrl_c_command(workdir) + ["--config.mesh.data=1", "--config.mesh.fsdp=8",
+                                          "--coordinator", coordinator, "--num-processes", "2"]
+    env = dict(_env(), JAX_NUM_CPU_DEVICES="4", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+    procs = [subprocess.Popen(command + ["--process-id", str(i)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in (0, 1)]
+    try:
+        deadline = time.time() + 240
+        while len(_hashes(workdir)) < 3:
+            assert all(p.poll() is None for p in procs), procs[0].communicate()[0][-3000:]
+            assert time.time() < deadline
+            time.sleep(0.05)
+        procs[0].send_signal(signal.SIGINT)
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:  # a peer that died leaves the other waiting in a collective
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    stopped = len(_hashes(workdir))
+    assert stopped < 200 and os.listdir(os.path.join(workdir, "checkpoints")) == [str(stopped)]
+    assert [p.returncode for p in procs] == [130, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert f"stopped by Ctrl-C at step {stopped}" in outputs[0]
+    assert "Traceback" not in outputs[0] + outputs[1]

@@ -9,7 +9,10 @@ Saves are asynchronous (arrays are copied to host before `save` returns, so the 
 donate them right after). Orbax writes into a temporary directory and renames it when complete,
 so a crash mid-save leaves a `<step>.orbax-checkpoint-tmp-*` directory that is never listed as a
 step, and a step directory without orbax's commit timestamp is skipped too (`is_complete`):
-resume always picks the latest COMPLETE checkpoint.
+resume always picks the latest COMPLETE checkpoint. A complete one that does not restore (a file
+truncated or deleted since) is reported in one line and moved to `workdir/damaged_checkpoints/`,
+and the one before it is used (`restore_latest`); when none restores, resuming is refused.
+A checkpoint of another model, phase or learning-rate schedule is refused (`check_compatible`).
 """
 from __future__ import annotations
 
@@ -23,8 +26,10 @@ import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from vlm_jax import model_dir, sharding
 from vlm_jax.models.vlm import VLMConfig, init_params
@@ -32,6 +37,15 @@ from vlm_jax.train import param_groups
 
 # Model fields that change how it computes, not what it holds: a checkpoint restores across them.
 _COMPUTE_ONLY_FIELDS = ("dtype", "attention_backend", "remat_policy")
+# train.* fields that shape the learning-rate schedule (the run's length included, since the
+# schedule spans it): resuming under other values would bend the lr curve mid-run.
+SCHEDULE_FIELDS = ("steps", "epochs", "optimizer.learning_rate", "optimizer.schedule",
+                   "optimizer.warmup_steps", "optimizer.warmup_ratio", "optimizer.total_steps",
+                   "optimizer.end_lr_ratio")
+
+
+class IncompatibleCheckpoint(ValueError):
+    """A checkpoint written for another model, phase or schedule (the message says which)."""
 
 
 class _IteratorStateSnapshot:
@@ -48,8 +62,10 @@ class _IteratorStateSnapshot:
 class Checkpointer:
     """orbax CheckpointManager over `workdir/checkpoints` with items state / data_iter / config."""
 
-    def __init__(self, workdir: str, keep: int, async_save: bool, run_config: dict):
+    def __init__(self, workdir: str, keep: int, async_save: bool, run_config: dict,
+                 allow_schedule_change: bool = False):
         self.directory = epath.Path(os.path.abspath(workdir)) / "checkpoints"
+        self.allow_schedule_change = allow_schedule_change
         options = ocp.CheckpointManagerOptions(max_to_keep=keep,
                                                enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True)
@@ -91,11 +107,71 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any, data_iter: Any | None) -> Any:
         """The state at `step`, placed as `abstract_state`'s shardings (any mesh); `data_iter`
         is moved to the saved position in place."""
-        check_compatible(self.saved_config(step), self.run_config, f"{self.directory}/{step}")
+        where = f"{self.directory}/{step}"
+        changes = check_compatible(self.saved_config(step), self.run_config, where,
+                                   self.allow_schedule_change)
         items = dict(state=ocp.args.StandardRestore(abstract_state))
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        state = self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        if changes and jax.process_index() == 0:
+            logging.warning("resuming %s under a changed schedule (%s; --allow-schedule-change): "
+                            "from step %d on the lr follows the new one", where,
+                            ", ".join(changes), step)
+        return state
+
+    def restore_latest(self, abstract_state: Any, data_iter: Any | None) -> tuple[Any, int] | None:
+        """(state, step) of the newest complete checkpoint that restores (see `restore`), or
+        None when there is none at all. A damaged one (a file truncated or deleted) is reported
+        in one line and the one before it tried; once one restores, the damaged ones after it
+        move to `workdir/damaged_checkpoints/` (kept to look at, and out of the way of this
+        run's own save of those steps). When none restores, raises a ValueError naming the
+        workdir: resuming never quietly turns into starting over."""
+        latest = self.latest_step()
+        if latest is None:
+            return None
+        candidates = [s for s in sorted(self.manager.all_steps(), reverse=True)
+                      if s <= latest and is_complete(self.directory / str(s))]
+        damaged = []
+        for step in candidates:
+            error = None
+            try:
+                state = self.restore(step, abstract_state, data_iter)
+            except IncompatibleCheckpoint:
+                raise
+            except Exception as e:  # noqa: BLE001
+                # A damaged file surfaces as any type: tensorstore's read error as a bare
+                # Exception, a deleted item as KeyError, truncated JSON as ValueError.
+                error = e
+            if not _all_processes_agree(error is None):
+                error = error or RuntimeError("failed to restore in another process")
+            if error is None:
+                self._set_aside(damaged, step)
+                return state, step
+            damaged.append((step, _first_line(error)))
+        shown = "; ".join(f"step {step}: {reason}" for step, reason in damaged)
+        raise ValueError(
+            f"workdir {self.directory.parent}: no checkpoint restores ({shown}); they were left "
+            f"in place. To start this run over, delete or move {self.directory}; or use a new "
+            f"--workdir")
+
+    def _set_aside(self, damaged: list[tuple[int, str]], resumed_step: int) -> None:
+        if not damaged:
+            return
+        aside = self.directory.parent / "damaged_checkpoints"
+        if jax.process_index() == 0:
+            aside.mkdir(parents=True, exist_ok=True)
+            for step, reason in damaged:
+                target = aside / str(step)
+                suffix = 1
+                while target.exists():  # damaged again after an earlier resume
+                    target, suffix = aside / f"{step}.{suffix}", suffix + 1
+                (self.directory / str(step)).rename(target)
+                logging.warning("checkpoint %s/%d is damaged (%s); moved it to %s, resuming from "
+                                "step %d", self.directory, step, reason, target, resumed_step)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("vlm_jax: damaged checkpoints set aside")
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -118,8 +194,28 @@ def is_complete(step_dir: epath.Path) -> bool:
         return False
 
 
-def check_compatible(saved: dict, current: dict, where: str) -> None:
-    """Refuse to resume from a checkpoint written for another model or another phase."""
+def _first_line(error: BaseException) -> str:
+    """The root cause of `error` in one line (orbax wraps tensorstore's message, which names
+    the file, in exceptions carrying a many-line spec)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = (str(error).strip().splitlines() or [""])[0]
+    text = text if len(text) <= 300 else text[:297] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    """True when `ok` holds in every process (one process's damaged shard fails them all)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def check_compatible(saved: dict, current: dict, where: str,
+                     allow_schedule_change: bool = False) -> list[str]:
+    """Refuse to resume from a checkpoint written for another model or another phase, or
+    (unless `allow_schedule_change`) under another learning-rate schedule or run length
+    (`SCHEDULE_FIELDS`). Returns the schedule changes let through, as "field saved -> new"."""
     def model_fields(config):
         flat = _flatten_dict(config["model"])
         return {k: v for k, v in flat.items() if k.split(".")[-1] not in _COMPUTE_ONLY_FIELDS}
@@ -129,12 +225,28 @@ def check_compatible(saved: dict, current: dict, where: str) -> None:
     if differing:
         shown = ", ".join(f"model.{k}: checkpoint {saved_model.get(k)!r} vs config {model.get(k)!r}"
                           for k in differing[:5])
-        raise ValueError(f"checkpoint {where} was written for another model ({shown}); use a new "
-                         f"--workdir or the config that wrote it")
+        raise IncompatibleCheckpoint(
+            f"checkpoint {where} was written for another model ({shown}); use a new --workdir or "
+            f"the config that wrote it")
     if saved["train"]["phase"] != current["train"]["phase"]:
-        raise ValueError(f"checkpoint {where} was written by train.phase={saved['train']['phase']}, "
-                         f"the config has train.phase={current['train']['phase']}; start the new "
-                         f"phase in a new --workdir with train.init_from.path pointing at this one")
+        raise IncompatibleCheckpoint(
+            f"checkpoint {where} was written by train.phase={saved['train']['phase']}, the config "
+            f"has train.phase={current['train']['phase']}; start the new phase in a new "
+            f"--workdir with train.init_from.path pointing at this one")
+    saved_train, train = _flatten_dict(saved["train"]), _flatten_dict(current["train"])
+    changed = [k for k in SCHEDULE_FIELDS  # a field the checkpoint predates cannot be compared
+               if k in saved_train and saved_train[k] != train.get(k)]
+    changes = [f"train.{k} {saved_train[k]!r} -> {train.get(k)!r}" for k in changed]
+    if changed and not allow_schedule_change:
+        shown = ", ".join(f"train.{k}: checkpoint {saved_train[k]!r} vs config {train.get(k)!r}"
+                          for k in changed)
+        raise IncompatibleCheckpoint(
+            f"checkpoint {where} was written under another schedule ({shown}); resuming would "
+            f"bend its learning-rate curve mid-run. Resume with the checkpoint's values, or pass "
+            f"--allow-schedule-change (train(..., allow_schedule_change=True)) to go on from "
+            f"that step under the new values (the lr jumps to the new schedule's value there), "
+            f"or use a new --workdir")
+    return changes
 
 
 def _flatten_dict(tree: dict, prefix: str = "") -> dict:

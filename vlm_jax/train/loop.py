@@ -6,11 +6,14 @@ resumed), steps, periodic eval, logs and checkpoints, then the final model direc
 A run lasts `train.steps` steps, or `train.epochs` passes over its data (it then ends with the
 data, its lr schedule counts examples, and with several processes a process whose shard ended
 first feeds empty batches until all have: every process stops at the same step). A run resumes
-from the latest complete checkpoint in `workdir` by itself. SIGTERM (preemption) saves at the
-next step boundary and returns with `metrics["preempted"] = True`. A non-finite loss or gradient
-norm, or too many skipped examples, stops the run with `TrainingStopped` naming the step and the
-last good checkpoint. The finished run writes `workdir/model` (a model directory: generation,
-export and the next phase's `train.init_from` read it).
+from the latest complete checkpoint in `workdir` by itself (a damaged one is reported and the one
+before it used; a changed lr schedule is refused unless `allow_schedule_change`). SIGTERM
+(preemption) or a first Ctrl-C saves at the next step boundary and returns with
+`metrics["preempted"] = True` and `metrics["stopped_by"]` ("SIGTERM" / "Ctrl-C"); a second Ctrl-C
+raises KeyboardInterrupt at once. A non-finite loss or gradient norm, or too many skipped
+examples, stops the run with `TrainingStopped` naming the step and the last good checkpoint.
+The finished run writes `workdir/model` (a model directory: generation, export and the next
+phase's `train.init_from` read it).
 
 Multi-process (one process per host, `vlm_jax/distributed.py`): every process runs this loop on
 its own data shard and writes its own checkpoint shards; only process 0 writes the logs,
@@ -21,8 +24,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -45,37 +50,112 @@ class TrainingStopped(RuntimeError):
     """The run cannot go on (non-finite loss, bad data); the message says where and why."""
 
 
+CTRL_C_MESSAGE = ("Ctrl-C: saving a checkpoint at the next step and stopping; Ctrl-C again to "
+                  "exit at once")
+
+
 class _Preemption:
-    """SIGTERM -> a flag the loop reads at step boundaries (installed on the main thread only)."""
+    """SIGTERM or a first Ctrl-C -> a flag the loop reads at step boundaries (it then saves and
+    stops); a second Ctrl-C raises KeyboardInterrupt at once. Installed on the main thread only.
+
+    With several processes SIGTERM is left to JAX's preemption service, which makes every process
+    stop at the same step (`_Trainer._preempted`); a Python handler would hide the signal from it.
+    A first Ctrl-C is passed on to that service as SIGTERM."""
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.reason: str | None = None  # what asked first: "SIGTERM" or "Ctrl-C"
+        self._interrupts = 0
+        self._previous: dict = {}
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        several = jax.process_count() > 1
+        if not several:
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
+        if not several or jax.config.jax_enable_preemption_service:
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
         return self
 
-    def _handle(self, signum, frame):
+    def _on_sigterm(self, signum, frame):
         del signum, frame
-        self.requested = True
+        self.requested, self.reason = True, self.reason or "SIGTERM"
+
+    def _on_sigint(self, signum, frame):
+        del signum, frame
+        self._interrupts += 1
+        if self._interrupts > 1:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        print(CTRL_C_MESSAGE, file=sys.stderr, flush=True)
+        self.requested, self.reason = True, self.reason or "Ctrl-C"
+        if jax.process_count() > 1:
+            signal.raise_signal(signal.SIGTERM)  # to JAX's preemption notifier (C handler)
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        defaults = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+        for signum, previous in self._previous.items():  # None: one not set from Python
+            signal.signal(signum, defaults[signum] if previous is None else previous)
 
 
-def train(config: Any, workdir: str) -> dict:
-    """Train per `config` in `workdir`; returns the last logged metrics (+ final eval)."""
+def train(config: Any, workdir: str, allow_schedule_change: bool = False) -> dict:
+    """Train per `config` in `workdir`; returns the last logged metrics (+ final eval).
+    `allow_schedule_change`: resume a checkpoint whose train.steps / epochs / lr schedule
+    differs from `config` (refused otherwise), going on under the new values."""
     if "://" in str(workdir):
         raise ValueError(f"workdir {workdir}: training writes through the local file API; mount "
                          f"the bucket (gcsfuse, as launch/tpu_pod.sh does) and pass the mount path")
+    check_workdir(workdir)
     run = config if isinstance(config, RunConfig) else build_run_config(
         config, jax.device_count(), jax.process_count())
     os.makedirs(workdir, exist_ok=True)
     with _Preemption() as preemption:
-        return _Trainer(run, workdir, preemption).run()
+        metrics = _Trainer(run, workdir, preemption, allow_schedule_change).run()
+    if metrics["preempted"]:
+        metrics["stopped_by"] = preemption.reason or "SIGTERM"  # another process's SIGTERM
+    return metrics
+
+
+# What a workdir may hold before its run's first checkpoint: the fitted tokenizer (written first)
+# and the output log that `vlm-jax sweep --launcher local` opens before starting the run.
+EARLY_WORKDIR_ENTRIES = ("tokenizer", "train.log")
+
+
+def check_workdir(workdir: str) -> None:
+    """Refuse a workdir this run must not write into: a file, a model directory (an easy slip for
+    train.init_from.path), or a non-empty directory that no run wrote. A missing or empty one
+    starts a run; a previous run's (checkpoints/, metrics.jsonl or its run config.json) resumes."""
+    if not os.path.exists(workdir):
+        return
+    if not os.path.isdir(workdir):
+        raise ValueError(f"workdir {workdir} is a file, not a directory; pick a new --workdir")
+    config = _json_or_none(os.path.join(workdir, "config.json"))
+    if (isinstance(config, dict) and config.get("format") == model_dir.FORMAT) \
+            or os.path.isdir(os.path.join(workdir, "params")):
+        raise ValueError(f"workdir {workdir} is a model directory (config.json, params/); training "
+                         f"there would overwrite it. To start from that model, set "
+                         f"train.init_from.path={workdir} (or the config's model= argument), and "
+                         f"pick a new --workdir for the run")
+    entries = sorted(os.listdir(workdir))
+    is_run_config = isinstance(config, dict) and {"model", "data", "train"} <= set(config)
+    ours = (os.path.isdir(os.path.join(workdir, "checkpoints")) or "metrics.jsonl" in entries
+            or is_run_config or set(entries) <= set(EARLY_WORKDIR_ENTRIES))
+    if not ours:
+        shown = [e + "/" if os.path.isdir(os.path.join(workdir, e)) else e for e in entries]
+        more = f" and {len(shown) - 8} more" if len(shown) > 8 else ""
+        raise ValueError(f"workdir {workdir} is not empty and holds no previous run (no "
+                         f"checkpoints/, metrics.jsonl or run config.json); it holds "
+                         f"{', '.join(shown[:8])}{more}. Pick a new or empty --workdir")
+
+
+def _json_or_none(path: str) -> Any:
+    """The parsed JSON file, or None when it is missing or not JSON (then it is not ours)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def build_tokenizer(run: RunConfig, workdir: str):
@@ -146,7 +226,8 @@ def batch_digest(batch: dict) -> str:
 
 
 class _Trainer:
-    def __init__(self, run: RunConfig, workdir: str, preemption: _Preemption):
+    def __init__(self, run: RunConfig, workdir: str, preemption: _Preemption,
+                 allow_schedule_change: bool = False):
         self.cfg, self.workdir, self.preemption = run, workdir, preemption
         self.is_writer = jax.process_index() == 0
         self.tokenizer = build_tokenizer(run, workdir)
@@ -163,7 +244,8 @@ class _Trainer:
             schedule_unit="examples" if self.by_epochs else "steps"), self.mesh)
         self.keys = batch_keys(run.train.phase.name)
         self.checkpointer = checkpoint.Checkpointer(workdir, run.checkpoint.keep,
-                                                    run.checkpoint.async_save, run.to_dict())
+                                                    run.checkpoint.async_save, run.to_dict(),
+                                                    allow_schedule_change)
         self.last_saved: int | None = None
         self.trainable_groups = flops.trainable_groups(self.plan.lr_multipliers)
         dtype = run.model.dtype or (run.model.resolved("llm").dtype if run.model.llm is not None
@@ -178,16 +260,27 @@ class _Trainer:
 
     def _initial_state(self, data_iter):
         rng = jax.random.key(self.cfg.train.seed)
-        latest = self.checkpointer.latest_step()
-        if latest is not None:
-            state = self.checkpointer.restore(latest, checkpoint.abstract_train_state(self.plan),
-                                              data_iter)
+        restored = self.checkpointer.restore_latest(checkpoint.abstract_train_state(self.plan),
+                                                    data_iter)
+        if restored is not None:
+            state, latest = restored
             self.last_saved = latest
             return state, latest
         state = create_train_state(self.plan, rng)
         if self.cfg.train.init_from.path:
             state = checkpoint.apply_init_from(self.cfg, self.plan, state)
+        else:
+            self._warn_random_towers()
         return state, 0
+
+    def _warn_random_towers(self) -> None:
+        """align / instruct are meant to start from pretrained towers: say once when not."""
+        phase = self.cfg.train.phase.name
+        if phase in ("align", "instruct") and self.is_writer:
+            logging.warning("train.phase=%s without train.init_from.path: the vision tower and "
+                            "the LLM are randomly initialised, not pretrained; point "
+                            "train.init_from.path at a model directory (vlm-jax import-hf) to "
+                            "start from trained ones", phase)
 
     # ------------------------------------------------------------------ the loop
 
@@ -241,8 +334,8 @@ class _Trainer:
                 self._save(step, state, data_iter)
             self.checkpointer.wait()
             if preempted:
-                self.logger.message(f"SIGTERM: saved checkpoint {self.checkpointer.directory}/"
-                                    f"{step}; exiting")
+                self.logger.message(f"{self.preemption.reason or 'SIGTERM'}: saved checkpoint "
+                                    f"{self.checkpointer.directory}/{step}; exiting")
                 self.logger.write(step, {"event/preempted": 1.0})
             else:
                 if self.eval_step is not None:
