@@ -201,11 +201,22 @@ def shapes_vqa_items(split: str = "test", num_per_type: int = 200, image_size: i
 
 # ----------------------------------------------------------------------------- prediction
 
+def user_content(question: str, image_token: str) -> str:
+    """The user turn about one image: `<image>\n` + question, as in training; or the question as
+    typed when it places the image itself with one `<image>` (as LLaVA prompts do), so a typed
+    placeholder never doubles the image's slots. More than one `<image>` is an error."""
+    count = question.count(image_token)
+    if count > 1:
+        raise ValueError(f"the prompt holds {count} {image_token} placeholders for one image (type "
+                         f"one to place the image, or none: the template adds it before the prompt)")
+    return question if count else f"{image_token}\n{question}"
+
+
 def prompt_ids(tokenizer: Any, question: str, template: str, num_image_tokens: int) -> np.ndarray:
-    """i32[T]: the template's text up to where the answer starts, one `<image>` before the
-    question, expanded to `num_image_tokens` image tokens."""
+    """i32[T]: the template's text up to where the answer starts, the image placed by
+    `user_content`, expanded to `num_image_tokens` image tokens."""
     return conversation_prompt_ids(
-        tokenizer, [{"role": "user", "content": f"{tokenizer.image_token}\n{question}"}],
+        tokenizer, [{"role": "user", "content": user_content(question, tokenizer.image_token)}],
         template, num_image_tokens)
 
 
