@@ -1,11 +1,21 @@
-"""`vlm-jax inspect-data`: show training examples exactly as the model sees them.
+"""`vlm-jax inspect-data`: show what `vlm-jax train` feeds the model, by example and by row.
 
-For N examples: the tokenized text with the learned (loss-masked) part marked, image token spans
-shown compactly as `<image x196>`, token counts and skip reasons; then the packing layout of
-one batch (segments and their lengths per row). Writes an HTML contact sheet (each example's
-preprocessed images as inline PNGs next to its text) to --out.
+With --config (FILE[:ARG] and --config.a.b=V overrides, read as `vlm-jax train` reads them) the
+data is the validated run config's `data` (`eval_data` with --split eval): seq_len, template,
+packing, too_long, pad_to_square, and the image size and image-token count the model sets. The
+tokenizer is the trainer's (`build_tokenizer`): a shapes tokenizer is fitted into a temporary
+directory, or the one saved in a run's --workdir is reused. Without --config, direct flags
+describe the data (no model: --image-size and --num-image-tokens say what it would read).
 
-    vlm-jax inspect-data --config configs/shapes/instruct.py --out /tmp/data.html
+Shown, on the terminal and in an HTML contact sheet (--out, images inline as PNG):
+  * the first N examples of the first source in source order, through the training transform:
+    the learned (loss-masked) part marked, image spans as `<image x196>`, token counts, and why
+    an example is skipped;
+  * the trainer's first batch (`build_pipeline`, as the trainer calls it): every row's packing
+    layout, the text of the first --rows rows segment by segment, and the skip counts so far.
+
+    vlm-jax inspect-data --config configs/tiny.py:phase=instruct --out /tmp/data.html
+    vlm-jax inspect-data --config configs/tiny.py:phase=align --config.data.seq_len=48 --split eval
     vlm-jax inspect-data --source llava_json --path data/llava.json --tokenizer tok/ \\
         --template vicuna --num-image-tokens 576 --seq-len 2048 --out /tmp/llava.html
 """
@@ -15,9 +25,10 @@ import argparse
 import base64
 import dataclasses
 import html
-import importlib.util
 import io
+import os
 import sys
+import tempfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -25,12 +36,20 @@ from PIL import Image
 
 from vlm_jax.config_utils import from_dict
 from vlm_jax.data import pipeline
-from vlm_jax.data.errors import SkipExample
-from vlm_jax.data.templates import get_template
-from vlm_jax.data.tokenizer import Tokenizer, train_word_tokenizer
-from vlm_jax.data.transforms import make_transform
+from vlm_jax.data.skips import (GuardedSource, GuardedTransform, RowFitCheck, SkippedExample,
+                                TooManySkippedExamples, one_image_check)
+from vlm_jax.data.tokenizer import Tokenizer
 
 ANSI_LEARNED, ANSI_IMAGE, ANSI_RESET = "\033[32m", "\033[36m", "\033[0m"
+# Direct flags -> how a config says the same; refused with --config, where the config (and its
+# --config.a.b=V overrides) is what training reads.
+_SOURCES = "--config.data.sources='[...]'"
+DIRECT_FLAGS = {"source": _SOURCES, "path": _SOURCES, "image_root": _SOURCES,
+                "task": "--config.data.task=TASK", "template": "--config.data.template=NAME",
+                "tokenizer": "--config.tokenizer.kind=path --config.tokenizer.path=PATH",
+                "seq_len": "--config.data.seq_len=N",
+                "image_size": "--config.model.vision.image_size=N (data.image_size follows it)",
+                "num_image_tokens": "the model's projector (data.num_image_tokens is set from it)"}
 
 
 @dataclasses.dataclass
@@ -42,69 +61,157 @@ class Span:
     is_image: bool
 
 
+@dataclasses.dataclass
+class Inspection:
+    """Everything inspect-data shows, as arrays. `examples`: the first raw examples of the first
+    source in source order, each {"index", "id", and "example" (a TOKENIZED EXAMPLE) or
+    "skipped" (reason: detail)}; `batch`: the trainer's first BATCH (None when the data ends
+    before one); `skip_counts`: the pipeline's counters after it; `stopped`: why the trainer
+    would stop on its first batch (too many skipped examples), else None."""
+    data: pipeline.DataConfig
+    tokenizer: Tokenizer
+    examples: list[dict[str, Any]]
+    batch: dict[str, np.ndarray] | None
+    skip_counts: dict[str, Any]
+    stopped: str | None = None
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="vlm-jax inspect-data", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="python config file whose get_config() has a .data field")
+    """The flags, with `overrides` the --config.a.b=V list (parsed as `vlm-jax train` does)."""
+    from vlm_jax.cli import _config_overrides
+    parser = argparse.ArgumentParser(prog="vlm-jax inspect-data",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="run config FILE[:ARG] as for `vlm-jax train`, with "
+                        "--config.a.b=VALUE overrides")
+    parser.add_argument("--split", choices=("train", "eval"), default="train",
+                        help="with --config: the config's data (train) or eval_data (eval)")
+    parser.add_argument("--workdir", help="with --config: a run's workdir whose saved shapes "
+                        "tokenizer (WORKDIR/tokenizer) is reused instead of fitting one")
     parser.add_argument("--source", choices=("shapes", "llava_json"),
                         help="direct mode: the source kind (instead of --config)")
     parser.add_argument("--path", help="llava_json: the JSON / JSONL file")
     parser.add_argument("--image-root", help="llava_json: image root (default: the JSON's folder)")
-    parser.add_argument("--task", default="instruct", choices=pipeline.TASKS)
-    parser.add_argument("--template", default=None, help="chat template (default: the config's; "
-                        "vicuna in direct mode)")
-    parser.add_argument("--tokenizer", help="tokenizer.json / .model / directory (shapes: "
-                        "default is a tokenizer trained on the shapes corpus)")
-    parser.add_argument("--seq-len", type=int, default=None)
-    parser.add_argument("--image-size", type=int, default=None)
-    parser.add_argument("--num-image-tokens", type=int, default=None)
-    parser.add_argument("--num-examples", "-n", type=int, default=4)
+    parser.add_argument("--task", choices=pipeline.TASKS, help="direct mode (default instruct)")
+    parser.add_argument("--template", help="direct mode: chat template (default vicuna)")
+    parser.add_argument("--tokenizer", help="direct mode: tokenizer.json / .model / directory "
+                        "(shapes: default is the tokenizer a tokenizer.kind='shapes' run fits)")
+    parser.add_argument("--seq-len", type=int, help="direct mode (default 512)")
+    parser.add_argument("--image-size", type=int, help="direct mode (default 224)")
+    parser.add_argument("--num-image-tokens", type=int, help="direct mode (default 196)")
+    parser.add_argument("--num-examples", "-n", type=int, default=4,
+                        help="examples shown in source order")
+    parser.add_argument("--rows", type=int, default=2, help="rows of the first batch shown in full")
     parser.add_argument("--out", default="inspect_data.html", help="HTML contact sheet path")
     parser.add_argument("--color", choices=("auto", "always", "never"), default="auto")
-    return parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    args.overrides = _config_overrides(rest, parser)
+    if args.overrides and not args.config:
+        parser.error("--config.a.b=VALUE overrides need --config")
+    return args
 
 
-def data_config(args: argparse.Namespace) -> pipeline.DataConfig:
-    """The DataConfig of --config (its .data), or one built from the direct flags."""
-    if args.config:
-        spec = importlib.util.spec_from_file_location("inspected_config", args.config)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        values = module.get_config().data
-        values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
-    elif args.source == "shapes":
+def run_data(args: argparse.Namespace, scratch: str) -> tuple[pipeline.DataConfig, Tokenizer]:
+    """The data config and tokenizer `vlm-jax train --config ...` builds (fitting a shapes
+    tokenizer into `scratch` unless --workdir has one)."""
+    import jax
+
+    from vlm_jax import config as config_lib
+    from vlm_jax.train.loop import build_tokenizer
+    for name, hint in DIRECT_FLAGS.items():
+        if getattr(args, name) is not None:
+            raise ValueError(f"--{name.replace('_', '-')} is a direct-mode flag; with --config "
+                             f"the config decides what training reads: {hint}")
+    config = config_lib.apply_overrides(config_lib.load_config_file(args.config), args.overrides)
+    run = config_lib.build_run_config(config, jax.device_count(), jax.process_count())
+    data = run.data if args.split == "train" else run.eval_data
+    if data is None:
+        raise ValueError(f"--split eval: {args.config} has no eval_data section")
+    workdir = scratch
+    if args.workdir:
+        if run.tokenizer.kind != "shapes":
+            raise ValueError(f"--workdir: only a tokenizer.kind='shapes' run saves its tokenizer "
+                             f"there; this config reads tokenizer.path={run.tokenizer.path}")
+        if not os.path.isdir(os.path.join(args.workdir, "tokenizer")):
+            raise ValueError(f"--workdir {args.workdir} has no tokenizer/ (a run saves it when it "
+                             f"starts); leave --workdir out to fit the one a new run would")
+        workdir = args.workdir
+    # Grain worker processes change where examples are decoded, not which ones or in what order;
+    # reading in this process needs no process pool (and no absl flags).
+    return dataclasses.replace(data, worker_count=0), build_tokenizer(run, workdir)
+
+
+def direct_data(args: argparse.Namespace, scratch: str) -> tuple[pipeline.DataConfig, Tokenizer]:
+    """A DataConfig from the direct flags, and the tokenizer `build_tokenizer`
+    gives for --tokenizer (tokenizer.kind='path') or, for shapes, tokenizer.kind='shapes'."""
+    from vlm_jax.config import RunConfig, TokenizerConfig, TrainConfig
+    from vlm_jax.models.vlm import VLMConfig
+    from vlm_jax.train.loop import build_tokenizer
+    if args.workdir or args.split != "train":
+        raise ValueError("--workdir and --split need --config (they name parts of a run)")
+    task = args.task or "instruct"
+    if args.source == "shapes":
         values = {"sources": [{"kind": "shapes", "options": {
-            "task": {"align": "caption", "contrastive": "caption", "lm": "text"}.get(args.task, "qa"),
+            "task": {"align": "caption", "contrastive": "caption", "lm": "text"}.get(task, "qa"),
             "image_size": args.image_size or 224}}]}
     elif args.source == "llava_json":
         if not args.path:
             raise ValueError("--source llava_json needs --path")
         values = {"sources": [{"kind": "llava_json",
-                               "options": {"path": args.path, "image_root": args.image_root}}],
-                  "template": "vicuna"}
+                               "options": {"path": args.path, "image_root": args.image_root}}]}
     else:
-        raise ValueError("give --config FILE or --source shapes|llava_json")
-    overrides = {"task": args.task if not args.config else None, "template": args.template,
-                 "seq_len": args.seq_len, "image_size": args.image_size,
-                 "num_image_tokens": args.num_image_tokens}
-    values.update({k: v for k, v in overrides.items() if v is not None})
+        raise ValueError("give --config FILE[:ARG] or --source shapes|llava_json")
+    flags = {"task": task, "template": args.template, "seq_len": args.seq_len,
+             "image_size": args.image_size, "num_image_tokens": args.num_image_tokens}
+    values.update({k: v for k, v in flags.items() if v is not None})
     values.update(shuffle=False, num_epochs=1, worker_count=0, read_threads=0,
                   max_skip_fraction=1.0)
-    return from_dict(pipeline.DataConfig, values, "data")
-
-
-def load_tokenizer(args: argparse.Namespace, cfg: pipeline.DataConfig) -> Tokenizer:
-    """--tokenizer, else (shapes only) one trained on the shapes corpus; `<image>` and the
-    template's special tokens are added where missing, as the trainer does."""
-    template_tokens = get_template(cfg.template).special_tokens
+    cfg = from_dict(pipeline.DataConfig, values, "data")
     if args.tokenizer:
-        tokenizer = Tokenizer.from_path(args.tokenizer)
+        tokenizer_cfg = TokenizerConfig(kind="path", path=args.tokenizer)
     elif all(s.kind == "shapes" for s in cfg.sources):
-        from vlm_jax.data.sources.shapes import corpus
-        tokenizer = train_word_tokenizer(corpus(500), special_tokens=template_tokens)
+        tokenizer_cfg = TokenizerConfig(kind="shapes")
     else:
         raise ValueError("--tokenizer is required unless every source is shapes")
-    tokenizer.add_special_tokens([tokenizer.image_token, *template_tokens])
-    return tokenizer
+    # No model here: build_tokenizer then reads the tokenizer section alone (no vocabulary or
+    # image-token check against a model).
+    run = RunConfig(model=VLMConfig(), data=cfg, train=TrainConfig(), tokenizer=tokenizer_cfg)
+    return cfg, build_tokenizer(run, scratch)
+
+
+def collect(args: argparse.Namespace) -> Inspection:
+    """What inspect-data shows for `args` (see `parse_args`)."""
+    with tempfile.TemporaryDirectory(prefix="vlm_jax_inspect_") as scratch:
+        cfg, tokenizer = run_data(args, scratch) if args.config else direct_data(args, scratch)
+    examples = inspect_examples(cfg, tokenizer, args.num_examples)
+    batches = pipeline.build_pipeline(cfg, tokenizer)  # the trainer's call
+    try:
+        batch, stopped = next(batches, None), None
+    except TooManySkippedExamples as e:
+        batch, stopped = None, str(e)
+    return Inspection(cfg, tokenizer, examples, batch, batches.skip_counts(), stopped)
+
+
+def inspect_examples(cfg: pipeline.DataConfig, tokenizer: Tokenizer, num_examples: int
+                     ) -> list[dict[str, Any]]:
+    """The first `num_examples` raw examples of the first source, each transformed and checked as
+    the pipeline does (or the reason it is skipped), in source order."""
+    name = f"{cfg.sources[0].kind}0"  # as build_pipeline names it
+    source = GuardedSource(pipeline.make_source(cfg.sources[0]), name)
+    # The check build_example_dataset applies after the transform.
+    check = one_image_check if cfg.task == "contrastive" else RowFitCheck(cfg.row_spec)
+    transform = GuardedTransform(pipeline.make_example_transform(cfg, tokenizer), name, check)
+    results = []
+    for index in range(min(num_examples, len(source))):
+        raw = source[index]
+        example = transform(raw)
+        record: dict[str, Any] = {"index": index, "id": f"{name}[{index}]" if isinstance(
+            raw, SkippedExample) else raw["id"]}
+        if isinstance(example, SkippedExample):
+            record["skipped"] = f"{example.reason}: {example.detail}"
+        else:
+            record["example"] = example
+        results.append(record)
+    return results
 
 
 def token_spans(tokenizer: Tokenizer, example: Mapping[str, np.ndarray]) -> list[Span]:
@@ -127,35 +234,13 @@ def token_spans(tokenizer: Tokenizer, example: Mapping[str, np.ndarray]) -> list
     return spans
 
 
-def terminal_text(spans: Sequence[Span], color: bool) -> str:
-    parts = []
-    for span in spans:
-        if span.learned:
-            parts.append(f"{ANSI_LEARNED}{span.text}{ANSI_RESET}" if color else f"[[{span.text}]]")
-        elif span.is_image and color:
-            parts.append(f"{ANSI_IMAGE}{span.text}{ANSI_RESET}")
-        else:
-            parts.append(span.text)
-    return "".join(parts)
-
-
-def inspect_examples(cfg: pipeline.DataConfig, tokenizer: Tokenizer, num_examples: int
-                     ) -> list[dict[str, Any]]:
-    """The first `num_examples` raw examples of the first source, each transformed (or the reason
-    it was skipped), in source order."""
-    source = pipeline.make_source(cfg.sources[0])
-    transform = make_transform(cfg, tokenizer)
-    results = []
-    for index in range(min(num_examples, len(source))):
-        record: dict[str, Any] = {"index": index, "id": f"index {index}"}
-        try:
-            raw = source[index]
-            record["id"] = raw["id"]
-            record["example"] = transform(raw)
-        except SkipExample as skip:
-            record["skipped"] = f"{skip.reason}: {skip.detail}"
-        results.append(record)
-    return results
+def row_segments(tokenizer: Tokenizer, batch: Mapping[str, np.ndarray], row: int
+                 ) -> list[list[Span]]:
+    """The spans of each packed example (segment 1, 2, ...) of one batch row; padding left out."""
+    segment_ids = np.asarray(batch["segment_ids"][row])
+    return [token_spans(tokenizer, {key: np.asarray(batch[key][row])[segment_ids == segment]
+                                    for key in ("input_ids", "loss_mask")})
+            for segment in np.unique(segment_ids) if segment]
 
 
 def batch_layout(batch: Mapping[str, np.ndarray]) -> list[str]:
@@ -173,64 +258,118 @@ def batch_layout(batch: Mapping[str, np.ndarray]) -> list[str]:
     return lines
 
 
-class _FirstExamples:
-    """The first `count` examples of a source (shapes' train split is effectively infinite)."""
-
-    def __init__(self, source: Any, count: int):
-        self.source = source
-        self.count = min(count, len(source))
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: int) -> Any:
-        return self.source[index]
+def row_images(batch: Mapping[str, np.ndarray], row: int) -> np.ndarray:
+    """f32[N, S, S, 3]: the images of one batch row (its used image slots)."""
+    if "text_ids" in batch:  # contrastive: one image per row
+        return np.asarray(batch["images"][row])[None]
+    return np.asarray(batch["images"][row][:int(batch["num_images"][row])])
 
 
-def first_batch(cfg: pipeline.DataConfig, tokenizer: Tokenizer, num_examples: int
-                ) -> dict[str, np.ndarray] | None:
-    """One batch of (at most) 2 rows built by the real pipeline from the first examples."""
-    cfg = dataclasses.replace(cfg, batch_size=min(cfg.batch_size, 2))
-    sources = [(f"{s.kind}{i}", _FirstExamples(pipeline.make_source(s), num_examples), s.weight)
-               for i, s in enumerate(cfg.sources)]
-    batches = pipeline.build_pipeline_from(cfg, sources, make_transform(cfg, tokenizer),
-                                           process_index=0, process_count=1)
-    return next(batches, None)
+def terminal_text(spans: Sequence[Span], color: bool) -> str:
+    parts = []
+    for span in spans:
+        if span.learned:
+            parts.append(f"{ANSI_LEARNED}{span.text}{ANSI_RESET}" if color else f"[[{span.text}]]")
+        elif span.is_image and color:
+            parts.append(f"{ANSI_IMAGE}{span.text}{ANSI_RESET}")
+        else:
+            parts.append(span.text)
+    return "".join(parts)
 
 
-def write_html(path: str, cfg: pipeline.DataConfig, results: Sequence[Mapping[str, Any]],
-               spans_of: Mapping[int, list[Span]], layout: Sequence[str]) -> None:
+def describe(inspection: Inspection) -> str:
+    cfg = inspection.data
+    return (f"task={cfg.task} template={cfg.template} seq_len={cfg.seq_len} "
+            f"image_size={cfg.image_size} num_image_tokens={cfg.num_image_tokens} "
+            f"packing={cfg.packing} too_long={cfg.too_long} pad_to_square={cfg.pad_to_square} "
+            f"batch_size={cfg.batch_size}")
+
+
+def print_inspection(inspection: Inspection, num_rows: int, color: bool) -> None:
+    tokenizer, batch = inspection.tokenizer, inspection.batch
+    print(describe(inspection))
+    print(f"=== first {len(inspection.examples)} examples of data.sources[0] "
+          f"({inspection.data.sources[0].kind}), in source order")
+    for record in inspection.examples:
+        print(f"--- {record['id']}")
+        if "skipped" in record:
+            print(f"skipped: {record['skipped']}")
+            continue
+        example = record["example"]
+        if "text_ids" in example:
+            print(f"text_ids ({len(example['text_ids'])}): {example['text_ids'].tolist()}")
+            print(tokenizer.decode(example["text_ids"]))
+            continue
+        print(f"{len(example['input_ids'])} tokens, {int(example['loss_mask'].sum())} learned, "
+              f"{len(example.get('images', ()))} images")
+        print(terminal_text(token_spans(tokenizer, example), color))
+    print("=== the trainer's first batch")
+    if batch is None:
+        print(f"(none: {inspection.stopped or 'the data ends before one'})")
+    else:
+        print("\n".join(batch_layout(batch)))
+        for row in range(min(num_rows, _num_rows(batch))):
+            print(f"--- row {row}")
+            if "text_ids" in batch:
+                print(tokenizer.decode(batch["text_ids"][row]))
+                continue
+            for number, spans in enumerate(row_segments(tokenizer, batch, row), 1):
+                print(f"#{number}: {terminal_text(spans, color)}")
+    print(f"skip counts so far: {inspection.skip_counts}")
+
+
+def write_html(path: str, inspection: Inspection, num_rows: int) -> None:
+    tokenizer, batch = inspection.tokenizer, inspection.batch
     cards = []
-    for record in results:
+    for record in inspection.examples:
         title = html.escape(str(record["id"]))
         if "skipped" in record:
             cards.append(f"<div class=card><h3>{title}</h3><p class=skip>skipped: "
                          f"{html.escape(record['skipped'])}</p></div>")
             continue
         example = record["example"]
-        images = "".join(f"<img src='data:image/png;base64,{_png_base64(image)}'>"
-                         for image in example.get("images", ()))
         if "text_ids" in example:
             text = html.escape(str(example["text_ids"].tolist()))
             counts = f"{len(example['text_ids'])} text ids"
         else:
-            text = "".join(_html_span(span) for span in spans_of[record["index"]])
+            text = "".join(_html_span(span) for span in token_spans(tokenizer, example))
             counts = (f"{len(example['input_ids'])} tokens, {int(example['loss_mask'].sum())} "
                       "learned")
-        cards.append(f"<div class=card><h3>{title}</h3><div class=imgs>{images}</div>"
-                     f"<p class=counts>{counts}</p><pre>{text}</pre></div>")
+        cards.append(_card(title, example.get("images", ()), counts, text))
+    layout = batch_layout(batch) if batch is not None else [inspection.stopped or "(no batch)"]
+    rows = []
+    for row in range(min(num_rows, 0 if batch is None else _num_rows(batch))):
+        if "text_ids" in batch:
+            text = html.escape(tokenizer.decode(batch["text_ids"][row]))
+        else:
+            text = "\n".join(f"#{number}: " + "".join(_html_span(span) for span in spans)
+                             for number, spans in enumerate(row_segments(tokenizer, batch, row), 1))
+        rows.append(_card(f"row {row}", row_images(batch, row), html.escape(layout[row]), text))
     style = ("body{font-family:sans-serif}.card{border:1px solid #ccc;margin:8px;padding:8px}"
              "img{width:160px;image-rendering:pixelated;margin:2px}pre{white-space:pre-wrap}"
              "mark.learned{background:#bfb}span.image{color:#07a;font-weight:bold}"
              ".skip{color:#a00}")
-    summary = html.escape(f"task={cfg.task} template={cfg.template} seq_len={cfg.seq_len} "
-                          f"image_size={cfg.image_size} num_image_tokens={cfg.num_image_tokens}")
     with open(path, "w") as f:
         f.write(f"<!doctype html><html><head><meta charset=utf-8><title>inspect-data</title>"
-                f"<style>{style}</style></head><body><h2>inspect-data</h2><p>{summary}</p>"
-                f"<p>Learned tokens: <mark class=learned>marked</mark></p>{''.join(cards)}"
-                f"<h3>batch layout</h3><pre>{html.escape(chr(10).join(layout))}</pre>"
+                f"<style>{style}</style></head><body><h2>inspect-data</h2>"
+                f"<p>{html.escape(describe(inspection))}</p>"
+                f"<p>Learned tokens: <mark class=learned>marked</mark></p>"
+                f"<h3>first examples, in source order</h3>{''.join(cards)}"
+                f"<h3>the trainer's first batch: batch layout</h3>"
+                f"<pre>{html.escape(chr(10).join(layout))}</pre>{''.join(rows)}"
+                f"<p>skip counts so far: {html.escape(str(inspection.skip_counts))}</p>"
                 "</body></html>")
+
+
+def _num_rows(batch: Mapping[str, np.ndarray]) -> int:
+    return len(batch["text_ids" if "text_ids" in batch else "input_ids"])
+
+
+def _card(title: str, images: Sequence[np.ndarray], counts: str, text: str) -> str:
+    pictures = "".join(f"<img src='data:image/png;base64,{_png_base64(image)}'>"
+                       for image in images)
+    return (f"<div class=card><h3>{title}</h3><div class=imgs>{pictures}</div>"
+            f"<p class=counts>{counts}</p><pre>{text}</pre></div>")
 
 
 def _html_span(span: Span) -> str:
@@ -250,31 +389,19 @@ def _png_base64(image: np.ndarray) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = data_config(args)
-    tokenizer = load_tokenizer(args, cfg)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-    results = inspect_examples(cfg, tokenizer, args.num_examples)
-    spans_of = {}
-    for record in results:
-        print(f"--- {record['id']}")
-        if "skipped" in record:
-            print(f"skipped: {record['skipped']}")
-            continue
-        example = record["example"]
-        if "text_ids" in example:
-            print(f"text_ids ({len(example['text_ids'])}): {example['text_ids'].tolist()}")
-            print(tokenizer.decode(example["text_ids"]))
-            continue
-        spans_of[record["index"]] = token_spans(tokenizer, example)
-        print(f"{len(example['input_ids'])} tokens, {int(example['loss_mask'].sum())} learned, "
-              f"{len(example.get('images', ()))} images")
-        print(terminal_text(spans_of[record["index"]], color))
-    batch = first_batch(cfg, tokenizer, max(args.num_examples, 8))
-    layout = batch_layout(batch) if batch is not None else ["(no complete batch)"]
-    print(f"--- batch layout (packing={cfg.packing}, seq_len={cfg.seq_len})")
-    print("\n".join(layout))
-    write_html(args.out, cfg, results, spans_of, layout)
+    try:
+        inspection = collect(args)
+        print_inspection(inspection, args.rows, color)
+        write_html(args.out, inspection, args.rows)
+    except (ValueError, OSError, SyntaxError) as e:  # a bad config, flag or source: one line
+        print(f"vlm-jax inspect-data: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}")
+    if inspection.stopped:
+        print(f"vlm-jax inspect-data: error: the trainer stops on its first batch: "
+              f"{' '.join(inspection.stopped.split())}", file=sys.stderr)
+        return 2
     return 0
 
 
