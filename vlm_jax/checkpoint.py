@@ -16,10 +16,12 @@ A checkpoint of another model, phase or learning-rate schedule is refused (`chec
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import re
+import sys
 from typing import Any
 
 import flax.linen as nn
@@ -133,6 +135,7 @@ class Checkpointer:
         candidates = [s for s in sorted(self.manager.all_steps(), reverse=True)
                       if s <= latest and is_complete(self.directory / str(s))]
         damaged = []
+        _quiet_abandoned_reads()  # before the first attempt: a failing one reports as it fails
         for step in candidates:
             error = None
             try:
@@ -192,6 +195,27 @@ def is_complete(step_dir: epath.Path) -> bool:
         return json.loads(metadata.read_text()).get("commit_timestamp_nsecs") is not None
     except json.JSONDecodeError:
         return False
+
+
+def _quiet_abandoned_reads() -> None:
+    """A failed orbax restore abandons its other reads: as they finish, their tensorstore
+    callbacks find orbax's event loop closed (`RuntimeError('Event loop is closed')`) and their
+    orbax coroutines are collected with the same read error, each reported through
+    sys.unraisablehook: dozens of tracebacks around our one-line message that say nothing more.
+    Drop exactly those; any other unraisable error is still reported."""
+    previous = sys.unraisablehook
+    if getattr(previous, "vlm_jax_quiet_reads", False):
+        return
+
+    def hook(unraisable):
+        value, source = unraisable.exc_value, unraisable.object
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        if inspect.iscoroutine(source) and f"{os.sep}orbax{os.sep}" in source.cr_code.co_filename:
+            return
+        previous(unraisable)
+    hook.vlm_jax_quiet_reads = True
+    sys.unraisablehook = hook
 
 
 def _first_line(error: BaseException) -> str:

@@ -287,7 +287,11 @@ class _Trainer:
     def run(self) -> dict:
         run, total = self.cfg, self.cfg.train.steps  # total: None in a run measured in epochs
         data_iter = self.data_iter
-        state, start = self._initial_state(data_iter)
+        try:
+            state, start = self._initial_state(data_iter)
+        except BaseException:
+            self.checkpointer.close()  # orbax's threads must stop before the interpreter does
+            raise
         if self.is_writer:
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
                 json.dump(run.to_dict(), f, indent=2)
