@@ -191,3 +191,22 @@ def test_errors_name_the_problem(checkpoints, tmp_path):
     code, _, err = _eval(["--config", "configs/tiny.py:phase=contrastive", "--checkpoint",
                           checkpoints["instruct"], "--out", str(tmp_path / "x")])
     assert code == 2 and "text tower" in err
+
+
+def test_an_out_holding_other_files_is_refused_before_the_model_loads(checkpoints, tmp_path):
+    from vlm_jax import eval_command
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("not eval's")
+    code, _, err = _eval(["--config", SHAPES_QA, "--checkpoint", checkpoints["instruct"],
+                          "--out", str(out)])
+    assert code == 2 and "holds files eval did not write (notes.txt)" in err
+    assert os.listdir(out) == ["notes.txt"]
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "results.json").write_text("{}")
+    eval_command.check_out(str(earlier))  # an earlier eval's results are replaced
+    eval_command.check_out(str(tmp_path / "new"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        eval_command.check_out(str(tmp_path / "file"))

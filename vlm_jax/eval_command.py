@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "(else data) is evaluated")
     parser.add_argument("--checkpoint", required=True,
                         help="model directory or finished run workdir")
-    parser.add_argument("--out", default=None, help="output directory (default CHECKPOINT/eval-TASK)")
+    parser.add_argument("--out", default=None, help="output directory (default CHECKPOINT/eval-TASK); "
+                        "an earlier eval's results there are replaced, other files refused")
     parser.add_argument("--task", choices=TASKS, default=None,
                         help="default from the data's task: " + str(TASK_OF_DATA))
     parser.add_argument("--split", default=None,
@@ -118,6 +119,8 @@ def run(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     if task is None:
         raise ValueError(f"data task {data.task!r} has no evaluation; vlm-jax eval scores "
                          f"{TASK_OF_DATA} (or pass --task)")
+    out = args.out or os.path.join(args.checkpoint, f"eval-{task}")
+    check_out(out)  # before the model loads: a refused --out costs nothing
     model_config, params, tokenizer = load_model(model_path)
     model_config = with_run_settings(model_config, dtype=args.dtype)
     note = compute_note(model_path, args.dtype)
@@ -143,7 +146,6 @@ def run(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         result = evaluate_retrieval(model_config, params, tokenizer, examples, args, data.text_len)
     seconds = time.perf_counter() - started
 
-    out = args.out or os.path.join(args.checkpoint, f"eval-{task}")
     os.makedirs(out, exist_ok=True)
     summary = {"task": task, "checkpoint": os.path.abspath(model_path), "config": args.config,
                "overrides": list(overrides), "split": args.split, "num_examples": len(examples),
@@ -161,6 +163,21 @@ def run(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     print(f"wrote {out}/results.json and {out}/report.html ({len(examples)} examples, "
           f"{seconds:.1f} s)")
     return 0
+
+
+EVAL_OUTPUTS = ("results.json", "report.html")
+
+
+def check_out(out: str) -> None:
+    """An --out eval may write: new, empty, or holding only an earlier eval's outputs (which it
+    replaces); anything else in it is not eval's to overwrite."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a directory")
+    foreign = sorted(set(os.listdir(out)) - set(EVAL_OUTPUTS)) if os.path.isdir(out) else []
+    if foreign:
+        raise ValueError(f"--out {out} holds files eval did not write ({', '.join(foreign[:5])}); "
+                         f"choose another --out (an earlier eval's {' / '.join(EVAL_OUTPUTS)} "
+                         f"alone would be replaced)")
 
 
 def check_model_fits(task: str, model_config: Any, tokenizer: Any) -> None:
