@@ -76,7 +76,8 @@ def get_config(arg=None):
             source_model = resolve_model_dir(args.model)
         except ValueError as e:
             raise ValueError(f"configs/llava15_siglip.py: model={e}") from None
-        model = to_dict(model_dir.load_config(source_model))
+        architecture = model_dir.load_config(source_model)
+        model = to_dict(architecture)
         # bf16 compute on f32 master weights; full remat keeps a 7-8B LLM's activations small.
         # Run settings: the trained model directory records the architecture only.
         model.update(dtype="bfloat16", param_dtype="float32", remat_policy="full")
@@ -84,7 +85,9 @@ def get_config(arg=None):
         config.tokenizer = dict(kind="path", path=source_model)
     # Without model= (e.g. `vlm-jax eval --checkpoint`), the caller supplies the model section.
 
-    per_row = args.examples_per_row or _examples_per_row(model, args.seq_len, task)
+    per_row = args.examples_per_row or (
+        max(1, args.seq_len // (architecture.tokens_per_image + EXPECTED_TEXT_TOKENS[task]))
+        if args.model else 1)
     rows = -(-batch // per_row)
     # Whole rows on every device (FSDP over all of them) and every process.
     devices = args.devices or jax.device_count()
@@ -137,12 +140,3 @@ def _source(args) -> dict:
     if args.tfds_dir:
         options["data_dir"] = args.tfds_dir
     return dict(kind="tfds", options=options)
-
-
-def _examples_per_row(model: dict | None, seq_len: int, task: str) -> int:
-    if model is None:
-        return 1
-    from vlm_jax.config_utils import from_dict
-    from vlm_jax.models.vlm import VLMConfig
-    image_tokens = from_dict(VLMConfig, model, "model").tokens_per_image
-    return max(1, seq_len // (image_tokens + EXPECTED_TEXT_TOKENS[task]))

@@ -34,11 +34,9 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from vlm_jax import model_dir, sharding
-from vlm_jax.models.vlm import VLMConfig, init_params
+from vlm_jax.models.vlm import RUN_SETTINGS, VLMConfig, init_params
 from vlm_jax.train import param_groups
 
-# Model fields that change how it computes, not what it holds: a checkpoint restores across them.
-_COMPUTE_ONLY_FIELDS = ("dtype", "attention_backend", "remat_policy")
 # train.* fields that shape the learning-rate schedule (the run's length included, since the
 # schedule spans it): resuming under other values would bend the lr curve mid-run.
 SCHEDULE_FIELDS = ("steps", "epochs", "optimizer.learning_rate", "optimizer.schedule",
@@ -242,7 +240,7 @@ def check_compatible(saved: dict, current: dict, where: str,
     (`SCHEDULE_FIELDS`). Returns the schedule changes let through, as "field saved -> new"."""
     def model_fields(config):
         flat = _flatten_dict(config["model"])
-        return {k: v for k, v in flat.items() if k.split(".")[-1] not in _COMPUTE_ONLY_FIELDS}
+        return {k: v for k, v in flat.items() if k.split(".")[-1] not in RUN_SETTINGS}
     saved_model, model = model_fields(saved), model_fields(current)
     differing = sorted(k for k in saved_model.keys() | model.keys()
                        if saved_model.get(k) != model.get(k))
