@@ -3,7 +3,7 @@
     python benchmarks/generate_throughput.py --out /tmp/generate_throughput.json
 
 For each batch size (default 1 and 8) it runs, one after the other:
-  * our KV-cache `vlm_jax.generate` (f32, greedy, no stop: exactly `new_tokens` tokens) on the
+  * our KV-cache `vlm_jax.inference.generate` (f32, greedy, no stop: exactly `new_tokens` tokens) on the
     bench config's model (default ../shared/bench/bench_s.json: SigLIP 6x384 -> mlp2x_gelu ->
     Llama 8x576, prompt = 196 image tokens + 32 text tokens, 32 new tokens), in a subprocess;
   * the peer `peer_hf_llava.py --mode generate` on a copy of the JSON with generate.batch_size
@@ -70,7 +70,7 @@ def decode_bytes_per_step(model_config, batch: int, prompt_len: int, new_tokens:
 def run_ours(bench: dict, batch: int, reps: int, warmup: int) -> dict:
     import jax
 
-    from vlm_jax import generate as gen
+    from vlm_jax.inference import generate as gen
     from vlm_jax.models.vlm import init_params
 
     model_config = bench_model_config(bench, "float32")

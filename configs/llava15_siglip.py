@@ -42,9 +42,7 @@ import jax
 import ml_collections
 
 from vlm_jax import model_dir
-from vlm_jax.checkpoint import resolve_model_dir
-from vlm_jax.config import parse_arg
-from vlm_jax.config_utils import to_dict
+from vlm_jax.config import parse_arg, to_dict
 
 # phase -> (data task, global batch in examples, peak lr)
 PHASES = {"align": ("align", 256, 1e-3), "instruct": ("instruct", 128, 2e-5)}
@@ -72,10 +70,7 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict()
     model = None
     if args.model:
-        try:
-            source_model = resolve_model_dir(args.model)
-        except ValueError as e:
-            raise ValueError(f"configs/llava15_siglip.py: model={e}") from None
+        source_model = model_dir.resolve_model_dir(args.model, "configs/llava15_siglip.py: model")
         architecture = model_dir.load_config(source_model)
         model = to_dict(architecture)
         # bf16 compute on f32 master weights; full remat keeps a 7-8B LLM's activations small.

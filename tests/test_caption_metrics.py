@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from vlm_jax import caption_metrics as cm
+from vlm_jax.eval import captions as cm
 
 
 def test_tokenize_lowercases_and_drops_punctuation():

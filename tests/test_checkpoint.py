@@ -8,7 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from vlm_jax import checkpoint, config as config_lib, model_dir, sharding
+from vlm_jax import model_dir, sharding
+from vlm_jax.train import checkpoint, init_from
+from vlm_jax.train import run_config as config_lib
 from vlm_jax.data.pipeline import build_pipeline
 from vlm_jax.models.vlm import init_params
 from vlm_jax.train import param_groups
@@ -109,7 +111,7 @@ def test_init_from_takes_only_named_groups(tmp_path):
                        "train.init_from.groups=('vision_tower/.*', 'llm/embed/.*')"], num_devices=8)
     plan = _plan(run, 8)
     fresh = _random_state(plan, seed=1)
-    state = checkpoint.apply_init_from(run, plan, fresh)
+    state = init_from.apply_init_from(run, plan, fresh)
     got = param_groups.flatten(_host(param_groups.merge_trees(state.trainable, state.frozen)))
     want = param_groups.flatten(source_params)
     before = param_groups.flatten(_host(param_groups.merge_trees(fresh.trainable, fresh.frozen)))
@@ -126,11 +128,11 @@ def test_init_from_shape_mismatch_names_the_param(tmp_path):
     model_dir.save_model(str(tmp_path / "source"), source_run.model,
                          _random_params(source_run.model, seed=0))
     with pytest.raises(ValueError, match=r"param llm/layers/mlp/\w+/kernel has shape"):
-        _run_config([f"train.init_from.path={tmp_path / 'source'}",
-                     "train.init_from.groups=('llm/.*',)"], num_devices=8)
+        init_from.check_init_from(_run_config([f"train.init_from.path={tmp_path / 'source'}",
+                                               "train.init_from.groups=('llm/.*',)"]))
     # The vision tower alone is compatible: no error.
-    _run_config([f"train.init_from.path={tmp_path / 'source'}",
-                 "train.init_from.groups=('vision_tower/.*',)"], num_devices=8)
+    init_from.check_init_from(_run_config([f"train.init_from.path={tmp_path / 'source'}",
+                                           "train.init_from.groups=('vision_tower/.*',)"]))
 
 
 def test_init_from_a_finished_workdir_finds_its_model_dir(tmp_path):
@@ -139,11 +141,11 @@ def test_init_from_a_finished_workdir_finds_its_model_dir(tmp_path):
     (workdir / "model" / "params").mkdir(parents=True)
     (workdir / "model" / "config.json").write_text("{}")
     (workdir / "config.json").write_text("{}")
-    assert checkpoint.resolve_model_dir(str(workdir)) == str(workdir / "model")
-    assert checkpoint.resolve_model_dir(str(workdir / "model")) == str(workdir / "model")
+    assert model_dir.resolve_model_dir(str(workdir), "--checkpoint") == str(workdir / "model")
+    assert model_dir.resolve_model_dir(str(workdir / "model"), "--checkpoint") == str(workdir / "model")
     (tmp_path / "unfinished" / "checkpoints").mkdir(parents=True)
     with pytest.raises(ValueError, match="did not finish"):
-        checkpoint.resolve_model_dir(str(tmp_path / "unfinished"))
+        model_dir.resolve_model_dir(str(tmp_path / "unfinished"), "--checkpoint")
 
 
 def _largest_file(directory):

@@ -6,26 +6,26 @@ import time
 import jax
 import pytest
 
-from vlm_jax import config as config_lib
+from vlm_jax.config import parse_arg
+from vlm_jax.train import run_config as config_lib
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
 
 
 def _build(arg=None, overrides=(), num_devices=8, process_count=1):
-    config = config_lib.load_config_file(TINY + (f":{arg}" if arg else ""))
-    config_lib.apply_overrides(config, list(overrides))
-    return config_lib.build_run_config(config, num_devices, process_count)
+    return config_lib.load_run_config(TINY + (f":{arg}" if arg else ""), list(overrides),
+                                      num_devices, process_count)
 
 
 def test_parse_arg_types_values_by_default_and_refuses_unknown_keys():
-    args = config_lib.parse_arg("phase=align,res=64,lr=0.5,lora", phase="x", res=1, lr=1.0,
+    args = parse_arg("phase=align,res=64,lr=0.5,lora", phase="x", res=1, lr=1.0,
                                 lora=False)
     assert (args.phase, args.res, args.lr, args.lora) == ("align", 64, 0.5, True)
     assert isinstance(args.res, int)
     with pytest.raises(ValueError, match="'ress'.*did you mean res"):
-        config_lib.parse_arg("ress=3", res=1)
+        parse_arg("ress=3", res=1)
     with pytest.raises(ValueError, match="config argument res"):
-        config_lib.parse_arg("res=big", res=1)
+        parse_arg("res=big", res=1)
 
 
 def test_overrides_are_typed_by_the_field():

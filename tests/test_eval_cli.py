@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 
 from configs.shapes import config as recipe
-from vlm_jax import caption_metrics, evaluate
-from vlm_jax import config as config_lib
+from vlm_jax.eval import captions as caption_metrics
+from vlm_jax.eval import vqa as evaluate
+from vlm_jax.train import run_config as config_lib
 from vlm_jax.cli import main as cli_main
 from vlm_jax.data.images import preprocess_image
 from vlm_jax.data.sources.shapes import ShapesSource
 from vlm_jax.data.transforms import TokenizeConversation
-from vlm_jax.generate import greedy_generate
+from vlm_jax.inference.generate import greedy_generate
 from vlm_jax.model_dir import load_model, save_model
 from vlm_jax.models.vlm import VLM, init_params
 from vlm_jax.train.loop import build_tokenizer
@@ -194,7 +195,7 @@ def test_errors_name_the_problem(checkpoints, tmp_path):
 
 
 def test_an_out_holding_other_files_is_refused_before_the_model_loads(checkpoints, tmp_path):
-    from vlm_jax import eval_command
+    from vlm_jax.eval import tasks as eval_command
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("not eval's")

@@ -7,10 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlm_jax import evaluate
+from vlm_jax.data.images import preprocess_image
+from vlm_jax.eval import vqa as evaluate
+from vlm_jax.inference import batching
+from vlm_jax.inference import prompts as prompting
+from vlm_jax.inference.generate import generate
 from vlm_jax.data.sources import shapes
 from vlm_jax.data.tokenizer import train_word_tokenizer
-from vlm_jax.generate import greedy_generate
+from vlm_jax.inference.generate import greedy_generate
 from vlm_jax.models.decoder import decoder_config
 from vlm_jax.models.projector import ProjectorConfig
 from vlm_jax.models.siglip import VisionConfig
@@ -115,7 +119,7 @@ def tiny_vlm(tokenizer):
 
 
 def test_prompt_ids_minimal_template(tokenizer):
-    ids = evaluate.prompt_ids(tokenizer, "what color is the circle?", "minimal", 3)
+    ids = prompting.prompt_ids(tokenizer, "what color is the circle?", "minimal", 3)
     image = tokenizer.image_token_id
     assert list(ids[:4]) == [tokenizer.bos_id, image, image, image]
     assert tokenizer.decode(ids[4:]) == "\nwhat color is the circle?\n"
@@ -136,11 +140,11 @@ def test_conversation_prompt_is_the_training_prefix_of_its_answer(tokenizer):
     run_starts = np.flatnonzero(mask & ~np.concatenate([[False], mask[:-1]]))
     assert len(run_starts) == 2
     for turn, answer_start in ((1, run_starts[0] + 1), (2, run_starts[1] + 1)):
-        prompt = evaluate.conversation_prompt_ids(tokenizer, conversation[:2 * turn - 1],
+        prompt = prompting.conversation_prompt_ids(tokenizer, conversation[:2 * turn - 1],
                                                   "minimal", 3)
         np.testing.assert_array_equal(prompt, example["input_ids"][:answer_start])
     with pytest.raises(ValueError, match="empty answer"):
-        evaluate.conversation_prompt_ids(_NoEos(tokenizer), conversation[:1], "minimal", 3)
+        prompting.conversation_prompt_ids(_NoEos(tokenizer), conversation[:1], "minimal", 3)
 
 
 class _NoEos:
@@ -175,7 +179,7 @@ def _reference_greedy(config, params, ids, length, image, max_new_tokens, stop):
 def test_greedy_generate_matches_full_recomputation(tiny_vlm, tokenizer):
     config, params = tiny_vlm
     rng = np.random.default_rng(0)
-    prompts = [evaluate.prompt_ids(tokenizer, q, "minimal", config.tokens_per_image)
+    prompts = [prompting.prompt_ids(tokenizer, q, "minimal", config.tokens_per_image)
                for q in ("what color is the circle?", "how many objects are there?")]
     width = max(map(len, prompts)) + 2
     ids = np.zeros((2, width), np.int32)
@@ -201,9 +205,9 @@ def test_predict_answers_decodes_generation_and_blanks_images(tiny_vlm, tokenize
 
     def recording_generate(*args, **kwargs):
         seen_images.append(np.array(args[4]))
-        return greedy_generate(*args, **kwargs)
+        return generate(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "greedy_generate", recording_generate)
+    monkeypatch.setattr(batching, "generate", recording_generate)
     answers = evaluate.predict_answers(config, params, tokenizer, items, "minimal", batch_size=4,
                                        max_new_tokens=3)
     blank = evaluate.predict_answers(config, params, tokenizer, items, "minimal", batch_size=4,
@@ -213,8 +217,8 @@ def test_predict_answers_decodes_generation_and_blanks_images(tiny_vlm, tokenize
     assert all(np.abs(batch).max() > 0.1 for batch in seen_images[:2])
     assert all(np.all(batch == 0) for batch in seen_images[2:])
     # The answer strings are the decoded generations of each item's own prompt.
-    prompt = evaluate.prompt_ids(tokenizer, items[4].question, "minimal", config.tokens_per_image)
-    image = evaluate.preprocess_image(items[4].image, 16)[None, None]
+    prompt = prompting.prompt_ids(tokenizer, items[4].question, "minimal", config.tokens_per_image)
+    image = preprocess_image(items[4].image, 16)[None, None]
     tokens, counts = greedy_generate(config, params, prompt[None], np.array([len(prompt)]), image,
                                      3, [tokenizer.eos_id])
     assert answers[4] == tokenizer.decode(tokens[0, :counts[0]]).strip()
@@ -229,8 +233,8 @@ def test_predict_answers_equal_the_full_recomputation_path(tiny_vlm, tokenizer):
                                        max_new_tokens=4)
     assert any(answers)  # a random model still says something, so the comparison has teeth
     for item, answer in zip(items, answers):
-        prompt = evaluate.prompt_ids(tokenizer, item.question, "minimal", config.tokens_per_image)
-        image = evaluate.preprocess_image(item.image, 16)[None]
+        prompt = prompting.prompt_ids(tokenizer, item.question, "minimal", config.tokens_per_image)
+        image = preprocess_image(item.image, 16)[None]
         expected = _reference_greedy(config, params, prompt, len(prompt), image, 4,
                                      tokenizer.eos_id)
         assert answer == tokenizer.decode(expected).strip()

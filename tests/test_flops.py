@@ -156,3 +156,27 @@ def test_peaks_and_mfu():
     whole_process = flops.measure_matmul_flops(device=cpu)
     num_cpu = len(jax.local_devices(backend="cpu"))
     assert whole_process / num_cpu / 4 < per_device < whole_process / num_cpu * 4
+
+
+def test_a_projector_without_a_formula_gives_unknown_flops_not_an_error(monkeypatch):
+    from vlm_jax.models.projector import ProjectorConfig
+    vision = VisionConfig(image_size=32, patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64,
+                          use_head=False)
+    llm = decoder_config("llama", vocab_size=64, hidden_size=32, num_layers=1, num_heads=2,
+                         num_kv_heads=1, head_dim=16, mlp_dim=64)
+    config = VLMConfig(vision=vision, projector=ProjectorConfig(type="linear"), llm=llm,
+                       image_token_id=4)
+    assert flops.missing_flop_formula(config, "instruct") is None
+    known = flops.train_step_flops(config, "instruct", 4, 32)
+    assert known.projector > 0
+    # A projector type nobody has written a formula for yet (every shipped type has one).
+    monkeypatch.delitem(flops.PROJECTOR_FLOP_FORMULAS, "linear")
+    assert flops.projector_forward_flops(config) is None
+    assert flops.missing_flop_formula(config, PhaseConfig("align")) == "model.projector.type='linear'"
+    for phase in ("align", "instruct"):
+        assert flops.train_step_flops(config, phase, 4, 32) is None
+    assert flops.mfu(None, 1.0, 1e12, num_devices=8) is None
+    # The LLM alone (phase lm) has nothing unknown.
+    lm = VLMConfig(llm=llm)
+    assert flops.missing_flop_formula(lm, "lm") is None
+    assert flops.train_step_flops(lm, "lm", 4, 32).total > 0

@@ -15,7 +15,7 @@ from transformers import (GemmaConfig, LlamaConfig, LlavaConfig, LlavaForConditi
                           SiglipVisionConfig)
 
 import vlm_jax
-from vlm_jax import generate as gen
+from vlm_jax.inference import generate as gen
 from vlm_jax import model_dir, sharding
 from vlm_jax.cli import main as cli_main
 from vlm_jax.data.tokenizer import train_word_tokenizer
@@ -328,7 +328,7 @@ def test_cli_generate_single_and_batched_requests_agree(model_directory):
     assert all(len(r["tokens"]) <= 5 for r in batched)
     # the same request through the Python API
     model = vlm_jax.load(str(root / "model"))
-    from vlm_jax.cli import _request_inputs
+    from vlm_jax.inference.requests import request_inputs as _request_inputs
     prompt, image = _request_inputs(model, "minimal", str(root / "red.png"), "what color is the circle")
     tokens, count = gen.generate(model.config, model.params, prompt[None], [len(prompt)],
                                  image[None], 5, stop_ids=[model.tokenizer.eos_id])
@@ -341,7 +341,7 @@ def test_cli_score_prints_forward_logprobs(model_directory):
                          "--image", str(root / "red.png"), "--prompt", "what color is the circle",
                          "--completion", "red circle"])
     model = vlm_jax.load(str(root / "model"))
-    from vlm_jax.cli import _request_inputs
+    from vlm_jax.inference.requests import request_inputs as _request_inputs
     prompt, image = _request_inputs(model, "minimal", str(root / "red.png"), "what color is the circle")
     completion = model.tokenizer.encode("red circle")
     assert result["tokens"] == completion

@@ -11,7 +11,7 @@ from PIL import Image
 from vlm_jax import model_dir
 from vlm_jax.cli import main as cli_main
 from vlm_jax.data.tokenizer import train_word_tokenizer
-from vlm_jax.evaluate import conversation_prompt_ids
+from vlm_jax.inference.prompts import conversation_prompt_ids
 from vlm_jax.models.decoder import decoder_config
 from vlm_jax.models.projector import ProjectorConfig
 from vlm_jax.models.siglip import VisionConfig
@@ -72,7 +72,7 @@ def _write_requests(path, lines):
 
 def test_a_typed_image_places_the_image_and_never_doubles_its_slots(root, capsys):
     import vlm_jax
-    from vlm_jax.cli import _request_inputs
+    from vlm_jax.inference.requests import request_inputs as _request_inputs
     model = vlm_jax.load(str(root / "trained"))
     per_image = model.config.tokens_per_image
     image = str(root / "red.png")
@@ -120,7 +120,7 @@ def test_more_than_one_typed_image_is_refused_naming_the_request(root, capsys):
 
 def test_prompt_plus_new_tokens_must_fit_the_model_positions(root, capsys):
     import vlm_jax
-    from vlm_jax.cli import _request_inputs
+    from vlm_jax.inference.requests import request_inputs as _request_inputs
     model = vlm_jax.load(str(root / "trained"))
     prompt = "what color is the red circle " * 30
     ids, _ = _request_inputs(model, "minimal", str(root / "red.png"), prompt)

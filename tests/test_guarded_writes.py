@@ -13,7 +13,8 @@ import pytest
 import torch
 import transformers
 
-from vlm_jax import cli, config as config_lib, model_dir
+from vlm_jax import cli, model_dir
+from vlm_jax.train import run_config as config_lib
 from vlm_jax.models.vlm import init_params
 from vlm_jax.train.loop import check_workdir
 

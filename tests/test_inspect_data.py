@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlm_jax import config as config_lib
+from vlm_jax.train import run_config as config_lib
+from vlm_jax.cli import inspect_data as inspect_cli
+from vlm_jax.cli import main as cli_main
 from vlm_jax.data import inspect as inspect_data
 from vlm_jax.data.pipeline import build_pipeline
 from vlm_jax.data.sources.shapes import ShapesSource
@@ -23,7 +25,7 @@ TINY = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
 
 def test_shapes_html_and_terminal(tmp_path, capsys):
     out = tmp_path / "sheet.html"
-    assert inspect_data.main(["--source", "shapes", "--template", "qwen2", "--image-size", "32",
+    assert cli_main(["inspect-data", "--source", "shapes", "--template", "qwen2", "--image-size", "32",
                               "--num-image-tokens", "4", "--seq-len", "512", "-n", "2",
                               "--color", "never", "--out", str(out)]) == 0
     sheet = out.read_text()
@@ -55,7 +57,7 @@ def test_llava_json_direct_flags(tmp_path, capsys):
     from vlm_jax.data.tokenizer import train_word_tokenizer
     train_word_tokenizer(["what color is the image? red blue"]).save(str(tmp_path / "tok"))
     out = tmp_path / "llava.html"
-    assert inspect_data.main(["--source", "llava_json", "--path", str(tmp_path / "data.json"),
+    assert cli_main(["inspect-data", "--source", "llava_json", "--path", str(tmp_path / "data.json"),
                               "--tokenizer", str(tmp_path / "tok"), "--template", "vicuna",
                               "--seq-len", "256", "--image-size", "16", "--num-image-tokens", "3",
                               "-n", "2", "--color", "never", "--out", str(out)]) == 0
@@ -81,7 +83,7 @@ def test_config_shows_the_trainers_first_batch(tmp_path, capsys):
     argv = ["--config", f"{TINY}:phase=instruct", "-n", "3", "--rows", "1", "--color", "never",
             "--out", str(tmp_path / "sheet.html")]
 
-    inspection = inspect_data.collect(inspect_data.parse_args(argv))
+    inspection = inspect_cli.collect(inspect_cli.parse_args(argv))
     assert (inspection.data.num_image_tokens, inspection.data.image_size) == (16, 32)
     for key in ("input_ids", "loss_mask", "segment_ids", "num_images", "images"):
         np.testing.assert_array_equal(inspection.batch[key], trainer_batch[key], err_msg=key)
@@ -91,7 +93,7 @@ def test_config_shows_the_trainers_first_batch(tmp_path, capsys):
     image_tokens = (trainer_batch["input_ids"] == tokenizer.image_token_id).sum(axis=1)
     np.testing.assert_array_equal(image_tokens, trainer_batch["num_images"] * 16)
 
-    assert inspect_data.main(argv) == 0
+    assert cli_main(["inspect-data"] + argv) == 0
     printed = capsys.readouterr().out
     for line in inspect_data.batch_layout(trainer_batch):
         assert line in printed
@@ -107,13 +109,13 @@ def test_config_argument_overrides_split_and_saved_tokenizer(tmp_path):
     saved = build_tokenizer(_trainer_run(TINY, "tokenizer.corpus_examples=20"), str(workdir))
     fresh = build_tokenizer(_trainer_run(TINY), str(tmp_path / "fresh"))
     assert saved.vocab_size != fresh.vocab_size
-    inspection = inspect_data.collect(inspect_data.parse_args(
+    inspection = inspect_cli.collect(inspect_cli.parse_args(
         ["--config", f"{TINY}:phase=align,seq_len=48", "--config.data.batch_size", "16",
          "--workdir", str(workdir), "-n", "1", "--out", str(tmp_path / "sheet.html")]))
     assert (inspection.data.task, inspection.data.seq_len) == ("align", 48)
     assert inspection.batch["input_ids"].shape == (16, 48)
     assert inspection.tokenizer.vocab_size == saved.vocab_size  # reused, not fitted again
-    evaluation = inspect_data.collect(inspect_data.parse_args(
+    evaluation = inspect_cli.collect(inspect_cli.parse_args(
         ["--config", f"{TINY}:phase=align", "--split", "eval", "--workdir", str(workdir),
          "-n", "1", "--out", str(tmp_path / "sheet.html")]))
     assert evaluation.examples[0]["id"].startswith("shapes:validation:")
@@ -133,7 +135,7 @@ def test_errors_are_one_line(tmp_path, capsys, extra, message):
     from vlm_jax.data.tokenizer import train_word_tokenizer
     train_word_tokenizer(["a b"]).save(str(tmp_path / "tok"))
     argv = [arg.replace("{tmp}", str(tmp_path)) for arg in extra]
-    assert inspect_data.main(argv + ["--out", str(tmp_path / "sheet.html")]) == 2
+    assert cli_main(["inspect-data"] + argv + ["--out", str(tmp_path / "sheet.html")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("vlm-jax inspect-data: error: ") and message in error
     assert "\n" not in error and "Traceback" not in error
@@ -143,7 +145,7 @@ def test_errors_are_one_line(tmp_path, capsys, extra, message):
 def test_a_run_that_would_stop_shows_why(tmp_path, capsys):
     """Every tiny example is longer than 20 tokens: the examples say so, and the trainer's first
     batch would raise TooManySkippedExamples; inspect-data prints that as its error, exit 2."""
-    assert inspect_data.main(["--config", TINY, "--config.data.seq_len=20",
+    assert cli_main(["inspect-data", "--config", TINY, "--config.data.seq_len=20",
                               "--config.data.min_seen_for_skip_check=10", "-n", "2",
                               "--color", "never", "--out", str(tmp_path / "sheet.html")]) == 2
     captured = capsys.readouterr()

@@ -8,7 +8,7 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from test_vlm import _text_config, _vision_config
-from vlm_jax import config as config_lib
+from vlm_jax.train import run_config as config_lib
 from vlm_jax.cli import main as cli_main
 
 CONFIG = "configs/llava15_siglip.py"

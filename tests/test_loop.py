@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from vlm_jax import config as config_lib, model_dir
+from vlm_jax import model_dir
+from vlm_jax.train import run_config as config_lib
 from vlm_jax.train import event_file
-from vlm_jax.train.loop import TrainingStopped, train
+from vlm_jax.errors import TrainingStopped
+from vlm_jax.train.loop import train
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
 
@@ -260,3 +262,53 @@ def test_align_without_init_from_warns_once_naming_the_random_towers(tmp_path, c
         train(_config(["eval_data=None", f"train.init_from.path={tmp_path / 'align'}"],
                       arg="phase=instruct,steps=2"), str(tmp_path / "instruct"))
     assert random_tower_lines() == []
+
+
+def test_unknown_flops_log_mfu_null_and_warn_once(tmp_path, monkeypatch, caplog):
+    # Every shipped projector has a FLOP formula: drop the tiny config's one to get a type
+    # that has none. A known peak used to turn that into an exception at the first log row.
+    from vlm_jax.train import flops
+    monkeypatch.delitem(flops.PROJECTOR_FLOP_FORMULAS, "mlp2x_gelu")
+    workdir = str(tmp_path / "run")
+    with caplog.at_level("WARNING"):
+        metrics = train(_config(["eval_data=None", "log.every_steps=1",
+                                 "log.peak_flops_per_device=1e9"], arg="steps=2"), workdir)
+    lines = [r.getMessage() for r in caplog.records if "FLOP formula" in r.getMessage()]
+    assert len(lines) == 1 and "model.projector.type='mlp2x_gelu'" in lines[0], lines
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2]
+    for row in train_rows:
+        assert "mfu" in row and row["mfu"] is None and row["step_time_s"] > 0
+    assert "mfu" in metrics and metrics["mfu"] is None and metrics["step"] == 2
+
+
+@pytest.mark.parametrize("arg, overrides", [("phase=instruct,batch=16", ["train.micro_batches=2"]),
+                                            ("phase=contrastive", [])])
+def test_eval_loss_is_the_train_step_loss_on_the_same_batch(tmp_path, arg, overrides):
+    from vlm_jax import sharding
+    from vlm_jax.data.pipeline import build_pipeline
+    from vlm_jax.train import loop
+    from vlm_jax.train.step import (TrainStepConfig, create_train_state, make_train_step,
+                                    plan_training)
+    run = config_lib.build_run_config(_config(overrides, arg=f"{arg},steps=2"),
+                                      jax.device_count(), jax.process_count())
+    tokenizer = loop.build_tokenizer(run, str(tmp_path))
+    local = next(iter(build_pipeline(run.data, tokenizer)))
+    mesh = sharding.make_mesh(run.mesh)
+    plan = plan_training(run.model, TrainStepConfig(
+        phase=run.train.phase, optimizer=run.train.optimizer,
+        micro_batches=run.train.micro_batches), mesh)
+    batch = sharding.global_batch({k: local[k] for k in loop.batch_keys(run.train.phase.name)},
+                                  mesh)
+    state = create_train_state(plan, jax.random.key(0))
+    sums = {k: float(v) for k, v in jax.device_get(
+        loop._make_eval_step(plan)(plan.model_params(state), batch)).items()}
+    _, metrics = make_train_step(plan)(state, batch)  # the loss is taken before the update
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    assert sums["count"] > 0
+    assert sums["loss_sum"] / sums["count"] == pytest.approx(metrics["loss"], rel=1e-5, abs=1e-6)
+    if "correct" in sums:
+        assert sums["count"] == metrics["num_loss_tokens"]
+        assert sums["correct"] / sums["count"] == pytest.approx(metrics["token_accuracy"],
+                                                                rel=1e-5, abs=1e-6)

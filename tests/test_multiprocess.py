@@ -85,7 +85,9 @@ def _restore(workdir, mesh_devices):
     (the current process's view), data iterator left alone."""
     import jax
 
-    from vlm_jax import checkpoint, config as config_lib, sharding
+    from vlm_jax import sharding
+    from vlm_jax.train import checkpoint
+    from vlm_jax.train import run_config as config_lib
     from vlm_jax.train.step import TrainStepConfig, plan_training
     config = config_lib.load_config_file(TINY_ARG.format(steps=STEPS, batch=8))
     config = config_lib.apply_overrides(config, OVERRIDES)

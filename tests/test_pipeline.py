@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from vlm_jax.config_utils import from_dict
+from vlm_jax.config import from_dict
 from PIL import Image
 
 from vlm_jax.data.errors import SkipExample

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from vlm_jax import plan as plan_lib
+from vlm_jax.train import plan as plan_lib
 from vlm_jax.cli import main as cli_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -140,7 +140,7 @@ def _ctrl_c_command(workdir):
 def test_ctrl_c_saves_then_the_same_command_resumes(tmp_path):
     from etils import epath
 
-    from vlm_jax.checkpoint import is_complete
+    from vlm_jax.train.checkpoint import is_complete
     from vlm_jax.train.loop import CTRL_C_MESSAGE
     workdir = str(tmp_path)
     process = subprocess.Popen(_ctrl_c_command(workdir), env=_env(), stdout=subprocess.PIPE,

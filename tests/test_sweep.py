@@ -8,6 +8,7 @@ import shlex
 import pytest
 
 from vlm_jax import sweep as sweep_lib
+from vlm_jax.cli import main as cli_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -46,7 +47,7 @@ def test_run_names_are_distinct_and_filesystem_safe():
 
 def test_tiny_sweep_prints_four_distinct_train_commands(tmp_path, capsys):
     root = tmp_path / "sweep"
-    assert sweep_lib.main(["--config", f"{TINY}:steps=3", "--workdir", str(root),
+    assert cli_main(["sweep", "--config", f"{TINY}:steps=3", "--workdir", str(root),
                            "--launcher", "print", "--config.eval_data=None"]) == 0
     commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
     assert len(commands) == 4
@@ -70,7 +71,7 @@ def test_an_invalid_run_stops_the_sweep_before_any_launch(tmp_path, capsys):
         f"def get_config(arg=None):\n    return load_config_file({TINY!r})\n"
         "def sweep():\n    return [{'data.batch_size': 8}, {'data.batch_size': 3}]\n")
     root = tmp_path / "sweep"
-    assert sweep_lib.main(["--config", str(config), "--workdir", str(root), "--launcher", "local",
+    assert cli_main(["sweep", "--config", str(config), "--workdir", str(root), "--launcher", "local",
                            "--num-devices", "8"]) == 2
     err = capsys.readouterr().err
     assert "batch_size-3" in err and "nothing was launched" in err and "data.batch_size=3" in err
@@ -110,7 +111,7 @@ def test_local_sweep_of_four_tiny_runs_and_its_report(tmp_path, capsys):
         "def sweep():\n"
         "    return product(**{'train.seed': [0, 1], 'data.seed': [0, 1]})\n")
     root = tmp_path / "sweep"
-    assert sweep_lib.main(["--config", f"{config}:steps=3", "--workdir", str(root),
+    assert cli_main(["sweep", "--config", f"{config}:steps=3", "--workdir", str(root),
                            "--launcher", "local", *FAST]) == 0
     record = json.loads((root / "sweep.json").read_text())
     assert [r["status"] for r in record["runs"]] == ["done"] * 4
@@ -120,7 +121,7 @@ def test_local_sweep_of_four_tiny_runs_and_its_report(tmp_path, capsys):
         assert saved["data"]["seed"] == run["swept"]["data.seed"]
     capsys.readouterr()
 
-    assert sweep_lib.main(["--report", "--workdir", str(root)]) == 0
+    assert cli_main(["sweep", "--report", "--workdir", str(root)]) == 0
     table = capsys.readouterr().out.strip().splitlines()
     assert len(table) == 2 + 4 and table == (root / "report.md").read_text().strip().splitlines()
     assert "train.seed" in table[0] and "eval/loss" in table[0]
@@ -135,10 +136,10 @@ def test_local_sweep_of_four_tiny_runs_and_its_report(tmp_path, capsys):
 
 def test_report_marks_runs_without_metrics(tmp_path, capsys):
     root = tmp_path / "sweep"
-    assert sweep_lib.main(["--config", f"{TINY}:steps=3", "--workdir", str(root),
+    assert cli_main(["sweep", "--config", f"{TINY}:steps=3", "--workdir", str(root),
                            "--launcher", "print"]) == 0
     capsys.readouterr()
-    assert sweep_lib.main(["--report", "--workdir", str(root)]) == 0
+    assert cli_main(["sweep", "--report", "--workdir", str(root)]) == 0
     rows = json.loads((root / "report.json").read_text())
     assert len(rows) == 4 and all(r["status"] == "no metrics" and r["loss"] is None for r in rows)
 

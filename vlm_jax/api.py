@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax import model_dir
+from vlm_jax.errors import InputError
 from vlm_jax.models.vlm import VLM, VLMConfig, check_image_placeholders, with_run_settings
 
 
@@ -41,7 +42,7 @@ class LoadedModel:
         images = None
         if pixel_values is not None:
             if self.config.vision is None:
-                raise ValueError("pixel_values given but this model has no vision tower")
+                raise InputError("pixel_values given but this model has no vision tower")
             images = self._images_per_row(input_ids, np.asarray(pixel_values, np.float32))
         elif self.config.vision is not None and self.config.llm is not None:
             check_image_placeholders(input_ids, 0, self.config.image_token_id,
@@ -56,11 +57,11 @@ class LoadedModel:
     def _images_per_row(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> jnp.ndarray:
         """[num_images, 3, H, W] in batch order -> f32[B, M, H, W, 3] (rows padded with zeros)."""
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"pixel_values must be f32[num_images, 3, H, W], got {pixel_values.shape}")
+            raise InputError(f"pixel_values must be f32[num_images, 3, H, W], got {pixel_values.shape}")
         per_image = self.config.tokens_per_image
         counts = (input_ids == self.config.image_token_id).sum(axis=1)
         if (counts % per_image).any() or counts.sum() // per_image != len(pixel_values):
-            raise ValueError(
+            raise InputError(
                 f"input_ids hold {counts.tolist()} image tokens per row ({per_image} per image) "
                 f"but {len(pixel_values)} image(s) were given")
         num_images = counts // per_image

@@ -28,6 +28,8 @@ import os
 import re
 from typing import Mapping
 
+from vlm_jax.errors import InputError
+
 # Variables that only a TPU cluster sets (GKE TPU pods, multislice).
 _TPU_ENV_HINTS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS")
 # What SLURM sets inside an `srun` step (the same set JAX's SLURM detection requires).
@@ -77,15 +79,15 @@ def check_explicit(coordinator: str | None, num_processes: int | None,
     if len(missing) == len(given):
         return False
     if missing:
-        raise ValueError(f"multi-process flags go together: {', '.join(missing)} missing "
+        raise InputError(f"multi-process flags go together: {', '.join(missing)} missing "
                          f"(given: {', '.join(f for f in given if f not in missing)})")
     if not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", coordinator):
-        raise ValueError(f"--coordinator={coordinator!r}: expected HOST:PORT of process 0, "
+        raise InputError(f"--coordinator={coordinator!r}: expected HOST:PORT of process 0, "
                          f"e.g. 10.0.0.2:8476")
     if num_processes < 1:
-        raise ValueError(f"--num-processes={num_processes}: must be >= 1")
+        raise InputError(f"--num-processes={num_processes}: must be >= 1")
     if not 0 <= process_id < num_processes:
-        raise ValueError(f"--process-id={process_id}: must be in [0, {num_processes})")
+        raise InputError(f"--process-id={process_id}: must be in [0, {num_processes})")
     return True
 
 

@@ -20,7 +20,7 @@ prompts and the image preprocessing (`pad_to_square`).
 A directory is written whole or not at all: `save_model` fills a hidden sibling
 (`.NAME.saving`) and renames it into place, so a reader never sees a half-written model.
 
-Training checkpoints (`vlm_jax/checkpoint.py`) hold the same config and params plus optimizer and
+Training checkpoints (`vlm_jax/train/checkpoint.py`) hold the same config and params plus optimizer and
 data-iterator state; `load_model` accepts a model directory.
 """
 from __future__ import annotations
@@ -35,12 +35,31 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vlm_jax.config_utils import from_dict, to_dict
-from vlm_jax.models.vlm import VLMConfig, architecture_only, run_settings
+from vlm_jax.config import from_dict, to_dict
+from vlm_jax.data.tokenizer import Tokenizer
+from vlm_jax.errors import CheckpointError, InputError
+from vlm_jax.models.vlm import VLMConfig, architecture_only, init_params, run_settings
 
 FORMAT = "vlm_jax.model/1"
 DATA_SETTINGS = ("template", "pad_to_square")  # the keys of config.json's "data" section
 GENERATION_CONFIG = "generation_config.json"
+
+
+def resolve_model_dir(path: str, given_as: str) -> str:
+    """A model directory, or a finished run's workdir (its `model/`). A workdir holds a
+    config.json of its own (the run config), so `model/` is looked for first. `given_as` is the
+    flag or config field the path came from (`--checkpoint`, `train.init_from.path`), named by
+    the error."""
+    where = f"{given_as} {path}" if given_as.startswith("-") else f"{given_as}={path}"
+    if os.path.exists(os.path.join(path, "model", "config.json")):
+        return os.path.join(path, "model")
+    if os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "params")):
+        return path
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        raise CheckpointError(f"{where} is a workdir without model/ (its run did not finish): "
+                              f"resume that run to the end first, or point at a model directory")
+    raise CheckpointError(f"{where} is neither a model directory (config.json) nor a finished "
+                          f"run's workdir (model/config.json)")
 
 
 def save_model(directory: str, config: VLMConfig, params: Any, tokenizer=None,
@@ -55,7 +74,7 @@ def save_model(directory: str, config: VLMConfig, params: Any, tokenizer=None,
     the old directory or the new one, never a mix."""
     unknown = sorted(set(data or {}) - set(DATA_SETTINGS))
     if unknown:
-        raise ValueError(f"model directory data settings {unknown}; supported: {DATA_SETTINGS}")
+        raise CheckpointError(f"model directory data settings {unknown}; supported: {DATA_SETTINGS}")
     path = epath.Path(directory).absolute() if "://" not in str(directory) else epath.Path(directory)
     staging = staging_path(path)
     is_writer = jax.process_index() == 0
@@ -100,11 +119,11 @@ def check_output_dir(out: str, inputs: list[str], overwrite: bool) -> None:
         source_real = os.path.realpath(source)
         if out_real == source_real or out_real.startswith(source_real + os.sep) \
                 or source_real.startswith(out_real + os.sep):
-            raise ValueError(f"--out {out} overlaps the input {source}; write elsewhere")
+            raise InputError(f"--out {out} overlaps the input {source}; write elsewhere")
     if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} is a file, not a directory")
+        raise InputError(f"--out {out} is a file, not a directory")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise ValueError(f"--out {out} is not empty; choose a new directory or pass --overwrite "
+        raise InputError(f"--out {out} is not empty; choose a new directory or pass --overwrite "
                          f"(its contents are replaced only once the new directory is complete)")
 
 
@@ -137,11 +156,11 @@ def _sync_processes(name: str) -> None:
 def _read_meta(directory: str) -> dict:
     config_file = epath.Path(directory) / "config.json"
     if not config_file.exists():
-        raise FileNotFoundError(f"{directory} is not a vlm_jax model directory (no config.json; "
-                                f"an interrupted save or a different kind of checkpoint)")
+        raise CheckpointError(f"{directory} is not a vlm_jax model directory (no config.json; "
+                              f"an interrupted save or a different kind of checkpoint)")
     meta = json.loads(config_file.read_text())
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{config_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        raise CheckpointError(f"{config_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
     return meta
 
 
@@ -182,7 +201,6 @@ def load_generation_config(directory: str) -> dict | None:
 def load_model(directory: str, shardings: Any = None, load_tokenizer: bool = True):
     """(config, params, tokenizer or None). `shardings`: a tree of jax.sharding.Sharding matching
     the params to restore them directly onto a mesh; default: one device."""
-    from vlm_jax.models.vlm import init_params
 
     config = load_config(directory)
     path = epath.Path(directory).absolute() if "://" not in str(directory) else epath.Path(directory)
@@ -196,7 +214,6 @@ def load_model(directory: str, shardings: Any = None, load_tokenizer: bool = Tru
     tokenizer = None
     tokenizer_dir = path / "tokenizer"
     if load_tokenizer and tokenizer_dir.exists():
-        from vlm_jax.data.tokenizer import Tokenizer
         tokenizer = Tokenizer.from_path(os.fspath(tokenizer_dir))
     return config, params, tokenizer
 

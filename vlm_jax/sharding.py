@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from vlm_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated). First match wins in flax.
@@ -47,19 +49,19 @@ class MeshConfig:
     def shape(self, num_devices: int) -> tuple[int, int, int]:
         sizes = [self.data, self.fsdp, self.tensor]
         if sizes.count(-1) > 1:
-            raise ValueError(f"mesh: at most one axis may be -1, got data={self.data}, "
-                             f"fsdp={self.fsdp}, tensor={self.tensor}")
+            raise ConfigError(f"mesh: at most one axis may be -1, got data={self.data}, "
+                              f"fsdp={self.fsdp}, tensor={self.tensor}")
         if any(s == 0 or s < -1 for s in sizes):
-            raise ValueError(f"mesh: axis sizes must be positive or -1, got {sizes}")
+            raise ConfigError(f"mesh: axis sizes must be positive or -1, got {sizes}")
         known = math.prod(s for s in sizes if s != -1)
         if -1 in sizes:
             if num_devices % known:
-                raise ValueError(f"mesh: fixed axes {dict(zip(MESH_AXES, sizes))} use {known} "
-                                 f"devices, which does not divide the {num_devices} devices")
+                raise ConfigError(f"mesh: fixed axes {dict(zip(MESH_AXES, sizes))} use {known} "
+                                  f"devices, which does not divide the {num_devices} devices")
             sizes[sizes.index(-1)] = num_devices // known
         if math.prod(sizes) != num_devices:
-            raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} "
-                             f"({dict(zip(MESH_AXES, sizes))}) but there are {num_devices} devices")
+            raise ConfigError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} "
+                              f"({dict(zip(MESH_AXES, sizes))}) but there are {num_devices} devices")
         return tuple(sizes)
 
 
@@ -131,8 +133,8 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
         value = np.asarray(value)
         global_rows = value.shape[0] * jax.process_count()
         if global_rows % dp:
-            raise ValueError(f"batch key {key!r}: global batch {global_rows} is not divisible by "
-                             f"the data-parallel size {dp} (mesh data x fsdp)")
+            raise ConfigError(f"batch key {key!r}: global batch {global_rows} is not divisible by "
+                              f"the data-parallel size {dp} (mesh data x fsdp)")
         out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
     return out
 

@@ -35,6 +35,13 @@ import sys
 import time
 from typing import Any, Mapping, Sequence
 
+import jax
+from etils import epath
+
+from vlm_jax.config import load_module
+from vlm_jax.errors import ConfigError, InputError
+from vlm_jax.train import run_config
+
 LAUNCHERS = ("local", "tpu", "slurm", "print")
 REPORT_METRICS = ("loss", "token_accuracy", "eval/loss", "eval/token_accuracy", "step_time_s")
 MAX_NAME_LENGTH = 100
@@ -55,7 +62,7 @@ def zip_(**axes: Sequence[Any]) -> list[dict[str, Any]]:
     _check_axes(axes)
     lengths = {key: len(values) for key, values in axes.items()}
     if len(set(lengths.values())) > 1:
-        raise ValueError(f"zip_: every axis needs the same number of values, got {lengths}")
+        raise ConfigError(f"zip_: every axis needs the same number of values, got {lengths}")
     keys = list(axes)
     return [dict(zip(keys, values)) for values in zip(*axes.values())]
 
@@ -70,10 +77,10 @@ def combine(*sweeps: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def _check_axes(axes: Mapping[str, Sequence[Any]]) -> None:
     if not axes:
-        raise ValueError("a sweep needs at least one axis")
+        raise ConfigError("a sweep needs at least one axis")
     for key, values in axes.items():
         if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or not len(values):
-            raise ValueError(f"sweep axis {key!r} needs a non-empty list of values, got {values!r}")
+            raise ConfigError(f"sweep axis {key!r} needs a non-empty list of values, got {values!r}")
 
 
 # ----------------------------------------------------------------------------- expansion
@@ -113,18 +120,17 @@ def _digest(text: str) -> str:
 
 def load_sweep(config_spec: str) -> list[dict[str, Any]]:
     """The list of override dicts that the config file's `sweep()` returns (checked)."""
-    from vlm_jax.config import load_module
     path = config_spec.partition(":")[0]
     module = load_module(path)
     if not hasattr(module, "sweep"):
-        raise ValueError(f"{path} has no sweep() function; define one returning a list of "
-                         f"override dicts (see vlm_jax/sweep.py)")
+        raise ConfigError(f"{path} has no sweep() function; define one returning a list of "
+                          f"override dicts (see vlm_jax/sweep.py)")
     sweep = module.sweep()
     if not isinstance(sweep, (list, tuple)) or not sweep:
-        raise ValueError(f"{path}: sweep() must return a non-empty list of override dicts")
+        raise ConfigError(f"{path}: sweep() must return a non-empty list of override dicts")
     for index, overrides in enumerate(sweep):
         if not isinstance(overrides, Mapping) or not all(isinstance(k, str) for k in overrides):
-            raise ValueError(f"{path}: sweep()[{index}] is not a dict of dotted config keys")
+            raise ConfigError(f"{path}: sweep()[{index}] is not a dict of dotted config keys")
     return [dict(overrides) for overrides in sweep]
 
 
@@ -136,7 +142,7 @@ def expand(config_spec: str, root: str, common_overrides: Sequence[str] = ()) ->
     for overrides in sweep:
         clash = sorted(common_keys & set(overrides))
         if clash:
-            raise ValueError(f"--config.{clash[0]} is given on the command line and also swept by "
+            raise InputError(f"--config.{clash[0]} is given on the command line and also swept by "
                              f"sweep(); drop one of them")
     runs = []
     for name, overrides in zip(run_names(sweep), sweep):
@@ -148,14 +154,11 @@ def expand(config_spec: str, root: str, common_overrides: Sequence[str] = ()) ->
 
 def validate(config_spec: str, runs: Sequence[dict], num_devices: int, num_processes: int) -> None:
     """Build every run's RunConfig; the first invalid run stops the sweep before any launch."""
-    from vlm_jax import config as config_lib
     for run in runs:
         try:
-            config = config_lib.apply_overrides(config_lib.load_config_file(config_spec),
-                                                run["overrides"])
-            config_lib.build_run_config(config, num_devices, num_processes)
-        except (ValueError, FileNotFoundError) as e:
-            raise ValueError(f"sweep run {run['name']!r} is invalid (nothing was launched): "
+            run_config.load_run_config(config_spec, run["overrides"], num_devices, num_processes)
+        except ValueError as e:
+            raise ConfigError(f"sweep run {run['name']!r} is invalid (nothing was launched): "
                              f"{e}") from None
 
 
@@ -181,7 +184,7 @@ def launch_command(launcher: str, config_spec: str, run: Mapping[str, Any],
         return (["bash", "launch/slurm_submit.sh", "--job-name", _job_name(run["name"]),
                  *launcher_args, "--", "--config", config_spec, "--workdir", run["workdir"],
                  *overrides])
-    raise ValueError(f"--launcher={launcher!r}; supported: {LAUNCHERS}")
+    raise InputError(f"--launcher={launcher!r}; supported: {LAUNCHERS}")
 
 
 def _job_name(name: str) -> str:
@@ -211,7 +214,6 @@ def launch(args: argparse.Namespace, overrides: list[str]) -> int:
     runs = expand(args.config, args.workdir, overrides)
     num_devices = args.num_devices
     if num_devices is None:
-        import jax
         num_devices = jax.device_count()
     validate(args.config, runs, num_devices, args.num_processes)
     for run in runs:
@@ -221,15 +223,15 @@ def launch(args: argparse.Namespace, overrides: list[str]) -> int:
               "validated_for": {"devices": num_devices, "processes": args.num_processes},
               "runs": runs}
     if args.launcher == "local" and "://" in args.workdir:
-        raise ValueError(f"--launcher local writes runs on this machine; --workdir "
+        raise InputError(f"--launcher local writes runs on this machine; --workdir "
                          f"{args.workdir} is remote (use --launcher tpu or slurm)")
     if args.launcher == "print":  # the record still lets --report read runs started by hand
         for run in runs:
             run["status"] = "printed"
             print(shlex.join(run["command"]))
-        _write_json(os.path.join(args.workdir, "sweep.json"), record)
+        write_json(os.path.join(args.workdir, "sweep.json"), record)
         return 0
-    _write_json(os.path.join(args.workdir, "sweep.json"), record)
+    write_json(os.path.join(args.workdir, "sweep.json"), record)
     failed = []
     for number, run in enumerate(runs, 1):
         print(f"vlm-jax sweep: run {number}/{len(runs)} {run['name']}: "
@@ -246,7 +248,7 @@ def launch(args: argparse.Namespace, overrides: list[str]) -> int:
                    else "failed")  # tpu_pod.sh returns when its run has ended
         if code:
             failed.append(run["name"])
-        _write_json(os.path.join(args.workdir, "sweep.json"), record)
+        write_json(os.path.join(args.workdir, "sweep.json"), record)
     if failed:
         print(f"vlm-jax sweep: {len(failed)} of {len(runs)} runs failed: {', '.join(failed)}",
               file=sys.stderr)
@@ -256,9 +258,8 @@ def launch(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _write_json(path: str, value: Any) -> None:
+def write_json(path: str, value: Any) -> None:
     """Write atomically on local disks; epath also reaches gs:// roots (tpu / slurm sweeps)."""
-    from etils import epath
     target = epath.Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / (target.name + ".tmp")
@@ -271,7 +272,6 @@ def _write_json(path: str, value: Any) -> None:
 def final_metrics(workdir: str) -> dict[str, Any] | None:
     """The last training row of `workdir/metrics.jsonl` merged with the last eval row
     (None when the run wrote no metrics)."""
-    from etils import epath
     path = epath.Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return None
@@ -291,7 +291,6 @@ def final_metrics(workdir: str) -> dict[str, Any] | None:
 
 def report(root: str) -> tuple[list[dict], str]:
     """(rows, markdown table) of every run in ROOT/sweep.json."""
-    from etils import epath
     sweep_file = epath.Path(root) / "sweep.json"
     if not sweep_file.exists():
         raise FileNotFoundError(f"{sweep_file} does not exist (run `vlm-jax sweep` first)")
@@ -320,46 +319,3 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if math.isfinite(value) else str(value)
     return str(value)
-
-
-# ----------------------------------------------------------------------------- command line
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vlm-jax sweep", description=__doc__.split("\n\n")[0],
-        epilog="Overrides --config.a.b=V apply to every run.")
-    parser.add_argument("--config", help="config file with a sweep(), and its argument")
-    parser.add_argument("--workdir", required=True, help="sweep root: one workdir per run below it")
-    parser.add_argument("--launcher", choices=LAUNCHERS, default="local")
-    parser.add_argument("--report", action="store_true",
-                        help="print and write the table of each run's final metrics")
-    parser.add_argument("--num-devices", type=int, default=None,
-                        help="devices the runs are validated for (default: this machine's)")
-    parser.add_argument("--num-processes", type=int, default=1,
-                        help="processes the runs are validated for (per-process batch sizes)")
-    parser.add_argument("--launcher-args", type=shlex.split, default=[],
-                        help="extra arguments for launch/tpu_pod.sh or launch/slurm_submit.sh, one "
-                             "string, e.g. "
-                             "\"--zone us-east5-a --accelerator-type v5p-64\"")
-    return parser
-
-
-def main(argv: list[str]) -> int:
-    from vlm_jax.cli import _config_overrides
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    overrides = _config_overrides(rest, parser)
-    try:
-        if args.report:
-            rows, table = report(args.workdir)
-            print(table)
-            from etils import epath
-            (epath.Path(args.workdir) / "report.md").write_text(table + "\n")
-            _write_json(os.path.join(args.workdir, "report.json"), rows)
-            return 0
-        if not args.config:
-            parser.error("--config is required (unless --report)")
-        return launch(args, overrides)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"vlm-jax sweep: error: {e}", file=sys.stderr)
-        return 2

@@ -90,7 +90,7 @@ def evaluate_model(model_path: str, num_per_type: int, image_size: int = recipe.
                    num_samples: int = 3, style: str = "scene", world: str = "recipe") -> dict:
     """Per-type accuracy of the model, the blank-image model and the majority answer on
     `num_per_type` held-out test questions per type, plus a few sample conversations."""
-    from vlm_jax import evaluate
+    from vlm_jax.eval import vqa as evaluate
     from vlm_jax.model_dir import load_model
 
     config, params, tokenizer = load_model(model_path)
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds["evaluate"] = time.perf_counter() - eval_started
     seconds["total"] = time.perf_counter() - started
 
-    from vlm_jax.evaluate import is_correct
+    from vlm_jax.eval.vqa import is_correct
     print("\n== sample conversations (held-out test scenes)")
     for sample in results["samples"]:
         print(f"[{sample['image']}]")

@@ -35,8 +35,15 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from vlm_jax import checkpoint, model_dir
+from vlm_jax import model_dir
+from vlm_jax.api import LoadedModel
 from vlm_jax.convert import hf_io, hf_llava, hf_siglip
+from vlm_jax.data.images import preprocess_image
+from vlm_jax.data.templates import get_template
+from vlm_jax.errors import ConversionError, ExportMismatch, InputError
+from vlm_jax.inference.generate import greedy_generate
+from vlm_jax.inference.prompts import prompt_ids, stop_token_ids
+from vlm_jax.models.siglip import SiglipVisionTower
 from vlm_jax.models.vlm import VLMConfig, architecture_only
 
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
@@ -59,9 +66,6 @@ _PROBE_TEXT = "<image>\nWhat is in this picture? A red circle."
 _PROBE_QUESTION = "What is in this picture?"
 ANSWER_TOKENS = 8  # greedy answer length compared by the self-check
 
-
-class ExportMismatch(RuntimeError):
-    """The exported model, loaded in transformers, disagrees with ours."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +91,7 @@ def to_disk_keys(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                 key = disk + key[len(memory):]
                 break
         else:
-            raise ValueError(f"tensor {key!r} is outside the LLaVA layout")
+            raise ConversionError(f"tensor {key!r} is outside the LLaVA layout")
         out[key] = value
     return out
 
@@ -104,13 +108,10 @@ def export_hf(checkpoint_path: str, out: str, dtype: str = "float32", part: str 
               check: bool = True, overwrite: bool = False) -> ExportResult:
     """Export a model directory (or a finished workdir) to `out`; checks itself unless told not."""
     if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"--dtype {dtype!r}; supported: {tuple(EXPORT_DTYPES)}")
+        raise InputError(f"--dtype {dtype!r}; supported: {tuple(EXPORT_DTYPES)}")
     if part not in PARTS:
-        raise ValueError(f"--part {part!r}; supported: {PARTS}")
-    try:
-        source = checkpoint.resolve_model_dir(checkpoint_path)
-    except ValueError as e:
-        raise ValueError(f"--checkpoint {e}") from None
+        raise InputError(f"--part {part!r}; supported: {PARTS}")
+    source = model_dir.resolve_model_dir(checkpoint_path, "--checkpoint")
     model_dir.check_output_dir(out, [source], overwrite)
     config, params, tokenizer = model_dir.load_model(source)
     params = model_dir.numpy_params(params)
@@ -145,7 +146,7 @@ def _write_and_check(config: VLMConfig, params: Any, tokenizer, out: str, dtype:
                      check: bool, chat: ChatSettings) -> ExportResult:
     if part == "vision":
         if config.vision is None:
-            raise ValueError("--part vision: this model has no vision tower")
+            raise ConversionError("--part vision: this model has no vision tower")
         state_dict = hf_siglip.vision_params_to_hf(params["vision_tower"], config.vision, prefix="")
         hf_config = dict(hf_siglip.vision_config_to_hf(config.vision),
                          architectures=["SiglipVisionModel"])
@@ -174,18 +175,18 @@ def _write_and_check(config: VLMConfig, params: Any, tokenizer, out: str, dtype:
 def _check_llava_expressible(config: VLMConfig) -> None:
     missing = [p for p in ("vision", "projector", "llm") if getattr(config, p) is None]
     if missing:
-        raise ValueError(f"a LLaVA export needs a vision tower, projector and LLM; this model "
-                         f"lacks {', '.join(missing)} (use --part vision for the encoder alone)")
+        raise ConversionError(f"a LLaVA export needs a vision tower, projector and LLM; this model "
+                              f"lacks {', '.join(missing)} (use --part vision for the encoder alone)")
     if config.projector.type != "mlp2x_gelu":
-        raise ValueError(f"projector type {config.projector.type!r} cannot be exported to HF "
-                         f"LLaVA, whose projector is Linear -> act -> Linear only ('mlp2x_gelu'); "
-                         f"'{config.projector.type}' has no LlavaForConditionalGeneration "
-                         f"equivalent (export --part vision for the encoder alone)")
+        raise ConversionError(f"projector type {config.projector.type!r} cannot be exported to HF "
+                              f"LLaVA, whose projector is Linear -> act -> Linear only ('mlp2x_gelu'); "
+                              f"'{config.projector.type}' has no LlavaForConditionalGeneration "
+                              f"equivalent (export --part vision for the encoder alone)")
     for field, what in (("input_norm", "LayerNorm"), ("pos_embed", "position embedding")):
         if getattr(config.projector, field):
-            raise ValueError(f"model.projector.{field}=True cannot be exported to HF LLaVA: its "
-                             f"projector has no {what} before the first Linear (export --part "
-                             f"vision for the encoder alone)")
+            raise ConversionError(f"model.projector.{field}=True cannot be exported to HF LLaVA: its "
+                                  f"projector has no {what} before the first Linear (export --part "
+                                  f"vision for the encoder alone)")
 
 
 def _with_dtype(hf_config: dict, dtype: str) -> dict:
@@ -204,8 +205,8 @@ def _write_processor(out: str, config: VLMConfig, tokenizer, chat: ChatSettings)
 
     image_token_id = tokenizer.token_to_id(tokenizer.image_token)
     if image_token_id != config.image_token_id:
-        raise ValueError(f"the tokenizer maps {tokenizer.image_token} to {image_token_id} but the "
-                         f"model's image_token_id is {config.image_token_id}")
+        raise ConversionError(f"the tokenizer maps {tokenizer.image_token} to {image_token_id} but the "
+                              f"model's image_token_id is {config.image_token_id}")
     chat_template = _chat_template(tokenizer, chat)
     kept = tokenizer.chat_template
     tokenizer.chat_template = chat_template  # the tokenizer files carry the same template
@@ -232,7 +233,6 @@ def _chat_template(tokenizer, chat: ChatSettings) -> str | None:
     """The Jinja template of the template the model was trained with; for an untrained import,
     the LLM's own (kept by the import), which our `generate` does not use by default."""
     if chat.template is not None:
-        from vlm_jax.data.templates import get_template
         return get_template(chat.template).jinja
     return tokenizer.chat_template
 
@@ -240,7 +240,6 @@ def _chat_template(tokenizer, chat: ChatSettings) -> str | None:
 def _write_generation_config(out: str, tokenizer, chat: ChatSettings) -> None:
     """generation_config.json: the imported LLM's, with the stop tokens our `generate` uses
     (EOS and the template's end-of-turn token) so transformers' `generate` stops where we do."""
-    from vlm_jax.generate import stop_token_ids
     generation = dict(chat.generation_config or {})
     imported_eos = generation.get("eos_token_id")
     imported_eos = [] if imported_eos is None else (
@@ -278,7 +277,6 @@ def _probe_inputs(result: ExportResult, config: VLMConfig, tokenizer
         return ids, pixels.astype(np.float32)
     from transformers import AutoProcessor
 
-    from vlm_jax.data.images import preprocess_image
     processor = AutoProcessor.from_pretrained(result.out)
     image = _probe_image(config.vision.image_size)
     batch = processor(images=image, text=_PROBE_TEXT, return_tensors="np")
@@ -331,7 +329,6 @@ def check_llava_export(result: ExportResult, config: VLMConfig, params: Any,
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from vlm_jax.api import LoadedModel
     hf_model, info = LlavaForConditionalGeneration.from_pretrained(
         result.out, dtype=torch.float32, output_loading_info=True)
     _check_loading_info(info, result.out)
@@ -357,9 +354,6 @@ def check_answers(result: ExportResult, config: VLMConfig, params: Any, tokenize
     import torch
     from transformers import AutoProcessor
 
-    from vlm_jax.data.images import preprocess_image
-    from vlm_jax.evaluate import prompt_ids
-    from vlm_jax.generate import greedy_generate, stop_token_ids
     processor = AutoProcessor.from_pretrained(result.out)
     image = _probe_image(config.vision.image_size)
     messages = [{"role": "user", "content": [{"type": "image"},
@@ -397,7 +391,6 @@ def check_vision_export(result: ExportResult, config: VLMConfig, params: Any,
     import torch
     from transformers import SiglipVisionModel
 
-    from vlm_jax.models.siglip import SiglipVisionTower
     hf_model, info = SiglipVisionModel.from_pretrained(result.out, dtype=torch.float32,
                                                        output_loading_info=True)
     _check_loading_info(info, result.out)

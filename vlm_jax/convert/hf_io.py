@@ -7,6 +7,8 @@ import os
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from vlm_jax.errors import ConversionError
+
 
 def read_config(hf_dir: str) -> dict:
     path = os.path.join(hf_dir, "config.json")
@@ -54,4 +56,4 @@ def check_keys(state_dict: dict, expected: set[str], what: str) -> None:
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[:5]}")
     if problems:
-        raise ValueError(f"{what}: " + "; ".join(problems))
+        raise ConversionError(f"{what}: " + "; ".join(problems))

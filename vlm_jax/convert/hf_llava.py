@@ -17,6 +17,7 @@ import numpy as np
 
 from vlm_jax.convert import hf_llm, hf_siglip
 from vlm_jax.convert.hf_io import check_keys
+from vlm_jax.errors import ConversionError
 from vlm_jax.models.projector import ProjectorConfig
 from vlm_jax.models.vlm import VLMConfig
 
@@ -55,18 +56,18 @@ def normalize_keys(sd: dict) -> dict:
 def config_from_hf(hf: dict) -> VLMConfig:
     """VLMConfig for a HF LLaVA config.json dict; unsupported fields raise naming the field."""
     if hf.get("model_type") != "llava":
-        raise ValueError(f"model_type={hf.get('model_type')!r}: expected 'llava'")
+        raise ConversionError(f"model_type={hf.get('model_type')!r}: expected 'llava'")
     vision_hf = hf["vision_config"]
     if vision_hf.get("model_type") != "siglip_vision_model":
-        raise ValueError(f"vision_config.model_type={vision_hf.get('model_type')!r}: only SigLIP "
-                         f"vision towers ('siglip_vision_model') are supported")
+        raise ConversionError(f"vision_config.model_type={vision_hf.get('model_type')!r}: only SigLIP "
+                              f"vision towers ('siglip_vision_model') are supported")
     layer = hf.get("vision_feature_layer", -2)
     if not isinstance(layer, int):
-        raise ValueError(f"vision_feature_layer={layer!r}: only a single layer index is supported "
-                         f"(concatenating several layers is not)")
+        raise ConversionError(f"vision_feature_layer={layer!r}: only a single layer index is supported "
+                              f"(concatenating several layers is not)")
     act = hf.get("projector_hidden_act", "gelu")
     if act not in HF_ACTS:
-        raise ValueError(f"projector_hidden_act={act!r}; supported: {sorted(HF_ACTS)}")
+        raise ConversionError(f"projector_hidden_act={act!r}; supported: {sorted(HF_ACTS)}")
     vision = dataclasses.replace(hf_siglip.vision_config_from_hf(vision_hf), feature_layer=layer)
     text_hf = dict(hf["text_config"])
     if "tie_word_embeddings" in hf:  # the top-level flag is the one LLaVA honours
@@ -82,8 +83,8 @@ def config_from_hf(hf: dict) -> VLMConfig:
     )
     seq = hf.get("image_seq_length")
     if seq is not None and seq != config.tokens_per_image:
-        raise ValueError(f"image_seq_length={seq} but the vision tower and projector give "
-                         f"{config.tokens_per_image} tokens per image")
+        raise ConversionError(f"image_seq_length={seq} but the vision tower and projector give "
+                              f"{config.tokens_per_image} tokens per image")
     return config
 
 
@@ -91,8 +92,8 @@ def config_to_hf(config: VLMConfig) -> dict:
     """config.json dict for LlavaForConditionalGeneration (only the mlp2x projector is expressible)."""
     proj = config.projector
     if proj.type != "mlp2x_gelu":
-        raise ValueError(f"projector type {proj.type!r} cannot be expressed as a HF LLaVA projector "
-                         f"(LLaVA has Linear -> act -> Linear only)")
+        raise ConversionError(f"projector type {proj.type!r} cannot be expressed as a HF LLaVA projector "
+                              f"(LLaVA has Linear -> act -> Linear only)")
     text = hf_llm.decoder_config_to_hf(config.llm)
     vision = hf_siglip.vision_config_to_hf(config.vision)
     return {
@@ -161,5 +162,5 @@ def _check_projector_shapes(params: dict, config: VLMConfig) -> None:
     for name, shape in want.items():
         got = params["mlp"][name]["kernel"].shape
         if got != shape:
-            raise ValueError(f"{PROJECTOR_PREFIX}{name}.weight: shape {got[::-1]} (out, in), "
-                             f"expected {shape[::-1]} from the vision and text configs")
+            raise ConversionError(f"{PROJECTOR_PREFIX}{name}.weight: shape {got[::-1]} (out, in), "
+                                  f"expected {shape[::-1]} from the vision and text configs")

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlm_jax.errors import ConversionError
 from vlm_jax.models.decoder import DecoderConfig, decoder_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "gemma")
@@ -48,12 +49,12 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 def _require(d: Mapping[str, Any], field: str) -> Any:
     if d.get(field) is None:
-        raise ValueError(f"HF config field {field!r} is missing")
+        raise ConversionError(f"HF config field {field!r} is missing")
     return d[field]
 
 
 def _reject(field: str, value: Any, supported: str) -> None:
-    raise ValueError(f"HF config field {field}={value!r} is not supported (supported: {supported})")
+    raise ConversionError(f"HF config field {field}={value!r} is not supported (supported: {supported})")
 
 
 def _rope_fields(d: Mapping[str, Any]) -> dict:
@@ -74,7 +75,7 @@ def _rope_fields(d: Mapping[str, Any]) -> dict:
         _reject(f"{field}.rope_type", rope_type, "'default', 'llama3'")
     for key in LLAMA3_ROPE_KEYS:
         if params.get(key) is None:
-            raise ValueError(f"HF config field {field}.{key} is missing (needed by rope_type 'llama3')")
+            raise ConversionError(f"HF config field {field}.{key} is missing (needed by rope_type 'llama3')")
     return dict(out, rope_scaling_factor=float(params["factor"]),
                 rope_low_freq_factor=float(params["low_freq_factor"]),
                 rope_high_freq_factor=float(params["high_freq_factor"]),
@@ -146,8 +147,8 @@ def decoder_config_to_hf(cfg: DecoderConfig) -> dict:
     """A config.json dict that transformers loads into the matching *ForCausalLM."""
     for field, value in FAMILY_FIXED[cfg.family].items():
         if getattr(cfg, field) != value:
-            raise ValueError(f"DecoderConfig.{field}={getattr(cfg, field)!r} cannot be exported as HF "
-                             f"model_type {cfg.family!r}, which fixes {field}={value!r}")
+            raise ConversionError(f"DecoderConfig.{field}={getattr(cfg, field)!r} cannot be exported as HF "
+                                  f"model_type {cfg.family!r}, which fixes {field}={value!r}")
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling is not None:
         rope = dict(cfg.rope_scaling, rope_theta=cfg.rope_theta)
@@ -248,10 +249,10 @@ def decoder_params_from_hf(sd: Mapping[str, np.ndarray], cfg: DecoderConfig, pre
 
     def take(key: str, shape: tuple[int, ...]) -> np.ndarray:
         if key not in sd:
-            raise ValueError(f"HF tensor {key!r} is missing from the state dict")
+            raise ConversionError(f"HF tensor {key!r} is missing from the state dict")
         value = np.asarray(sd[key])
         if value.shape != tuple(shape):
-            raise ValueError(f"HF tensor {key!r} has shape {value.shape}, expected {tuple(shape)}")
+            raise ConversionError(f"HF tensor {key!r} has shape {value.shape}, expected {tuple(shape)}")
         used.add(key)
         return value.astype(param_dtype)
 
@@ -266,15 +267,15 @@ def decoder_params_from_hf(sd: Mapping[str, np.ndarray], cfg: DecoderConfig, pre
     if cfg.tie_embeddings:
         if lm_head_key in sd:
             if not np.array_equal(take(lm_head_key, (v, d)), embedding):
-                raise ValueError(f"HF tensor {lm_head_key!r} differs from {prefix}embed_tokens.weight "
-                                 "but the config ties embeddings (tie_embeddings=True)")
+                raise ConversionError(f"HF tensor {lm_head_key!r} differs from {prefix}embed_tokens.weight "
+                                      "but the config ties embeddings (tie_embeddings=True)")
     else:
         params["lm_head"] = {"kernel": np.ascontiguousarray(take(lm_head_key, (v, d)).T)}
     unexpected = sorted(k for k in sd if k.startswith(prefix) and k not in used
                         and not k.endswith(IGNORED_SUFFIXES))
     if unexpected:
-        raise ValueError(f"unexpected HF tensor(s) under {prefix!r}: {unexpected[:8]}"
-                         f"{' ...' if len(unexpected) > 8 else ''}")
+        raise ConversionError(f"unexpected HF tensor(s) under {prefix!r}: {unexpected[:8]}"
+                              f"{' ...' if len(unexpected) > 8 else ''}")
     return params
 
 
@@ -287,8 +288,8 @@ def decoder_params_to_hf(params: Mapping, cfg: DecoderConfig, prefix: str = "mod
     for t in _layer_tensors(cfg):
         stacked = _get(params["layers"], t.path)
         if stacked.shape != (cfg.num_layers,) + t.shape:
-            raise ValueError(f"param layers/{'/'.join(t.path)} has shape {stacked.shape}, "
-                             f"expected {(cfg.num_layers,) + t.shape}")
+            raise ConversionError(f"param layers/{'/'.join(t.path)} has shape {stacked.shape}, "
+                                  f"expected {(cfg.num_layers,) + t.shape}")
         for i in range(cfg.num_layers):
             sd[f"{prefix}layers.{i}.{t.hf_suffix}"] = _to_hf(stacked[i], t)
     if not cfg.tie_embeddings:
@@ -309,8 +310,8 @@ def resize_vocab(params: Mapping, cfg: DecoderConfig, new_vocab_size: int,
     """
     old = cfg.vocab_size
     if new_vocab_size < old:
-        raise ValueError(f"new_vocab_size={new_vocab_size} is smaller than vocab_size={old}; "
-                         "resize_vocab only grows the vocabulary")
+        raise ConversionError(f"new_vocab_size={new_vocab_size} is smaller than vocab_size={old}; "
+                              "resize_vocab only grows the vocabulary")
     params = jax.tree_util.tree_map(np.asarray, nn.meta.unbox(params))
     num_new = new_vocab_size - old
     keys = iter(jax.random.split(rng, 2)) if rng is not None else None

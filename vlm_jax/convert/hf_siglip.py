@@ -20,7 +20,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax import config_utils
+from vlm_jax import config as config_utils
+from vlm_jax.errors import ConversionError
 from vlm_jax.models.siglip import TextTowerConfig, VisionConfig, posemb_sincos_2d
 
 StateDict = dict[str, np.ndarray]
@@ -34,18 +35,18 @@ SUPPORTED_ACT = "gelu_pytorch_tanh"
 def _check_common_hf_fields(d: Mapping[str, Any], expected_model_type: str, where: str) -> None:
     model_type = d.get("model_type", expected_model_type)
     if model_type != expected_model_type:
-        raise ValueError(f"{where}.model_type={model_type!r}; supported: {expected_model_type!r} "
-                         "(for a SiglipModel config pass its vision_config / text_config)")
+        raise ConversionError(f"{where}.model_type={model_type!r}; supported: {expected_model_type!r} "
+                              "(for a SiglipModel config pass its vision_config / text_config)")
     if d.get("hidden_act", SUPPORTED_ACT) != SUPPORTED_ACT:
-        raise ValueError(f"{where}.hidden_act={d['hidden_act']!r}; supported: {SUPPORTED_ACT!r}")
+        raise ConversionError(f"{where}.hidden_act={d['hidden_act']!r}; supported: {SUPPORTED_ACT!r}")
     if float(d.get("attention_dropout", 0.0)) != 0.0:
-        raise ValueError(f"{where}.attention_dropout={d['attention_dropout']!r}; supported: 0.0")
+        raise ConversionError(f"{where}.attention_dropout={d['attention_dropout']!r}; supported: 0.0")
 
 
 def _square(value: Any, field: str) -> int:
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
-            raise ValueError(f"hf vision_config.{field}={value!r}; supported: an int or a square pair")
+            raise ConversionError(f"hf vision_config.{field}={value!r}; supported: an int or a square pair")
         return int(value[0])
     return int(value)
 
@@ -58,7 +59,7 @@ def vision_config_from_hf(d: Mapping[str, Any], **overrides: Any) -> VisionConfi
     """
     _check_common_hf_fields(d, "siglip_vision_model", "hf vision_config")
     if int(d.get("num_channels", 3)) != 3:
-        raise ValueError(f"hf vision_config.num_channels={d['num_channels']!r}; supported: 3")
+        raise ConversionError(f"hf vision_config.num_channels={d['num_channels']!r}; supported: 3")
     values = dict(
         image_size=_square(d.get("image_size", 224), "image_size"),
         patch_size=_square(d.get("patch_size", 16), "patch_size"),
@@ -194,17 +195,17 @@ class _Reader:
     def take(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         key = self.prefix + name
         if key not in self.sd:
-            raise ValueError(f"missing tensor {key!r} in the HF state dict")
+            raise ConversionError(f"missing tensor {key!r} in the HF state dict")
         value = np.asarray(self.sd[key])
         if tuple(value.shape) != tuple(shape):
-            raise ValueError(f"tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+            raise ConversionError(f"tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
         self.unused.discard(key)
         return value.astype(np.float32)
 
     def finish(self) -> None:
         if self.unused:
-            raise ValueError(f"unexpected tensor(s) under prefix {self.prefix!r}: "
-                             f"{', '.join(sorted(self.unused))}")
+            raise ConversionError(f"unexpected tensor(s) under prefix {self.prefix!r}: "
+                                  f"{', '.join(sorted(self.unused))}")
 
 
 def _set(tree: Params, path: tuple[str, ...], value: np.ndarray) -> None:
@@ -217,7 +218,7 @@ def _get(tree: Mapping[str, Any], path: tuple[str, ...], where: str) -> np.ndarr
     node = tree
     for key in path:
         if not isinstance(node, Mapping) or key not in node:
-            raise ValueError(f"{where} params lack {'/'.join(path)}")
+            raise ConversionError(f"{where} params lack {'/'.join(path)}")
         node = node[key]
     return np.asarray(node, dtype=np.float32)
 
@@ -239,8 +240,8 @@ def _write_encoder(params: Mapping[str, Any], cfg, prefix: str, sd: StateDict, w
     for entry in _block_entries(cfg):
         stacked = _get(params, ("encoder",) + entry.path, where)
         if stacked.shape[0] != cfg.depth:
-            raise ValueError(f"{where} params encoder/{'/'.join(entry.path)} have {stacked.shape[0]} "
-                             f"layers, config says depth={cfg.depth}")
+            raise ConversionError(f"{where} params encoder/{'/'.join(entry.path)} have {stacked.shape[0]} "
+                                  f"layers, config says depth={cfg.depth}")
         for i in range(cfg.depth):
             sd[f"{prefix}encoder.layers.{i}.{entry.hf_name}"] = entry.to_hf(stacked[i])
 
@@ -259,8 +260,8 @@ def vision_params_from_hf(sd: Mapping[str, np.ndarray], cfg: VisionConfig,
         side = cfg.image_size // cfg.patch_size
         table = reader.take("embeddings.position_embedding.weight", (cfg.num_patches, cfg.width))
         if not np.allclose(table, posemb_sincos_2d(side, side, cfg.width), atol=1e-5):
-            raise ValueError(f"tensor {prefix}embeddings.position_embedding.weight is not the fixed "
-                             "sincos2d table; import with posemb='learn'")
+            raise ConversionError(f"tensor {prefix}embeddings.position_embedding.weight is not the fixed "
+                                  "sincos2d table; import with posemb='learn'")
     if cfg.use_head:
         d, heads = cfg.width, (cfg.num_heads, cfg.width // cfg.num_heads)
         weight = reader.take("head.attention.in_proj_weight", (3 * d, d))

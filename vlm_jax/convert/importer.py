@@ -20,6 +20,8 @@ import numpy as np
 
 from vlm_jax import model_dir
 from vlm_jax.convert import hf_io, hf_llava, hf_llm, hf_siglip
+from vlm_jax.data.tokenizer import Tokenizer
+from vlm_jax.errors import ConversionError
 from vlm_jax.models.projector import ProjectorConfig
 from vlm_jax.models.vlm import VLMConfig, init_params
 
@@ -38,7 +40,7 @@ def _generation_config(directory: str | None) -> dict | None:
 
 
 def _find_tokenizer(directory: str):
-    from vlm_jax.data.tokenizer import Tokenizer
+
     for name in ("tokenizer.json", "tokenizer.model"):
         if os.path.exists(os.path.join(directory, name)):
             return Tokenizer.from_path(directory)
@@ -50,7 +52,7 @@ def _vision_from_dir(directory: str, feature_layer: int | None):
     hf = hf_io.read_config(directory)
     kind = hf.get("model_type")
     if kind not in SIGLIP_TYPES:
-        raise ValueError(f"{directory}: model_type={kind!r}; a vision tower must be one of {SIGLIP_TYPES}")
+        raise ConversionError(f"{directory}: model_type={kind!r}; a vision tower must be one of {SIGLIP_TYPES}")
     sd = hf_io.read_state_dict(directory)
     vision_hf = hf["vision_config"] if kind == "siglip" else hf
     config = hf_siglip.vision_config_from_hf(vision_hf)
@@ -69,8 +71,8 @@ def _vision_from_dir(directory: str, feature_layer: int | None):
 def _llm_from_dir(directory: str):
     hf = hf_io.read_config(directory)
     if hf.get("model_type") not in LLM_TYPES:
-        raise ValueError(f"{directory}: model_type={hf.get('model_type')!r}; an LLM must be one of "
-                         f"{LLM_TYPES}")
+        raise ConversionError(f"{directory}: model_type={hf.get('model_type')!r}; an LLM must be one of "
+                              f"{LLM_TYPES}")
     config = hf_llm.decoder_config_from_hf(hf)
     sd = hf_io.read_state_dict(directory)
     params = hf_llm.decoder_params_from_hf(sd, config, prefix="model.", lm_head_key="lm_head.weight")
@@ -102,7 +104,7 @@ def import_hf(out: str, hf_dir: str | None = None, vision_dir: str | None = None
     tokenizer = None
     if hf_dir is not None:
         if vision_dir or text_dir:
-            raise ValueError("give either --hf-dir or --vision/--text, not both")
+            raise ConversionError("give either --hf-dir or --vision/--text, not both")
         hf = hf_io.read_config(hf_dir)
         kind = hf.get("model_type")
         tokenizer = _find_tokenizer(hf_dir)
@@ -113,9 +115,9 @@ def import_hf(out: str, hf_dir: str | None = None, vision_dir: str | None = None
                     config, vision=dataclasses.replace(config.vision, feature_layer=feature_layer))
             params = hf_llava.params_from_hf(hf_io.read_state_dict(hf_dir), config)
             if tokenizer is not None and tokenizer.token_to_id(IMAGE_TOKEN) not in (None, config.image_token_id):
-                raise ValueError(f"{hf_dir}: tokenizer maps {IMAGE_TOKEN} to "
-                                 f"{tokenizer.token_to_id(IMAGE_TOKEN)} but image_token_index is "
-                                 f"{config.image_token_id}")
+                raise ConversionError(f"{hf_dir}: tokenizer maps {IMAGE_TOKEN} to "
+                                      f"{tokenizer.token_to_id(IMAGE_TOKEN)} but image_token_index is "
+                                      f"{config.image_token_id}")
         elif kind == "siglip":
             sd = hf_io.read_state_dict(hf_dir)
             vision = hf_siglip.vision_config_from_hf(hf["vision_config"])
@@ -131,16 +133,16 @@ def import_hf(out: str, hf_dir: str | None = None, vision_dir: str | None = None
             llm, llm_params = _llm_from_dir(hf_dir)
             config, params = VLMConfig(llm=llm), {"llm": llm_params}
         else:
-            raise ValueError(f"{hf_dir}: model_type={kind!r} is not supported; supported: "
-                             f"llava, {', '.join(SIGLIP_TYPES + LLM_TYPES)}")
+            raise ConversionError(f"{hf_dir}: model_type={kind!r} is not supported; supported: "
+                                  f"llava, {', '.join(SIGLIP_TYPES + LLM_TYPES)}")
     else:
         if not (vision_dir and text_dir):
-            raise ValueError("composing needs both --vision DIR and --text DIR (or use --hf-dir)")
+            raise ConversionError("composing needs both --vision DIR and --text DIR (or use --hf-dir)")
         vision, vision_params = _vision_from_dir(vision_dir, -2 if feature_layer is None else feature_layer)
         llm, llm_params = _llm_from_dir(text_dir)
         tokenizer = _find_tokenizer(text_dir)
         if tokenizer is None:
-            raise ValueError(f"{text_dir}: no tokenizer.json or tokenizer.model next to the LLM")
+            raise ConversionError(f"{text_dir}: no tokenizer.json or tokenizer.model next to the LLM")
         image_id, llm, llm_params = _ensure_image_token(tokenizer, llm, llm_params, seed)
         config = VLMConfig(vision=vision, projector=ProjectorConfig(type=projector), llm=llm,
                            image_token_id=image_id)
@@ -160,14 +162,14 @@ def _as_float32_like(params: dict, config: VLMConfig, seed: int) -> dict:
     missing = sorted(jax.tree_util.keystr(k) for k in set(flat_expected) - set(flat_got))
     extra = sorted(jax.tree_util.keystr(k) for k in set(flat_got) - set(flat_expected))
     if missing or extra:
-        raise ValueError(f"converted params do not match the model: missing {missing[:5]}, "
-                         f"unexpected {extra[:5]}")
+        raise ConversionError(f"converted params do not match the model: missing {missing[:5]}, "
+                              f"unexpected {extra[:5]}")
     out = {}
     for path, want in flat_expected.items():
         value = np.asarray(flat_got[path])
         if value.shape != want.shape:
-            raise ValueError(f"param {jax.tree_util.keystr(path)}: shape {value.shape} from the "
-                             f"checkpoint, model expects {want.shape}")
+            raise ConversionError(f"param {jax.tree_util.keystr(path)}: shape {value.shape} from the "
+                                  f"checkpoint, model expects {want.shape}")
         out[path] = value.astype(want.dtype)
     return jax.tree_util.tree_unflatten(jax.tree.structure(expected),
                                         [out[p] for p, _ in jax.tree_util.tree_leaves_with_path(expected)])

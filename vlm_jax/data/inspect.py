@@ -1,4 +1,5 @@
-"""`vlm-jax inspect-data`: show what `vlm-jax train` feeds the model, by example and by row.
+"""What `vlm-jax inspect-data` shows (the command is `vlm_jax/cli/inspect_data.py`): what
+`vlm-jax train` feeds the model, by example and by row.
 
 With --config (FILE[:ARG] and --config.a.b=V overrides, read as `vlm-jax train` reads them) the
 data is the validated run config's `data` (`eval_data` with --split eval): seq_len, template,
@@ -21,35 +22,23 @@ Shown, on the terminal and in an HTML contact sheet (--out, images inline as PNG
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import dataclasses
 import html
 import io
-import os
-import sys
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
-from vlm_jax.config_utils import from_dict
 from vlm_jax.data import pipeline
 from vlm_jax.data.skips import (GuardedSource, GuardedTransform, RowFitCheck, SkippedExample,
-                                TooManySkippedExamples, one_image_check)
+                                one_image_check)
 from vlm_jax.data.tokenizer import Tokenizer
 
 ANSI_LEARNED, ANSI_IMAGE, ANSI_RESET = "\033[32m", "\033[36m", "\033[0m"
-# Direct flags -> how a config says the same; refused with --config, where the config (and its
-# --config.a.b=V overrides) is what training reads.
-_SOURCES = "--config.data.sources='[...]'"
-DIRECT_FLAGS = {"source": _SOURCES, "path": _SOURCES, "image_root": _SOURCES,
-                "task": "--config.data.task=TASK", "template": "--config.data.template=NAME",
-                "tokenizer": "--config.tokenizer.kind=path --config.tokenizer.path=PATH",
-                "seq_len": "--config.data.seq_len=N",
-                "image_size": "--config.model.vision.image_size=N (data.image_size follows it)",
-                "num_image_tokens": "the model's projector (data.num_image_tokens is set from it)"}
+# Marks the pages write_html writes: `vlm-jax inspect-data` replaces only such a page.
+HTML_GENERATOR = '<meta name="generator" content="vlm-jax inspect-data">'
 
 
 @dataclasses.dataclass
@@ -74,121 +63,6 @@ class Inspection:
     batch: dict[str, np.ndarray] | None
     skip_counts: dict[str, Any]
     stopped: str | None = None
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """The flags, with `overrides` the --config.a.b=V list (parsed as `vlm-jax train` does)."""
-    from vlm_jax.cli import _config_overrides
-    parser = argparse.ArgumentParser(prog="vlm-jax inspect-data",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="run config FILE[:ARG] as for `vlm-jax train`, with "
-                        "--config.a.b=VALUE overrides")
-    parser.add_argument("--split", choices=("train", "eval"), default="train",
-                        help="with --config: the config's data (train) or eval_data (eval)")
-    parser.add_argument("--workdir", help="with --config: a run's workdir whose saved shapes "
-                        "tokenizer (WORKDIR/tokenizer) is reused instead of fitting one")
-    parser.add_argument("--source", choices=("shapes", "llava_json"),
-                        help="direct mode: the source kind (instead of --config)")
-    parser.add_argument("--path", help="llava_json: the JSON / JSONL file")
-    parser.add_argument("--image-root", help="llava_json: image root (default: the JSON's folder)")
-    parser.add_argument("--task", choices=pipeline.TASKS, help="direct mode (default instruct)")
-    parser.add_argument("--template", help="direct mode: chat template (default vicuna)")
-    parser.add_argument("--tokenizer", help="direct mode: tokenizer.json / .model / directory "
-                        "(shapes: default is the tokenizer a tokenizer.kind='shapes' run fits)")
-    parser.add_argument("--seq-len", type=int, help="direct mode (default 512)")
-    parser.add_argument("--image-size", type=int, help="direct mode (default 224)")
-    parser.add_argument("--num-image-tokens", type=int, help="direct mode (default 196)")
-    parser.add_argument("--num-examples", "-n", type=int, default=4,
-                        help="examples shown in source order")
-    parser.add_argument("--rows", type=int, default=2, help="rows of the first batch shown in full")
-    parser.add_argument("--out", default="inspect_data.html", help="HTML contact sheet path")
-    parser.add_argument("--color", choices=("auto", "always", "never"), default="auto")
-    args, rest = parser.parse_known_args(argv)
-    args.overrides = _config_overrides(rest, parser)
-    if args.overrides and not args.config:
-        parser.error("--config.a.b=VALUE overrides need --config")
-    return args
-
-
-def run_data(args: argparse.Namespace, scratch: str) -> tuple[pipeline.DataConfig, Tokenizer]:
-    """The data config and tokenizer `vlm-jax train --config ...` builds (fitting a shapes
-    tokenizer into `scratch` unless --workdir has one)."""
-    import jax
-
-    from vlm_jax import config as config_lib
-    from vlm_jax.train.loop import build_tokenizer
-    for name, hint in DIRECT_FLAGS.items():
-        if getattr(args, name) is not None:
-            raise ValueError(f"--{name.replace('_', '-')} is a direct-mode flag; with --config "
-                             f"the config decides what training reads: {hint}")
-    config = config_lib.apply_overrides(config_lib.load_config_file(args.config), args.overrides)
-    run = config_lib.build_run_config(config, jax.device_count(), jax.process_count())
-    data = run.data if args.split == "train" else run.eval_data
-    if data is None:
-        raise ValueError(f"--split eval: {args.config} has no eval_data section")
-    workdir = scratch
-    if args.workdir:
-        if run.tokenizer.kind != "shapes":
-            raise ValueError(f"--workdir: only a tokenizer.kind='shapes' run saves its tokenizer "
-                             f"there; this config reads tokenizer.path={run.tokenizer.path}")
-        if not os.path.isdir(os.path.join(args.workdir, "tokenizer")):
-            raise ValueError(f"--workdir {args.workdir} has no tokenizer/ (a run saves it when it "
-                             f"starts); leave --workdir out to fit the one a new run would")
-        workdir = args.workdir
-    # Grain worker processes change where examples are decoded, not which ones or in what order;
-    # reading in this process needs no process pool (and no absl flags).
-    return dataclasses.replace(data, worker_count=0), build_tokenizer(run, workdir)
-
-
-def direct_data(args: argparse.Namespace, scratch: str) -> tuple[pipeline.DataConfig, Tokenizer]:
-    """A DataConfig from the direct flags, and the tokenizer `build_tokenizer`
-    gives for --tokenizer (tokenizer.kind='path') or, for shapes, tokenizer.kind='shapes'."""
-    from vlm_jax.config import RunConfig, TokenizerConfig, TrainConfig
-    from vlm_jax.models.vlm import VLMConfig
-    from vlm_jax.train.loop import build_tokenizer
-    if args.workdir or args.split != "train":
-        raise ValueError("--workdir and --split need --config (they name parts of a run)")
-    task = args.task or "instruct"
-    if args.source == "shapes":
-        values = {"sources": [{"kind": "shapes", "options": {
-            "task": {"align": "caption", "contrastive": "caption", "lm": "text"}.get(task, "qa"),
-            "image_size": args.image_size or 224}}]}
-    elif args.source == "llava_json":
-        if not args.path:
-            raise ValueError("--source llava_json needs --path")
-        values = {"sources": [{"kind": "llava_json",
-                               "options": {"path": args.path, "image_root": args.image_root}}]}
-    else:
-        raise ValueError("give --config FILE[:ARG] or --source shapes|llava_json")
-    flags = {"task": task, "template": args.template, "seq_len": args.seq_len,
-             "image_size": args.image_size, "num_image_tokens": args.num_image_tokens}
-    values.update({k: v for k, v in flags.items() if v is not None})
-    values.update(shuffle=False, num_epochs=1, worker_count=0, read_threads=0,
-                  max_skip_fraction=1.0)
-    cfg = from_dict(pipeline.DataConfig, values, "data")
-    if args.tokenizer:
-        tokenizer_cfg = TokenizerConfig(kind="path", path=args.tokenizer)
-    elif all(s.kind == "shapes" for s in cfg.sources):
-        tokenizer_cfg = TokenizerConfig(kind="shapes")
-    else:
-        raise ValueError("--tokenizer is required unless every source is shapes")
-    # No model here: build_tokenizer then reads the tokenizer section alone (no vocabulary or
-    # image-token check against a model).
-    run = RunConfig(model=VLMConfig(), data=cfg, train=TrainConfig(), tokenizer=tokenizer_cfg)
-    return cfg, build_tokenizer(run, scratch)
-
-
-def collect(args: argparse.Namespace) -> Inspection:
-    """What inspect-data shows for `args` (see `parse_args`)."""
-    with tempfile.TemporaryDirectory(prefix="vlm_jax_inspect_") as scratch:
-        cfg, tokenizer = run_data(args, scratch) if args.config else direct_data(args, scratch)
-    examples = inspect_examples(cfg, tokenizer, args.num_examples)
-    batches = pipeline.build_pipeline(cfg, tokenizer)  # the trainer's call
-    try:
-        batch, stopped = next(batches, None), None
-    except TooManySkippedExamples as e:
-        batch, stopped = None, str(e)
-    return Inspection(cfg, tokenizer, examples, batch, batches.skip_counts(), stopped)
 
 
 def inspect_examples(cfg: pipeline.DataConfig, tokenizer: Tokenizer, num_examples: int
@@ -350,7 +224,7 @@ def write_html(path: str, inspection: Inspection, num_rows: int) -> None:
              "mark.learned{background:#bfb}span.image{color:#07a;font-weight:bold}"
              ".skip{color:#a00}")
     with open(path, "w") as f:
-        f.write(f"<!doctype html><html><head><meta charset=utf-8><title>inspect-data</title>"
+        f.write(f"<!doctype html><html><head><meta charset=utf-8>{HTML_GENERATOR}<title>inspect-data</title>"
                 f"<style>{style}</style></head><body><h2>inspect-data</h2>"
                 f"<p>{html.escape(describe(inspection))}</p>"
                 f"<p>Learned tokens: <mark class=learned>marked</mark></p>"
@@ -387,23 +261,3 @@ def _png_base64(image: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-    try:
-        inspection = collect(args)
-        print_inspection(inspection, args.rows, color)
-        write_html(args.out, inspection, args.rows)
-    except (ValueError, OSError, SyntaxError) as e:  # a bad config, flag or source: one line
-        print(f"vlm-jax inspect-data: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}")
-    if inspection.stopped:
-        print(f"vlm-jax inspect-data: error: the trainer stops on its first batch: "
-              f"{' '.join(inspection.stopped.split())}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

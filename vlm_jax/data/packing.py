@@ -25,6 +25,8 @@ from typing import Any, Mapping, Sequence
 import grain
 import numpy as np
 
+from vlm_jax.errors import ConfigError
+
 TEXT_FIELDS = ("input_ids", "target_ids", "loss_mask", "positions", "mask_ar")
 _TEXT_DTYPES = {"input_ids": np.int32, "target_ids": np.int32, "loss_mask": np.float32,
                 "positions": np.int32, "mask_ar": np.int32}
@@ -41,11 +43,11 @@ class RowSpec:
 
     def __post_init__(self):
         if self.seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
+            raise ConfigError(f"seq_len must be >= 1, got {self.seq_len}")
         if self.max_images < 0:
-            raise ValueError(f"max_images_per_row must be >= 0, got {self.max_images}")
+            raise ConfigError(f"max_images_per_row must be >= 0, got {self.max_images}")
         if self.image_size < 1:
-            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+            raise ConfigError(f"image_size must be >= 1, got {self.image_size}")
 
 
 def example_length(example: Mapping[str, Any]) -> int:

@@ -44,13 +44,15 @@ import grain
 import jax
 import numpy as np
 
-from vlm_jax.config_utils import from_dict
+from vlm_jax.config import from_dict
+from vlm_jax.data import transforms
 from vlm_jax.data.packing import (PackedRowsIterDataset, RowSpec, assemble_batch,
                                   example_num_images, single_example_row)
 from vlm_jax.data.skips import (GuardedSource, GuardedTransform, RowFitCheck,
                                 SkipAccountingIterDataset, SkipAccountingIterator, one_image_check)
 from vlm_jax.data.skips import TooManySkippedExamples  # noqa: F401  (raised through the pipeline)
 from vlm_jax.data.streams import OrderedThreadMapIterDataset, StreamSourceIterDataset
+from vlm_jax.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +81,9 @@ class SourceConfig:
 
     def __post_init__(self):
         if self.kind not in SOURCE_KINDS:
-            raise ValueError(f"data source kind={self.kind!r}; supported: {tuple(SOURCE_KINDS)}")
+            raise ConfigError(f"data source kind={self.kind!r}; supported: {tuple(SOURCE_KINDS)}")
         if not self.weight > 0:
-            raise ValueError(f"data source weight must be > 0, got {self.weight} ({self.kind})")
+            raise ConfigError(f"data source weight must be > 0, got {self.weight} ({self.kind})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,21 +122,21 @@ class DataConfig:
                         for i, s in enumerate(self.sources))
         object.__setattr__(self, "sources", sources)
         if self.task not in TASKS:
-            raise ValueError(f"data.task={self.task!r}; supported: {TASKS}")
+            raise ConfigError(f"data.task={self.task!r}; supported: {TASKS}")
         if self.too_long not in TOO_LONG_POLICIES:
-            raise ValueError(f"data.too_long={self.too_long!r}; supported: {TOO_LONG_POLICIES}")
+            raise ConfigError(f"data.too_long={self.too_long!r}; supported: {TOO_LONG_POLICIES}")
         for name in ("seq_len", "image_size", "batch_size", "text_len"):
             if getattr(self, name) < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("num_image_tokens", "max_images_per_row", "worker_count", "worker_buffer_size",
                      "read_threads", "prefetch_buffer_size", "min_seen_for_skip_check",
                      "shuffle_window"):
             if getattr(self, name) < 0:
-                raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"data.{name} must be >= 0, got {getattr(self, name)}")
         if self.num_epochs is not None and self.num_epochs < 1:
-            raise ValueError(f"data.num_epochs must be >= 1 or None (forever), got {self.num_epochs}")
+            raise ConfigError(f"data.num_epochs must be >= 1 or None (forever), got {self.num_epochs}")
         if not 0.0 <= self.max_skip_fraction <= 1.0:
-            raise ValueError(f"data.max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
+            raise ConfigError(f"data.max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
 
     @property
     def row_spec(self) -> RowSpec:
@@ -213,9 +215,9 @@ def build_example_dataset(cfg: DataConfig, sources: Sequence[tuple[str, Any, flo
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} outside [0, process_count={process_count})")
+        raise ConfigError(f"process_index={process_index} outside [0, process_count={process_count})")
     if not sources:
-        raise ValueError("no data sources: data.sources is empty")
+        raise ConfigError("no data sources: data.sources is empty")
     check = one_image_check if cfg.task == "contrastive" else RowFitCheck(cfg.row_spec)
     streams = []
     for number, (name, source, _) in enumerate(sources):
@@ -236,8 +238,8 @@ def _random_access_examples(cfg: DataConfig, name: str, source: Any, seed: int,
                             process_count: int) -> grain.IterDataset:
     shard = grain.MapDataset.source(GuardedSource(source, name))[process_index::process_count]
     if len(shard) == 0:
-        raise ValueError(f"source {name} has {len(source)} examples: nothing for process "
-                         f"{process_index} of {process_count}")
+        raise ConfigError(f"source {name} has {len(source)} examples: nothing for process "
+                          f"{process_index} of {process_count}")
     if cfg.shuffle:
         shard = shard.shuffle(seed=seed)
     examples = shard.repeat(cfg.num_epochs).map(transform).to_iter_dataset(grain.ReadOptions(
@@ -251,9 +253,9 @@ def _random_access_examples(cfg: DataConfig, name: str, source: Any, seed: int,
 def _stream_examples(cfg: DataConfig, name: str, source: Any, seed: int,
                      transform: "GuardedTransform") -> grain.IterDataset:
     if cfg.worker_count > 0:
-        raise ValueError(f"worker_count={cfg.worker_count} with the stream source {name}: grain "
-                         "workers slice random-access sources only (shapes, llava_json, tfds); "
-                         "streams decode on read_threads, use worker_count=0")
+        raise ConfigError(f"worker_count={cfg.worker_count} with the stream source {name}: grain "
+                          "workers slice random-access sources only (shapes, llava_json, tfds); "
+                          "streams decode on read_threads, use worker_count=0")
     raw = StreamSourceIterDataset(source, name, cfg.num_epochs)
     if cfg.shuffle and cfg.shuffle_window > 1:
         raw = grain.experimental.WindowShuffleIterDataset(raw, window_size=cfg.shuffle_window,
@@ -281,12 +283,14 @@ def make_source(source_cfg: SourceConfig, process_index: int = 0, process_count:
     options = dict(source_cfg.options)
     if source_cfg.kind in STREAM_KINDS:
         options.update(process_index=process_index, process_count=process_count)
-    return source_class(**options)
+    try:
+        return source_class(**options)
+    except TypeError as e:  # an option the source does not take
+        raise ConfigError(f"data source kind={source_cfg.kind!r} options: {e}") from None
 
 
 def make_example_transform(cfg: DataConfig, tokenizer: Any) -> Callable[[Mapping[str, Any]], dict]:
     """raw example -> TOKENIZED EXAMPLE for `cfg.task` (see data/transforms.py)."""
-    from vlm_jax.data import transforms
     return transforms.make_transform(cfg, tokenizer, prefix_lm=cfg.prefix_lm)
 
 

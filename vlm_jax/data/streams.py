@@ -11,6 +11,7 @@ import grain
 
 from vlm_jax.data.errors import SkipExample
 from vlm_jax.data.skips import SkippedExample
+from vlm_jax.errors import DataError
 
 class StreamSourceIterDataset(grain.IterDataset):
     """An iterable source (its iterator has get_state/set_state) repeated for num_epochs, with
@@ -43,8 +44,8 @@ class _StreamSourceIterator(grain.DatasetIterator):
                 element = SkippedExample(skip.reason, skip.detail, f"{self._name}@{self._epoch}")
             except StopIteration:
                 if self._epoch_is_empty:
-                    raise ValueError(f"stream source {self._name} ({self._source!r}) yielded "
-                                     f"nothing in epoch {self._epoch}") from None
+                    raise DataError(f"stream source {self._name} ({self._source!r}) yielded "
+                                    f"nothing in epoch {self._epoch}") from None
                 self._epoch += 1
                 self._epoch_is_empty = True
                 self._iterator = iter(self._source)

@@ -19,6 +19,7 @@ import dataclasses
 from typing import Callable, Mapping, Sequence
 
 from vlm_jax.data.tokenizer import IMAGE_TOKEN
+from vlm_jax.errors import ConfigError, DataError
 
 Piece = tuple[str, bool]  # (text_segment, is_target)
 Message = Mapping[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
@@ -29,7 +30,7 @@ VICUNA_DEFAULT_SYSTEM = ("A chat between a curious human and an artificial intel
                          "questions.")
 
 
-class TemplateError(ValueError):
+class TemplateError(DataError):
     """The conversation cannot be rendered by this template (roles out of order, ...)."""
 
 
@@ -344,5 +345,5 @@ TEMPLATES: dict[str, ChatTemplate] = {
 
 def get_template(name: str) -> ChatTemplate:
     if name not in TEMPLATES:
-        raise ValueError(f"unknown chat template {name!r}; supported: {sorted(TEMPLATES)}")
+        raise ConfigError(f"unknown chat template {name!r}; supported: {sorted(TEMPLATES)}")
     return TEMPLATES[name]

@@ -21,6 +21,8 @@ import sentencepiece as spm
 import tokenizers
 from tokenizers import AddedToken
 
+from vlm_jax.errors import DataError
+
 IMAGE_TOKEN = "<image>"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves and first looks for it
 SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
@@ -184,8 +186,8 @@ class Tokenizer:
                  special_tokens: dict[str, str | None], chat_template: str | None = None):
         unknown = set(special_tokens) - set(SPECIAL_ROLES)
         if unknown:
-            raise ValueError(f"unknown special token roles {sorted(unknown)}; "
-                             f"supported: {SPECIAL_ROLES}")
+            raise DataError(f"unknown special token roles {sorted(unknown)}; "
+                            f"supported: {SPECIAL_ROLES}")
         self._backend = backend
         self.bos_token = special_tokens.get("bos")
         self.eos_token = special_tokens.get("eos")
@@ -195,7 +197,7 @@ class Tokenizer:
         for role in SPECIAL_ROLES:
             token = getattr(self, f"{role}_token")
             if token is not None and backend.token_to_id(token) is None:
-                raise ValueError(f"{role}_token {token!r} is not in the vocabulary")
+                raise DataError(f"{role}_token {token!r} is not in the vocabulary")
 
     # ------------------------------------------------------------------ loading / saving
 
@@ -209,7 +211,7 @@ class Tokenizer:
                     path = os.path.join(path, name)
                     break
             else:
-                raise ValueError(f"{path} holds neither tokenizer.json nor tokenizer.model")
+                raise DataError(f"{path} holds neither tokenizer.json nor tokenizer.model")
         directory = os.path.dirname(path)
         config = _read_config(directory)
         if path.endswith(".json"):
@@ -221,8 +223,8 @@ class Tokenizer:
                      for i, entry in config.get("added_tokens_decoder", {}).items()}
             backend = _SentencePieceBackend(proto, added)
         else:
-            raise ValueError(f"unsupported tokenizer file {path}: expected tokenizer.json "
-                             "(HF tokenizers) or a SentencePiece .model")
+            raise DataError(f"unsupported tokenizer file {path}: expected tokenizer.json "
+                            "(HF tokenizers) or a SentencePiece .model")
         return cls(backend, _special_tokens(config, backend), _chat_template(directory, config))
 
     def save(self, directory: str) -> None:
@@ -369,13 +371,13 @@ def _chat_template(directory: str, config: dict) -> str | None:
     if template is None or isinstance(template, str):
         return template
     if not isinstance(template, list):
-        raise ValueError(f"{directory}: tokenizer_config.json chat_template is a "
-                         f"{type(template).__name__}; expected a string or a list of "
-                         "{name, template}")
+        raise DataError(f"{directory}: tokenizer_config.json chat_template is a "
+                        f"{type(template).__name__}; expected a string or a list of "
+                        "{name, template}")
     named = {entry["name"]: entry["template"] for entry in template}
     if "default" not in named:
-        raise ValueError(f"{directory}: tokenizer_config.json names chat templates {sorted(named)}"
-                         " but none 'default', the one a chat uses")
+        raise DataError(f"{directory}: tokenizer_config.json names chat templates {sorted(named)}"
+                        " but none 'default', the one a chat uses")
     return named["default"]
 
 

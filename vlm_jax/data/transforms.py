@@ -35,6 +35,7 @@ from vlm_jax.data.errors import SkipExample
 from vlm_jax.data.images import decode_image, preprocess_image
 from vlm_jax.data.templates import ChatTemplate, Message, Piece, TemplateError, get_template
 from vlm_jax.data.tokenizer import Tokenizer
+from vlm_jax.errors import ConfigError
 
 
 class DecodeImages(grain.transforms.Map):
@@ -208,7 +209,7 @@ class TokenizeContrastive(grain.transforms.Map):
 
     def __init__(self, tokenizer: Tokenizer, text_len: int):
         if tokenizer.pad_id is None:
-            raise ValueError("TokenizeContrastive pads captions: the tokenizer needs a pad token")
+            raise ConfigError("TokenizeContrastive pads captions: the tokenizer needs a pad token")
         self.tokenizer = tokenizer
         self.text_len = text_len
 
@@ -256,7 +257,7 @@ def make_transform(cfg: Any, tokenizer: Tokenizer, prefix_lm: bool = False) -> C
         return Chain(TokenizeText(tokenizer, cfg.seq_len, cfg.template, truncate=truncate))
     if cfg.task == "contrastive":
         return Chain(decode, TokenizeContrastive(tokenizer, cfg.text_len))
-    raise ValueError(f"task={cfg.task!r}; supported: instruct, align, lm, contrastive")
+    raise ConfigError(f"task={cfg.task!r}; supported: instruct, align, lm, contrastive")
 
 
 # ---------------------------------------------------------------------- the tokenizing core

@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.config_utils import from_dict
+from vlm_jax.config import from_dict
+from vlm_jax.errors import ConfigError
 from vlm_jax.models import layers
 
 FAMILIES = ("llama", "qwen2", "gemma")
@@ -76,7 +77,7 @@ class DecoderConfig:
     def __post_init__(self):
         def check(ok: bool, field: str, supported: str):
             if not ok:
-                raise ValueError(f"DecoderConfig.{field}={getattr(self, field)!r}; supported: {supported}")
+                raise ConfigError(f"DecoderConfig.{field}={getattr(self, field)!r}; supported: {supported}")
         check(self.family in FAMILIES, "family", str(FAMILIES))
         check(self.mlp_act in MLP_ACTIVATIONS, "mlp_act", str(MLP_ACTIVATIONS))
         check(self.dtype in DTYPES, "dtype", str(DTYPES))
@@ -118,7 +119,7 @@ FAMILY_DEFAULTS = {
 def decoder_config(family: str, **overrides) -> DecoderConfig:
     """The family's structural defaults (biases, activation, norm form, ...) plus `overrides`."""
     if family not in FAMILY_DEFAULTS:
-        raise ValueError(f"decoder family {family!r}; supported: {tuple(FAMILY_DEFAULTS)}")
+        raise ConfigError(f"decoder family {family!r}; supported: {tuple(FAMILY_DEFAULTS)}")
     return from_dict(DecoderConfig, {**FAMILY_DEFAULTS[family], **overrides}, where="decoder")
 
 

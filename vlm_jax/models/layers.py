@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlm_jax.errors import ConfigError
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -166,7 +168,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> n
         return inv_freq.astype(np.float32)
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind != "llama3":
-        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: 'llama3' or none)")
+        raise ConfigError(f"rope_scaling type {kind!r} is not supported (supported: 'llama3' or none)")
     factor = scaling["factor"]
     low_freq_factor = scaling["low_freq_factor"]
     high_freq_factor = scaling["high_freq_factor"]
@@ -244,7 +246,7 @@ ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "jax_dpa", "tpu_flash")
 def resolve_attention_backend(backend: str) -> str:
     """'auto' -> cuDNN fused attention on GPU, plain XLA einsum-softmax elsewhere."""
     if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention_backend={backend!r}; supported: {ATTENTION_BACKENDS}")
+        raise ConfigError(f"attention_backend={backend!r}; supported: {ATTENTION_BACKENDS}")
     if backend == "auto":
         return "cudnn" if jax.default_backend() == "gpu" else "xla"
     return backend
@@ -262,13 +264,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     b, t, h, hd = q.shape
     kv_heads = k.shape[2]
     if h % kv_heads:
-        raise ValueError(f"{h} query heads is not a multiple of {kv_heads} kv heads")
+        raise ConfigError(f"{h} query heads is not a multiple of {kv_heads} kv heads")
     scale = hd ** -0.5 if scale is None else scale
     if isinstance(mask, SegmentMask) or backend == "tpu_flash":
         if not (mask is None or isinstance(mask, SegmentMask)) or logits_soft_cap is not None:
-            raise ValueError("attention_backend='tpu_flash' takes a SegmentMask (causal packed "
-                             "attention, see attention_mask_for) or no mask (bidirectional), "
-                             "and no logit soft-capping")
+            raise ConfigError("attention_backend='tpu_flash' takes a SegmentMask (causal packed "
+                              "attention, see attention_mask_for) or no mask (bidirectional), "
+                              "and no logit soft-capping")
         return _tpu_flash_attention(q, k, v, None if mask is None else mask.segment_ids, scale)
     if backend == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
         backend = "xla"  # cuDNN's fused kernel takes fp16/bf16 only; f32 runs the XLA path
@@ -324,7 +326,7 @@ def stack_layers(block_cls: type[nn.Module], num_layers: int, remat_policy: str,
     each wrapped in `nn.remat` with the named policy. The block's signature must be
     `(carry, *broadcast_args) -> (carry, None)`."""
     if remat_policy not in REMAT_POLICIES:
-        raise ValueError(f"remat_policy={remat_policy!r}; supported: {tuple(REMAT_POLICIES)}")
+        raise ConfigError(f"remat_policy={remat_policy!r}; supported: {tuple(REMAT_POLICIES)}")
     cls = block_cls
     if remat_policy != "none":
         cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)

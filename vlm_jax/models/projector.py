@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlm_jax.errors import ConfigError
 from vlm_jax.models import layers
 
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu", "pixel_shuffle", "resampler")
@@ -56,12 +57,12 @@ class ProjectorConfig:
 
     def __post_init__(self):
         if self.type not in PROJECTOR_TYPES:
-            raise ValueError(f"model.projector.type={self.type!r}; supported: {PROJECTOR_TYPES}")
+            raise ConfigError(f"model.projector.type={self.type!r}; supported: {PROJECTOR_TYPES}")
         if self.act not in ACTIVATIONS:
-            raise ValueError(f"model.projector.act={self.act!r}; supported: {tuple(ACTIVATIONS)}")
+            raise ConfigError(f"model.projector.act={self.act!r}; supported: {tuple(ACTIVATIONS)}")
         if self.pos_embed and self.type == "resampler":
-            raise ValueError("model.projector.pos_embed=True is for grid projectors (linear, "
-                             "mlp2x_gelu, pixel_shuffle); a resampler's queries are its positions")
+            raise ConfigError("model.projector.pos_embed=True is for grid projectors (linear, "
+                              "mlp2x_gelu, pixel_shuffle); a resampler's queries are its positions")
 
 
 def num_output_tokens(config: ProjectorConfig, num_patches: int) -> int:
@@ -70,7 +71,7 @@ def num_output_tokens(config: ProjectorConfig, num_patches: int) -> int:
         side = math.isqrt(num_patches)
         s = config.pixel_shuffle_factor
         if side * side != num_patches or side % s:
-            raise ValueError(
+            raise ConfigError(
                 f"pixel_shuffle_factor={s} needs a square patch grid whose side divides by {s}; "
                 f"the vision tower emits {num_patches} patches")
         return num_patches // (s * s)

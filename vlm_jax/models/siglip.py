@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlm_jax.errors import ConfigError
 from vlm_jax.models import layers
 
 POSEMB_KINDS = ("learn", "sincos2d")
@@ -32,15 +33,15 @@ DTYPES = ("float32", "bfloat16", "float16")
 def _check_compute_fields(cfg, where: str) -> None:
     for name in ("dtype", "param_dtype"):
         if getattr(cfg, name) not in DTYPES:
-            raise ValueError(f"{where}.{name}={getattr(cfg, name)!r}; supported: {DTYPES}")
+            raise ConfigError(f"{where}.{name}={getattr(cfg, name)!r}; supported: {DTYPES}")
     if cfg.attention_backend not in layers.ATTENTION_BACKENDS:
-        raise ValueError(f"{where}.attention_backend={cfg.attention_backend!r}; "
-                         f"supported: {layers.ATTENTION_BACKENDS}")
+        raise ConfigError(f"{where}.attention_backend={cfg.attention_backend!r}; "
+                          f"supported: {layers.ATTENTION_BACKENDS}")
     if cfg.remat_policy not in layers.REMAT_POLICIES:
-        raise ValueError(f"{where}.remat_policy={cfg.remat_policy!r}; "
-                         f"supported: {tuple(layers.REMAT_POLICIES)}")
+        raise ConfigError(f"{where}.remat_policy={cfg.remat_policy!r}; "
+                          f"supported: {tuple(layers.REMAT_POLICIES)}")
     if cfg.width % cfg.num_heads:
-        raise ValueError(f"{where}.width={cfg.width} is not a multiple of num_heads={cfg.num_heads}")
+        raise ConfigError(f"{where}.width={cfg.width} is not a multiple of num_heads={cfg.num_heads}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,14 +69,14 @@ class VisionConfig:
         where = "model.vision"
         _check_compute_fields(self, where)
         if self.posemb not in POSEMB_KINDS:
-            raise ValueError(f"{where}.posemb={self.posemb!r}; supported: {POSEMB_KINDS}")
+            raise ConfigError(f"{where}.posemb={self.posemb!r}; supported: {POSEMB_KINDS}")
         if self.posemb == "sincos2d" and self.width % 4:
-            raise ValueError(f"{where}.posemb='sincos2d' needs width % 4 == 0, got width={self.width}")
+            raise ConfigError(f"{where}.posemb='sincos2d' needs width % 4 == 0, got width={self.width}")
         if not -(self.depth + 1) <= self.feature_layer <= self.depth:
-            raise ValueError(f"{where}.feature_layer={self.feature_layer} is outside "
-                             f"[{-(self.depth + 1)}, {self.depth}] for depth={self.depth}")
+            raise ConfigError(f"{where}.feature_layer={self.feature_layer} is outside "
+                              f"[{-(self.depth + 1)}, {self.depth}] for depth={self.depth}")
         if self.image_size < self.patch_size:
-            raise ValueError(f"{where}.image_size={self.image_size} < patch_size={self.patch_size}")
+            raise ConfigError(f"{where}.image_size={self.image_size} < patch_size={self.patch_size}")
 
     @property
     def num_patches(self) -> int:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlm_jax.errors import ConfigError
 from vlm_jax.models import layers
 from vlm_jax.models.decoder import Decoder, DecoderConfig
 from vlm_jax.models.projector import Projector, ProjectorConfig, num_output_tokens
@@ -53,16 +54,16 @@ class VLMConfig:
 
     def __post_init__(self):
         if self.vision_feature_select not in FEATURE_SELECT:
-            raise ValueError(f"model.vision_feature_select={self.vision_feature_select!r}; "
-                             f"supported: {FEATURE_SELECT}")
+            raise ConfigError(f"model.vision_feature_select={self.vision_feature_select!r}; "
+                              f"supported: {FEATURE_SELECT}")
         if self.projector is not None and (self.vision is None or self.llm is None):
-            raise ValueError("model.projector needs both model.vision and model.llm")
+            raise ConfigError("model.projector needs both model.vision and model.llm")
         if self.vision is not None and self.llm is not None:
             if self.projector is None:
-                raise ValueError("model.vision and model.llm are set but model.projector is not")
+                raise ConfigError("model.vision and model.llm are set but model.projector is not")
             if not 0 <= self.image_token_id < self.llm.vocab_size:
-                raise ValueError(f"model.image_token_id={self.image_token_id} must be a token of "
-                                 f"the LLM vocabulary [0, {self.llm.vocab_size})")
+                raise ConfigError(f"model.image_token_id={self.image_token_id} must be a token of "
+                                  f"the LLM vocabulary [0, {self.llm.vocab_size})")
 
     @property
     def tokens_per_image(self) -> int:

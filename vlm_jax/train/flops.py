@@ -20,6 +20,11 @@ stays the same, which makes achieved FLOP/s comparable across implementations; p
 `vision_layers` / `lm_head_positions` to count what an implementation executes instead.
 Rematerialisation is never counted (model FLOPs, not hardware FLOPs).
 
+Unknown FLOPs are None, never an exception: a part without a formula (a projector type missing
+from `PROJECTOR_FLOP_FORMULAS`) makes `projector_forward_flops` and `train_step_flops` return
+None, `missing_flop_formula` names it, and `mfu` is then None (the training loop logs
+`mfu: null`).
+
 MFU = flops_per_step / step_seconds / (peak_flops_per_device * num_devices).
 
 Peaks (`peak_flops_per_device`) are dense matmul peaks per JAX device at the precision JAX
@@ -33,12 +38,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Collection, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models.vlm import VLMConfig
+from vlm_jax.models.vlm import VLMConfig, init_params
+from vlm_jax.train import phases
+from vlm_jax.train.phases import PhaseConfig
 
 NEXT_TOKEN_ORDER = ("vision_tower", "projector", "llm")  # data flow of the next-token phases
 
@@ -76,27 +83,61 @@ def decoder_layer_weights(llm) -> int:
     return attention + 3 * d * llm.mlp_dim
 
 
-def projector_forward_flops(model: VLMConfig) -> int:
-    """Forward FLOPs of the projector for one image (its matmuls, plus attention for a resampler)."""
+def _linear_flops(proj, patches: int, dv: int, dt: int) -> int:
+    return 2 * patches * dv * dt
+
+
+def _mlp2x_gelu_flops(proj, patches: int, dv: int, dt: int) -> int:
+    return 2 * patches * (dv * dt + dt * dt)
+
+
+def _pixel_shuffle_flops(proj, patches: int, dv: int, dt: int) -> int:
+    s2 = proj.pixel_shuffle_factor ** 2
+    weights = dv * s2 * dt + (proj.mlp_depth - 1) * dt * dt
+    return 2 * (patches // s2) * weights
+
+
+def _resampler_flops(proj, patches: int, dv: int, dt: int) -> int:
+    queries, keys = proj.num_queries, patches + proj.num_queries
+    per_block = (2 * queries * 2 * dt * dt                  # q and o on the latents
+                 + 2 * keys * 2 * dt * dt                   # k and v on [media; latents]
+                 + 4 * queries * keys * dt                  # scores and values
+                 + 2 * queries * 2 * proj.resampler_mlp_ratio * dt * dt)
+    return 2 * patches * dv * dt + proj.resampler_depth * per_block
+
+
+# projector type -> forward FLOPs of one image: (ProjectorConfig, patches, vision width, LLM width).
+# A type missing here (a new projector nobody has counted yet) makes its FLOPs unknown: None.
+PROJECTOR_FLOP_FORMULAS: dict[str, Callable[[Any, int, int, int], int]] = {
+    "linear": _linear_flops,
+    "mlp2x_gelu": _mlp2x_gelu_flops,
+    "pixel_shuffle": _pixel_shuffle_flops,
+    "resampler": _resampler_flops,
+}
+
+
+def projector_forward_flops(model: VLMConfig) -> int | None:
+    """Forward FLOPs of the projector for one image (its matmuls, plus attention for a resampler);
+    None when `model.projector.type` has no formula in `PROJECTOR_FLOP_FORMULAS`."""
     proj, dv, dt = model.projector, model.vision.width, model.llm.hidden_size
+    formula = PROJECTOR_FLOP_FORMULAS.get(proj.type)
+    if formula is None:
+        return None
     patches = model.vision.num_patches - (1 if model.vision_feature_select == "default" else 0)
-    if proj.type == "linear":
-        return 2 * patches * dv * dt
-    if proj.type == "mlp2x_gelu":
-        return 2 * patches * (dv * dt + dt * dt)
-    if proj.type == "pixel_shuffle":
-        s2 = proj.pixel_shuffle_factor ** 2
-        weights = dv * s2 * dt + (proj.mlp_depth - 1) * dt * dt
-        return 2 * (patches // s2) * weights
-    if proj.type == "resampler":
-        queries, keys = proj.num_queries, patches + proj.num_queries
-        per_block = (2 * queries * 2 * dt * dt                  # q and o on the latents
-                     + 2 * keys * 2 * dt * dt                   # k and v on [media; latents]
-                     + 4 * queries * keys * dt                  # scores and values
-                     + 2 * queries * 2 * proj.resampler_mlp_ratio * dt * dt)
-        return 2 * patches * dv * dt + proj.resampler_depth * per_block
-    raise ValueError(f"model.projector.type={proj.type!r}: no FLOP formula; supported: "
-                     f"linear, mlp2x_gelu, pixel_shuffle, resampler")
+    return formula(proj, patches, dv, dt)
+
+
+def missing_flop_formula(model: VLMConfig, phase) -> str | None:
+    """What `train_step_flops` cannot count for `model` in `phase` (a PhaseConfig or its name),
+    as a config setting (e.g. "model.projector.type='foo'"); None when it counts everything."""
+    if isinstance(phase, str):
+        phase = PhaseConfig(name=phase)
+    if phase.step_kind == "contrastive":  # no projector in the contrastive step
+        return None
+    if model.vision is not None and model.projector is not None \
+            and model.projector.type not in PROJECTOR_FLOP_FORMULAS:
+        return f"model.projector.type={model.projector.type!r}"
+    return None
 
 
 def vision_forward_flops(vision, num_layers: int | None = None, with_head: bool = False) -> int:
@@ -130,8 +171,6 @@ def trainable_groups(lr_multipliers: Mapping[str, Any]) -> frozenset[str]:
 
 def phase_trainable_groups(model: VLMConfig, phase) -> frozenset[str]:
     """`trainable_groups` of `phase` (a PhaseConfig) on `model`'s params (shapes only)."""
-    from vlm_jax.models.vlm import init_params
-    from vlm_jax.train import phases
     abstract = jax.eval_shape(lambda r: init_params(model, r), jax.random.key(0))
     if phase.lora is not None:
         abstract = {**abstract, phases.LORA_KEY: {"llm": {}}}
@@ -144,8 +183,9 @@ def phase_trainable_groups(model: VLMConfig, phase) -> frozenset[str]:
 def train_step_flops(model: VLMConfig, phase, batch_size: int, seq_len: int | None = None,
                      num_images: int | None = None, trainable: Collection[str] | None = None,
                      vision_layers: int | None = None, lm_head_positions: int | None = None
-                     ) -> StepFlops:
-    """Model FLOPs of one optimizer step (all micro-batches) on `batch_size` rows.
+                     ) -> StepFlops | None:
+    """Model FLOPs of one optimizer step (all micro-batches) on `batch_size` rows, or None when
+    some part has no FLOP formula (`missing_flop_formula` names it): unknown, never a guess.
 
     phase: a `phases.PhaseConfig` (or its name). Next-token phases: `seq_len` tokens per row and
     `num_images` images in the whole batch (default one per row; images are counted, not
@@ -155,7 +195,6 @@ def train_step_flops(model: VLMConfig, phase, batch_size: int, seq_len: int | No
     vision_layers: encoder layers counted per image (default all: the HF/peer convention).
     lm_head_positions: positions per row whose logits are counted (default all `seq_len`).
     """
-    from vlm_jax.train.phases import PhaseConfig
     if isinstance(phase, str):
         phase = PhaseConfig(name=phase)
     if trainable is None:
@@ -165,6 +204,8 @@ def train_step_flops(model: VLMConfig, phase, batch_size: int, seq_len: int | No
         return _contrastive_flops(model, batch_size, trainable)
     if seq_len is None:
         raise ValueError(f"train_step_flops: phase {phase.name!r} needs seq_len")
+    if missing_flop_formula(model, phase) is not None:
+        return None
     return _next_token_flops(model, batch_size, seq_len, num_images, trainable, vision_layers,
                              lm_head_positions)
 
@@ -285,10 +326,10 @@ def peak_flops_per_device(device: jax.Device | None = None, dtype: str = "float3
     return known_peak_flops(device.device_kind, dtype)
 
 
-def mfu(flops_per_step: float, step_seconds: float, peak_per_device: float | None,
+def mfu(flops_per_step: float | None, step_seconds: float, peak_per_device: float | None,
         num_devices: int = 1) -> float | None:
-    """Model FLOPs utilisation in [0, 1] (None when the peak is unknown)."""
-    if peak_per_device is None:
+    """Model FLOPs utilisation in [0, 1] (None when the FLOPs or the peak are unknown)."""
+    if flops_per_step is None or peak_per_device is None:
         return None
     if step_seconds <= 0 or num_devices < 1:
         raise ValueError(f"mfu: step_seconds={step_seconds} and num_devices={num_devices} must be "

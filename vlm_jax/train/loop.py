@@ -36,18 +36,17 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vlm_jax import checkpoint, model_dir, sharding
-from vlm_jax.config import RunConfig, build_run_config
+from vlm_jax import model_dir, sharding
+from vlm_jax.data.sources import shapes
+from vlm_jax.data.tokenizer import Tokenizer, train_word_tokenizer
+from vlm_jax.errors import CheckpointError, ConfigError, TrainingStopped
 from vlm_jax.data.pipeline import TooManySkippedExamples, build_pipeline
-from vlm_jax.train import flops, losses
+from vlm_jax.train import checkpoint, flops, init_from
 from vlm_jax.train.metrics_log import RunLogger, flat_skip_counts
 from vlm_jax.train.step import (CONTRASTIVE_KEYS, NEXT_TOKEN_KEYS, TrainStepConfig,
-                                create_train_state, make_train_step, plan_training)
-from vlm_jax.models.vlm import VLM
+                                batch_loss, create_train_state, make_train_step, plan_training)
+from vlm_jax.train.run_config import RunConfig, build_run_config
 
-
-class TrainingStopped(RuntimeError):
-    """The run cannot go on (non-finite loss, bad data); the message says where and why."""
 
 
 CTRL_C_MESSAGE = ("Ctrl-C: saving a checkpoint at the next step and stopping; Ctrl-C again to "
@@ -104,11 +103,13 @@ def train(config: Any, workdir: str, allow_schedule_change: bool = False) -> dic
     `allow_schedule_change`: resume a checkpoint whose train.steps / epochs / lr schedule
     differs from `config` (refused otherwise), going on under the new values."""
     if "://" in str(workdir):
-        raise ValueError(f"workdir {workdir}: training writes through the local file API; mount "
-                         f"the bucket (gcsfuse, as launch/tpu_pod.sh does) and pass the mount path")
+        raise CheckpointError(f"workdir {workdir}: training writes through the local file API; mount "
+                              f"the bucket (gcsfuse, as launch/tpu_pod.sh does) and pass the mount path")
     check_workdir(workdir)
     run = config if isinstance(config, RunConfig) else build_run_config(
         config, jax.device_count(), jax.process_count())
+    if run.train.init_from.path:
+        init_from.check_init_from(run)  # shapes only, before anything compiles
     os.makedirs(workdir, exist_ok=True)
     with _Preemption() as preemption:
         metrics = _Trainer(run, workdir, preemption, allow_schedule_change).run()
@@ -129,14 +130,14 @@ def check_workdir(workdir: str) -> None:
     if not os.path.exists(workdir):
         return
     if not os.path.isdir(workdir):
-        raise ValueError(f"workdir {workdir} is a file, not a directory; pick a new --workdir")
+        raise CheckpointError(f"workdir {workdir} is a file, not a directory; pick a new --workdir")
     config = _json_or_none(os.path.join(workdir, "config.json"))
     if (isinstance(config, dict) and config.get("format") == model_dir.FORMAT) \
             or os.path.isdir(os.path.join(workdir, "params")):
-        raise ValueError(f"workdir {workdir} is a model directory (config.json, params/); training "
-                         f"there would overwrite it. To start from that model, set "
-                         f"train.init_from.path={workdir} (or the config's model= argument), and "
-                         f"pick a new --workdir for the run")
+        raise CheckpointError(f"workdir {workdir} is a model directory (config.json, params/); training "
+                              f"there would overwrite it. To start from that model, set "
+                              f"train.init_from.path={workdir} (or the config's model= argument), and "
+                              f"pick a new --workdir for the run")
     entries = sorted(os.listdir(workdir))
     is_run_config = isinstance(config, dict) and {"model", "data", "train"} <= set(config)
     ours = (os.path.isdir(os.path.join(workdir, "checkpoints")) or "metrics.jsonl" in entries
@@ -144,9 +145,9 @@ def check_workdir(workdir: str) -> None:
     if not ours:
         shown = [e + "/" if os.path.isdir(os.path.join(workdir, e)) else e for e in entries]
         more = f" and {len(shown) - 8} more" if len(shown) > 8 else ""
-        raise ValueError(f"workdir {workdir} is not empty and holds no previous run (no "
-                         f"checkpoints/, metrics.jsonl or run config.json); it holds "
-                         f"{', '.join(shown[:8])}{more}. Pick a new or empty --workdir")
+        raise CheckpointError(f"workdir {workdir} is not empty and holds no previous run (no "
+                              f"checkpoints/, metrics.jsonl or run config.json); it holds "
+                              f"{', '.join(shown[:8])}{more}. Pick a new or empty --workdir")
 
 
 def _json_or_none(path: str) -> Any:
@@ -161,7 +162,6 @@ def _json_or_none(path: str) -> Any:
 def build_tokenizer(run: RunConfig, workdir: str):
     """The run's tokenizer; a fitted one (kind='shapes') is saved in `workdir/tokenizer` and
     reloaded on resume so ids never change under a checkpoint."""
-    from vlm_jax.data.tokenizer import Tokenizer, train_word_tokenizer
     cfg = run.tokenizer
     if cfg.kind == "path":
         path = cfg.path
@@ -176,7 +176,6 @@ def build_tokenizer(run: RunConfig, workdir: str):
         if resumed:
             tokenizer = Tokenizer.from_path(saved)
         else:
-            from vlm_jax.data.sources import shapes
             texts = [" ".join(shapes.vocabulary())] + shapes.corpus(cfg.corpus_examples,
                                                                       cfg.corpus_seed)
             tokenizer = train_word_tokenizer(texts, vocab_size=cfg.vocab_size)
@@ -192,12 +191,12 @@ def _check_tokenizer_fits(run: RunConfig, tokenizer) -> None:
         ("model.text_tower.vocab_size", model.text_tower.vocab_size)
         if model.text_tower is not None else (None, None))
     if vocab_owner[0] and tokenizer.vocab_size > vocab_owner[1]:
-        raise ValueError(f"{vocab_owner[0]}={vocab_owner[1]} is smaller than the tokenizer's "
-                         f"{tokenizer.vocab_size} ids (tokenizer section)")
+        raise ConfigError(f"{vocab_owner[0]}={vocab_owner[1]} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size} ids (tokenizer section)")
     if model.vision is not None and model.llm is not None \
             and tokenizer.image_token_id != model.image_token_id:
-        raise ValueError(f"model.image_token_id={model.image_token_id} but the tokenizer's "
-                         f"{tokenizer.image_token} is id {tokenizer.image_token_id}")
+        raise ConfigError(f"model.image_token_id={model.image_token_id} but the tokenizer's "
+                          f"{tokenizer.image_token} is id {tokenizer.image_token_id}")
 
 
 def batch_keys(phase_name: str) -> tuple[str, ...]:
@@ -253,10 +252,19 @@ class _Trainer:
         self.peak_flops = flops.peak_flops_per_device(
             dtype=dtype, configured=run.log.peak_flops_per_device,
             measure_cpu=run.log.measure_cpu_peak) if self.is_writer else None
+        self._warn_unknown_flops()
         self._exhausted = False
         self._empty_batch = None
 
     # ------------------------------------------------------------------ setup
+
+    def _warn_unknown_flops(self) -> None:
+        """MFU would be logged (a peak is known) but the step's FLOPs cannot be counted: say so
+        once; the rows then hold mfu: null."""
+        missing = flops.missing_flop_formula(self.cfg.model, self.cfg.train.phase)
+        if missing is not None and self.peak_flops is not None:
+            logging.warning("%s has no FLOP formula in vlm_jax/train/flops.py: MFU is not "
+                            "computed (mfu: null in the logs)", missing)
 
     def _initial_state(self, data_iter):
         rng = jax.random.key(self.cfg.train.seed)
@@ -268,7 +276,7 @@ class _Trainer:
             return state, latest
         state = create_train_state(self.plan, rng)
         if self.cfg.train.init_from.path:
-            state = checkpoint.apply_init_from(self.cfg, self.plan, state)
+            state = init_from.apply_init_from(self.cfg, self.plan, state)
         else:
             self._warn_random_towers()
         return state, 0
@@ -366,7 +374,7 @@ class _Trainer:
         LLM's), carried along so that an export still knows the LLM's stop tokens."""
         if not self.cfg.train.init_from.path:
             return None
-        source = checkpoint.resolve_model_dir(self.cfg.train.init_from.path)
+        source = model_dir.resolve_model_dir(self.cfg.train.init_from.path, "train.init_from.path")
         return model_dir.load_generation_config(source)
 
     def _preempted(self, step: int) -> bool:
@@ -432,8 +440,9 @@ class _Trainer:
             seq_len = self.cfg.data.seq_len if "text_ids" not in self.keys else None
             step_flops = flops.train_step_flops(
                 self.cfg.model, self.cfg.train.phase, self.cfg.data.batch_size * jax.process_count(),
-                seq_len=seq_len, num_images=images, trainable=self.trainable_groups).total
-            row["mfu"] = flops.mfu(step_flops, seconds, self.peak_flops, jax.device_count())
+                seq_len=seq_len, num_images=images, trainable=self.trainable_groups)
+            row["mfu"] = flops.mfu(None if step_flops is None else step_flops.total, seconds,
+                                   self.peak_flops, jax.device_count())  # None: FLOPs unknown
         row.update(flat_skip_counts(counts))
         self.logger.step(step, row, examples_seen)
         return row
@@ -463,23 +472,11 @@ class _Trainer:
 
 
 def _make_eval_step(plan):
-    """(params, batch) -> sums {loss_sum, count[, correct]} over the global batch (jitted)."""
-    contrastive = plan.config.phase.step_kind == "contrastive"
-
+    """(params, batch) -> sums {loss_sum, count[, correct]} over the global batch (jitted): the
+    train step's own loss (`step.batch_loss`) on the model params."""
     def eval_sums(params, batch):
-        if contrastive:
-            images = batch["images"][:, 0] if batch["images"].ndim == 5 else batch["images"]
-            zimg, ztxt, (scale, bias) = plan.model.apply(
-                {"params": params}, images, batch["text_ids"], method=VLM.contrastive_embeddings)
-            loss = losses.sigmoid_loss_chunked(zimg, ztxt, scale, bias, plan.mesh)
-            count = jax.numpy.asarray(images.shape[0], jax.numpy.float32)
-            return {"loss_sum": loss * count, "count": count}
-        images = batch.get("images") if plan.model_config.vision is not None else None
-        logits = plan.model.apply({"params": params}, batch["input_ids"], images,
-                                  batch["positions"], batch["mask_ar"], batch.get("segment_ids"))
-        loss_sum, correct, count = losses.next_token_sums(logits, batch["target_ids"],
-                                                          batch["loss_mask"])
-        return {"loss_sum": loss_sum, "correct": correct, "count": count}
+        _, sums = batch_loss(plan, params, batch)
+        return sums
 
     jitted = jax.jit(eval_sums)
 

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlm_jax.errors import ConfigError
 from vlm_jax.train import param_groups
 
 DEFAULT_TARGETS = ("llm/layers/(attention/(q|k|v|o)|mlp/(gate|up|down))/kernel",)
@@ -37,11 +38,15 @@ class LoraConfig:
 
     def __post_init__(self):
         if self.rank <= 0:
-            raise ValueError(f"train.lora.rank={self.rank}; must be a positive integer")
+            raise ConfigError(f"train.phase.lora.rank={self.rank}; must be a positive integer")
         if isinstance(self.targets, str):
-            raise ValueError("train.lora.targets must be a list of regexes, not one string")
-        for pattern in self.targets:
-            re.compile(pattern)
+            raise ConfigError("train.phase.lora.targets must be a list of regexes, not one string")
+        for index, pattern in enumerate(self.targets):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"train.phase.lora.targets[{index}]={pattern!r} is not a regex: "
+                                  f"{e}") from None
 
     @property
     def scale(self) -> float:
@@ -55,7 +60,7 @@ def _split_dims(names: tuple) -> tuple[int, int, int]:
         lead += 1
     rest = names[lead:]
     if len(rest) < 2:
-        raise ValueError(f"LoRA target with logical names {names} is not a 2+-dim kernel")
+        raise ConfigError(f"LoRA target with logical names {names} is not a 2+-dim kernel")
     num_in = 1 if rest[0] == "embed" else len(rest) - 1
     return lead, num_in, len(rest) - num_in
 
@@ -68,8 +73,8 @@ def init_lora(rng: jax.Array, boxed_params: dict, config: LoraConfig) -> dict:
     compiled = [re.compile(p) for p in config.targets]
     targets = [p for p in flat if any(c.fullmatch(p) for c in compiled)]
     if not targets:
-        raise ValueError(f"train.lora.targets={list(config.targets)} match no param; kernels "
-                         f"of the LLM look like 'llm/layers/attention/q/kernel'")
+        raise ConfigError(f"train.phase.lora.targets={list(config.targets)} match no param; kernels "
+                          f"of the LLM look like 'llm/layers/attention/q/kernel'")
     adapters = {}
     for i, path in enumerate(targets):
         leaf = flat[path]

@@ -83,10 +83,13 @@ class RunLogger:
         already names its group, e.g. 'eval/loss' or 'data/seen')."""
         if not self.enabled:
             return
-        row = {k: v for k, v in row.items() if v is not None}
+        # None is "unknown": kept for mfu (`"mfu": null` when FLOPs cannot be counted), dropped
+        # elsewhere (a value the phase does not have), and never a TensorBoard scalar.
+        row = {k: v for k, v in row.items() if v is not None or k == "mfu"}
         self._metrics_file.write(json.dumps({"step": step, **row}) + "\n")
         if self._events is not None:
-            self._events.scalars(step, {(k if "/" in k else prefix + k): v for k, v in row.items()})
+            self._events.scalars(step, {(k if "/" in k else prefix + k): v for k, v in row.items()
+                                        if v is not None})
         now = time.monotonic()
         if now - self._last_write > 5.0:  # a crash loses at most a few seconds of rows
             self.flush()

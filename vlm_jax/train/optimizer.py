@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vlm_jax.config_utils import from_dict
+from vlm_jax.config import from_dict
+from vlm_jax.errors import ConfigError
 from vlm_jax.train import param_groups
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -51,17 +52,17 @@ class OptimizerConfig:
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"train.optimizer.schedule={self.schedule!r}; supported: {SCHEDULES}")
+            raise ConfigError(f"train.optimizer.schedule={self.schedule!r}; supported: {SCHEDULES}")
         if self.learning_rate < 0:
-            raise ValueError(f"train.optimizer.learning_rate={self.learning_rate} must be >= 0")
+            raise ConfigError(f"train.optimizer.learning_rate={self.learning_rate} must be >= 0")
         if self.warmup_steps < 0 or self.total_steps < max(self.warmup_steps, 1):
-            raise ValueError(f"train.optimizer: need 0 <= warmup_steps ({self.warmup_steps}) <= "
-                             f"total_steps ({self.total_steps}) and total_steps >= 1")
+            raise ConfigError(f"train.optimizer: need 0 <= warmup_steps ({self.warmup_steps}) <= "
+                              f"total_steps ({self.total_steps}) and total_steps >= 1")
         if self.warmup_ratio is not None and not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"train.optimizer.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+            raise ConfigError(f"train.optimizer.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
-            raise ValueError(f"train.optimizer.grad_clip_norm={self.grad_clip_norm}; "
-                             f"a positive number or None (no clipping)")
+            raise ConfigError(f"train.optimizer.grad_clip_norm={self.grad_clip_norm}; "
+                              f"a positive number or None (no clipping)")
         object.__setattr__(self, "weight_decay_rules", param_groups.normalize_rules(
             self.weight_decay_rules, "train.optimizer.weight_decay_rules"))
 

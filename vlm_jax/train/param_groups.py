@@ -19,6 +19,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 from flax import traverse_util
 
+from vlm_jax.errors import ConfigError
+
 Rules = Sequence[tuple[str, Any]]
 _IS_BOXED = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
 
@@ -29,11 +31,11 @@ def normalize_rules(rules: Any, where: str = "param_groups") -> tuple[tuple[str,
     out = []
     for i, rule in enumerate(rules or ()):
         if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
-            raise ValueError(f"{where}[{i}]={rule!r}: each rule is a (regex, value) pair")
+            raise ConfigError(f"{where}[{i}]={rule!r}: each rule is a (regex, value) pair")
         try:
             re.compile(rule[0])
         except re.error as e:
-            raise ValueError(f"{where}[{i}]: regex {rule[0]!r} does not compile: {e}") from e
+            raise ConfigError(f"{where}[{i}]: regex {rule[0]!r} does not compile: {e}") from e
         out.append((rule[0], rule[1]))
     return tuple(out)
 
@@ -64,8 +66,8 @@ def match_groups(params: Any, rules: Rules) -> Any:
             unmatched.append(path)
     if unmatched:
         shown = "\n  ".join(unmatched[:20]) + ("\n  ..." if len(unmatched) > 20 else "")
-        raise ValueError(f"{len(unmatched)} param(s) match no rule of {[p for p, _ in rules]}; "
-                         f"add a rule (e.g. ('.*', None)) covering:\n  {shown}")
+        raise ConfigError(f"{len(unmatched)} param(s) match no rule of {[p for p, _ in rules]}; "
+                          f"add a rule (e.g. ('.*', None)) covering:\n  {shown}")
     return unflatten(values)
 
 

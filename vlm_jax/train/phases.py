@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from vlm_jax.errors import ConfigError
 from vlm_jax.models.vlm import VLMConfig
 from vlm_jax.train import param_groups
 from vlm_jax.train.lora import LoraConfig
@@ -39,19 +40,19 @@ class PhaseConfig:
 
     def __post_init__(self):
         if self.name not in PHASES:
-            raise ValueError(f"train.phase.name={self.name!r}; supported: {PHASES}")
+            raise ConfigError(f"train.phase.name={self.name!r}; supported: {PHASES}")
         if self.vision_lr_mult is not None and self.name != "instruct":
-            raise ValueError(f"train.phase.vision_lr_mult is an option of the 'instruct' phase, "
-                             f"not of {self.name!r}")
+            raise ConfigError(f"train.phase.vision_lr_mult is an option of the 'instruct' phase, "
+                              f"not of {self.name!r}")
         if self.lora is not None and self.name not in ("lm", "instruct"):
-            raise ValueError(f"train.phase.lora works in the 'lm' and 'instruct' phases, "
-                             f"not in {self.name!r}")
+            raise ConfigError(f"train.phase.lora works in the 'lm' and 'instruct' phases, "
+                              f"not in {self.name!r}")
         object.__setattr__(self, "param_groups",
                            param_groups.normalize_rules(self.param_groups, "train.phase.param_groups"))
         for pattern, value in self.param_groups:
             if value is not None and not isinstance(value, (int, float)):
-                raise ValueError(f"train.phase.param_groups rule {pattern!r}: value {value!r} must "
-                                 f"be an lr multiplier (number) or None (frozen)")
+                raise ConfigError(f"train.phase.param_groups rule {pattern!r}: value {value!r} must "
+                                  f"be an lr multiplier (number) or None (frozen)")
 
     @property
     def step_kind(self) -> str:
@@ -64,10 +65,10 @@ def check_model_fits(phase: PhaseConfig, model: VLMConfig) -> None:
              "align": ("vision", "projector", "llm"), "instruct": ("vision", "projector", "llm")}
     for field in needs[phase.name]:
         if getattr(model, field) is None:
-            raise ValueError(f"phase {phase.name!r} needs model.{field}, which is not set")
+            raise ConfigError(f"phase {phase.name!r} needs model.{field}, which is not set")
     if phase.name == "contrastive" and not model.vision.use_head:
-        raise ValueError("phase 'contrastive' needs model.vision.use_head=True (the pooled image "
-                         "embedding comes from the MAP head)")
+        raise ConfigError("phase 'contrastive' needs model.vision.use_head=True (the pooled image "
+                          "embedding comes from the MAP head)")
 
 
 def default_rules(phase: PhaseConfig) -> tuple[tuple[str, Any], ...]:

@@ -24,6 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vlm_jax import sharding
+from vlm_jax.errors import CheckpointError, ConfigError
 from vlm_jax.models.decoder import lm_head_weight
 from vlm_jax.models.vlm import VLM, VLMConfig, dummy_inputs
 from vlm_jax.train import losses, param_groups, phases
@@ -43,10 +44,10 @@ class TrainStepConfig:
 
     def __post_init__(self):
         if self.micro_batches < 1:
-            raise ValueError(f"train.micro_batches={self.micro_batches} must be >= 1")
+            raise ConfigError(f"train.micro_batches={self.micro_batches} must be >= 1")
         if self.micro_batches > 1 and self.phase.step_kind == "contrastive":
-            raise ValueError("train.micro_batches > 1 is not supported in the 'contrastive' phase: "
-                             "the sigmoid loss couples every image with every text of the batch")
+            raise ConfigError("train.micro_batches > 1 is not supported in the 'contrastive' phase: "
+                              "the sigmoid loss couples every image with every text of the batch")
 
 
 @flax.struct.dataclass
@@ -109,8 +110,8 @@ def plan_training(model_config: VLMConfig, config: TrainStepConfig, mesh: Mesh,
     multipliers = phases.lr_multipliers(abstract, config.phase)
     trainable, frozen = phases.split_trainable(abstract, multipliers)
     if not jax.tree.leaves(trainable):
-        raise ValueError(f"phase {config.phase.name!r} with train.phase.param_groups="
-                         f"{list(config.phase.param_groups)} leaves no param trainable")
+        raise ConfigError(f"phase {config.phase.name!r} with train.phase.param_groups="
+                          f"{list(config.phase.param_groups)} leaves no param trainable")
     trainable_multipliers, _ = phases.split_trainable(multipliers, multipliers)
     optimizer, schedule = make_optimizer(config.optimizer, trainable, trainable_multipliers,
                                          unit=config.schedule_unit)
@@ -165,8 +166,8 @@ def _check_matches(params: dict, abstract: dict) -> None:
         missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
         shapes = [f"{p}: {got[p]} vs {want[p]}" for p in sorted(want.keys() & got.keys())
                   if got[p] != want[p]]
-        raise ValueError(f"params do not match the model config: missing {missing[:5]}, "
-                         f"unexpected {extra[:5]}, shape mismatches {shapes[:5]}")
+        raise CheckpointError(f"params do not match the model config: missing {missing[:5]}, "
+                              f"unexpected {extra[:5]}, shape mismatches {shapes[:5]}")
 
 
 def _assemble(plan: TrainPlan, trainable: dict, frozen: dict) -> dict:
@@ -194,6 +195,34 @@ def _next_token_sums(plan: TrainPlan, params: dict, batch: dict):
                                               batch["loss_mask"])
 
 
+def _contrastive_images(batch: dict) -> jax.Array:
+    """[B, H, W, 3]; the pipeline's [B, M, H, W, 3] layout holds one image per caption."""
+    images = batch["images"]
+    return images[:, 0] if images.ndim == 5 else images
+
+
+def batch_loss(plan: TrainPlan, params: dict, batch: dict, denominator: jax.Array | None = None
+               ) -> tuple[jax.Array, dict]:
+    """The loss of `params` (the model's full tree, LoRA merged) on `batch`, as the train step
+    differentiates it and eval reports it: (loss f32[], sums).
+
+    Next-token phases: loss = masked CE sum / `denominator` (default: this batch's loss-token
+    count, at least 1; with micro-batches the train step passes the whole batch's), sums =
+    {loss_sum, correct, count} (CE sum, correct argmax tokens, loss tokens). Contrastive: the
+    sigmoid loss over the batch's B x B pairs, sums = {loss_sum: loss * B, count: B}."""
+    if plan.config.phase.step_kind == "contrastive":
+        images = _contrastive_images(batch)
+        zimg, ztxt, (scale, bias) = plan.model.apply(
+            {"params": params}, images, batch["text_ids"], method=VLM.contrastive_embeddings)
+        loss = losses.sigmoid_loss_chunked(zimg, ztxt, scale, bias, plan.mesh)
+        count = jnp.asarray(images.shape[0], jnp.float32)
+        return loss, {"loss_sum": loss * count, "count": count}
+    loss_sum, correct, count = _next_token_sums(plan, params, batch)
+    if denominator is None:
+        denominator = jnp.maximum(count, 1.0)
+    return loss_sum / denominator, {"loss_sum": loss_sum, "correct": correct, "count": count}
+
+
 def _split_micro_batches(batch: dict, num: int, mesh: Mesh) -> dict:
     """[B, ...] -> [num, B/num, ...]; micro-batch k takes rows k, k+num, ... so every micro-batch
     stays spread over all data-parallel devices."""
@@ -213,8 +242,8 @@ def _next_token_grads(plan: TrainPlan, state: TrainState, batch: dict):
     denom = jnp.maximum(num_tokens, 1.0)
 
     def loss_fn(trainable, micro):
-        loss_sum, correct, _ = _next_token_sums(plan, _assemble(plan, trainable, state.frozen), micro)
-        return loss_sum / denom, correct
+        loss, sums = batch_loss(plan, _assemble(plan, trainable, state.frozen), micro, denom)
+        return loss, sums["correct"]
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     num_micro = plan.config.micro_batches
@@ -244,18 +273,11 @@ def _num_examples(batch: dict) -> jax.Array:
 
 
 def _contrastive_grads(plan: TrainPlan, state: TrainState, batch: dict):
-    images = batch["images"]
-    if images.ndim == 5:  # the pipeline's [B, M, H, W, 3] layout: one image per caption
-        images = images[:, 0]
-
     def loss_fn(trainable):
-        params = _assemble(plan, trainable, state.frozen)
-        zimg, ztxt, (scale, bias) = plan.model.apply(
-            {"params": params}, images, batch["text_ids"], method=VLM.contrastive_embeddings)
-        return losses.sigmoid_loss_chunked(zimg, ztxt, scale, bias, plan.mesh)
+        return batch_loss(plan, _assemble(plan, trainable, state.frozen), batch)
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.trainable)
-    return grads, {"loss": loss, "num_examples": jnp.asarray(images.shape[0], jnp.float32)}
+    (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+    return grads, {"loss": loss, "num_examples": sums["count"]}
 
 
 def make_train_step(plan: TrainPlan) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:

@@ -28,6 +28,7 @@ import os
 import numpy as np
 
 from vlm_jax.data.errors import SkipExample
+from vlm_jax.errors import DataError
 
 IMAGE_PLACEHOLDER = "<image>"
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -91,9 +92,9 @@ def _pack_json_list(data: bytes, path: str) -> tuple[bytes, np.ndarray]:
     try:
         rows = json.loads(data.decode("utf-8", errors="surrogateescape"))
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON (a JSON list of rows): {error}") from error
+        raise DataError(f"{path} is not valid JSON (a JSON list of rows): {error}") from error
     if not isinstance(rows, list):
-        raise ValueError(f"{path}: a LLaVA JSON file must hold a list of rows, got {type(rows)}")
+        raise DataError(f"{path}: a LLaVA JSON file must hold a list of rows, got {type(rows)}")
     encoded = [json.dumps(row, ensure_ascii=True).encode("ascii") for row in rows]
     offsets = np.zeros(len(encoded) + 1, np.int64)
     np.cumsum([len(chunk) for chunk in encoded], out=offsets[1:])

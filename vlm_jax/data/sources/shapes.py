@@ -17,6 +17,8 @@ import re
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vlm_jax.errors import ConfigError
+
 SHAPES = ("circle", "square", "triangle", "cross")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 COLORS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220),
@@ -157,14 +159,14 @@ class ShapesSource:
             _check_choice("holdout colour", color, self.values["color"])
             _check_choice("holdout shape", shape, self.values["shape"])
         if compositional and (split != "test" or not holdout):
-            raise ValueError("compositional=True needs split='test' and a non-empty holdout")
+            raise ConfigError("compositional=True needs split='test' and a non-empty holdout")
         if task == "text":
             question_types = tuple(t for t in question_types if t != "grounding")
         if task != "caption" and (not question_types or turns_per_example < 1):
-            raise ValueError(f"task {task!r} needs turns_per_example >= 1 and question types "
-                             f"from {QUESTION_TYPES} (grounding is not available for 'text')")
+            raise ConfigError(f"task {task!r} needs turns_per_example >= 1 and question types "
+                              f"from {QUESTION_TYPES} (grounding is not available for 'text')")
         if seed < 0 or image_size < 1:
-            raise ValueError(f"seed must be >= 0 and image_size >= 1, got {seed}, {image_size}")
+            raise ConfigError(f"seed must be >= 0 and image_size >= 1, got {seed}, {image_size}")
         self.split, self.seed, self.image_size, self.task = split, seed, image_size, task
         self.turns_per_example, self.question_types = turns_per_example, tuple(question_types)
         self.holdout = frozenset(tuple(pair) for pair in holdout)
@@ -177,7 +179,7 @@ class ShapesSource:
             if not self._mentions_holdout(q)]
         self.num_examples = _SPLIT_SIZE[split] if num_examples is None else num_examples
         if not 0 < self.num_examples <= _SPLIT_SIZE[split]:
-            raise ValueError(f"num_examples must be in [1, {_SPLIT_SIZE[split]}] for {split}")
+            raise ConfigError(f"num_examples must be in [1, {_SPLIT_SIZE[split]}] for {split}")
 
     def __len__(self) -> int:
         return self.num_examples
@@ -421,7 +423,7 @@ def render_codes(scene: Scene, image_size: int) -> np.ndarray:
     bottom-left a grey level per size, bottom-right black; empty cells and the rest are pale grey.
     With 48 px images and 8 px patches each quarter is exactly one patch."""
     if image_size % 6:
-        raise ValueError(f"style 'codes' needs an image size divisible by 6, got {image_size}")
+        raise ConfigError(f"style 'codes' needs an image size divisible by 6, got {image_size}")
     quarter = image_size // 6
     image = np.full((image_size, image_size, 3), 240, np.uint8)
     for obj in scene.objects:
@@ -452,7 +454,7 @@ def _background(scene: Scene, image_size: int) -> np.ndarray:
 def _check_subset(name: str, values, supported: tuple) -> tuple:
     values = tuple(values)
     if not values or len(set(values)) != len(values):
-        raise ValueError(f"shapes: {name} must be a non-empty list without repeats, got {values}")
+        raise ConfigError(f"shapes: {name} must be a non-empty list without repeats, got {values}")
     for value in values:
         _check_choice(f"{name} entry", value, supported)
     return values
@@ -460,4 +462,4 @@ def _check_subset(name: str, values, supported: tuple) -> tuple:
 
 def _check_choice(name: str, value, supported: tuple) -> None:
     if value not in supported:
-        raise ValueError(f"unsupported {name} {value!r}; supported: {', '.join(map(str, supported))}")
+        raise ConfigError(f"unsupported {name} {value!r}; supported: {', '.join(map(str, supported))}")

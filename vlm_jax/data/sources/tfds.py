@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from vlm_jax.data.errors import SkipExample
+from vlm_jax.errors import ConfigError
 
 ROLES = ("image", "caption", "question", "answer", "id")
 
@@ -35,7 +36,7 @@ class TfdsSource:
         import tensorflow_datasets as tfds  # heavy import, only for this source
 
         if (name is None) == (builder_dir is None):
-            raise ValueError("TfdsSource needs exactly one of name= or builder_dir=")
+            raise ConfigError("TfdsSource needs exactly one of name= or builder_dir=")
         builder = (tfds.builder(name, data_dir=data_dir) if name is not None
                    else tfds.builder_from_directory(builder_dir))
         self.name, self.split = builder.info.full_name, split
@@ -79,16 +80,16 @@ def _check_roles(features: Mapping[str, str], available: list[str]) -> dict[str,
     roles = {}
     for path, role in features.items():
         if role not in ROLES:
-            raise ValueError(f"tfds features[{path!r}]={role!r}; supported roles: {ROLES}")
+            raise ConfigError(f"tfds features[{path!r}]={role!r}; supported roles: {ROLES}")
         if path not in available:
-            raise ValueError(f"tfds feature {path!r} not in the dataset; it has {available}")
+            raise ConfigError(f"tfds feature {path!r} not in the dataset; it has {available}")
         if role in roles:
-            raise ValueError(f"tfds features map both {roles[role]!r} and {path!r} to {role!r}")
+            raise ConfigError(f"tfds features map both {roles[role]!r} and {path!r} to {role!r}")
         roles[role] = path
     if ("question" in roles) != ("answer" in roles):
-        raise ValueError("tfds features need both a 'question' and an 'answer' role, or neither")
+        raise ConfigError("tfds features need both a 'question' and an 'answer' role, or neither")
     if "caption" not in roles and "question" not in roles:
-        raise ValueError("tfds features need a 'caption' role or 'question' + 'answer' roles")
+        raise ConfigError("tfds features need a 'caption' role or 'question' + 'answer' roles")
     return roles
 
 

@@ -28,6 +28,7 @@ from etils import epath
 
 from vlm_jax.data.errors import SkipExample
 from vlm_jax.data.sources.llava_json import parse_llava_conversation
+from vlm_jax.errors import DataError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -47,7 +48,7 @@ def expand_shards(patterns: str | Sequence[str]) -> list[str]:
             else:
                 paths.extend(glob.glob(braced))
     if not paths:
-        raise ValueError(f"no tar shards match {list(patterns)}")
+        raise DataError(f"no tar shards match {list(patterns)}")
     return sorted(set(paths))
 
 
@@ -60,12 +61,12 @@ class WebDatasetSource:
     def __init__(self, shards: str | Sequence[str], *, process_index: int = 0,
                  process_count: int = 1, repeat: bool = False):
         if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index={process_index} outside [0, {process_count})")
+            raise DataError(f"process_index={process_index} outside [0, {process_count})")
         all_shards = expand_shards(shards)
         self.shards = [s for i, s in enumerate(all_shards) if i % process_count == process_index]
         if not self.shards:
-            raise ValueError(f"{len(all_shards)} shards leave none for process {process_index} of "
-                             f"{process_count}: write at least one shard per process")
+            raise DataError(f"{len(all_shards)} shards leave none for process {process_index} of "
+                            f"{process_count}: write at least one shard per process")
         self.repeat = repeat
 
     def __iter__(self) -> "WebDatasetIterator":

@@ -27,15 +27,25 @@ topology compile here: H100 / A100 / H200 numbers are the CPU estimates.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
+import importlib.util
 import math
-import os
-import subprocess
-import sys
 import time
 from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import topologies
+
+from vlm_jax import sharding
+from vlm_jax.config import load_config_file
+from vlm_jax.data.packing import assemble_batch
+from vlm_jax.errors import InputError
+from vlm_jax.train import run_config
+from vlm_jax.train.checkpoint import abstract_train_state
+from vlm_jax.train.loop import batch_keys
+from vlm_jax.train.step import TrainStepConfig, make_train_step, plan_training
 
 GIB = 1024 ** 3
 
@@ -56,7 +66,6 @@ DEVICES = {
     "a100": Device(80, 8, "NVIDIA A100 80GB"),
 }
 MESH_AXES = ("data", "fsdp", "tensor")
-CHILD_ENV = "VLM_JAX_PLAN_CHILD"
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -71,85 +80,36 @@ def parse_mesh(text: str) -> dict[str, int]:
                 name, _, value = item.partition("=")
                 name = name.strip()
                 if name not in MESH_AXES:
-                    raise ValueError(f"unknown mesh axis {name!r}; axes: {MESH_AXES}")
+                    raise InputError(f"unknown mesh axis {name!r}; axes: {MESH_AXES}")
                 sizes[name] = int(value)
         else:
             values = [int(v) for v in text.lower().split("x")]
             if not 1 <= len(values) <= 3:
-                raise ValueError("expected 1 to 3 sizes")
+                raise InputError("expected 1 to 3 sizes")
             sizes = dict(zip(MESH_AXES, values))
     except ValueError as e:
-        raise ValueError(f"--mesh {text!r}: {e}; write DATAxFSDP[xTENSOR] (e.g. 16x16) or "
+        raise InputError(f"--mesh {text!r}: {e}; write DATAxFSDP[xTENSOR] (e.g. 16x16) or "
                          f"data=..,fsdp=..,tensor=..") from None
     sizes = {axis: sizes.get(axis, 1) for axis in MESH_AXES}
     if any(size < 1 for size in sizes.values()):
-        raise ValueError(f"--mesh {text!r}: every axis size must be >= 1, got {sizes}")
+        raise InputError(f"--mesh {text!r}: every axis size must be >= 1, got {sizes}")
     return sizes
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vlm-jax plan", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Devices: " + ", ".join(f"{k} ({v.memory_gib:g} GiB)" for k, v in DEVICES.items())
-        + ". Overrides --config.a.b=V apply as in `vlm-jax train`.")
-    parser.add_argument("--config", required=True, help="config file and its argument")
-    parser.add_argument("--mesh", required=True,
-                        help="DATAxFSDP[xTENSOR], e.g. 16x16, or data=1,fsdp=64,tensor=1")
-    parser.add_argument("--devices", required=True, choices=sorted(DEVICES),
-                        help="the accelerator whose memory the plan is checked against")
-    parser.add_argument("--memory-gib", type=float, default=None,
-                        help="memory per device in GiB (default: the --devices table)")
-    parser.add_argument("--num-processes", type=int, default=None,
-                        help="processes (hosts) of the run: data.batch_size is per process "
-                             "(default: devices / devices per host of --devices)")
-    parser.add_argument("--headroom", type=float, default=0.9,
-                        help="FITS only when the estimate is below this fraction of the memory")
-    parser.add_argument("--top", type=int, default=8, help="largest tensors listed")
-    parser.add_argument("--topology", default=None,
-                        help="compile with the TPU compiler for this slice instead of on fake CPU "
-                             "devices, e.g. v5p:2x4x4 (32 chips); needs libtpu importable, no TPU")
-    parser.add_argument("--json", dest="json_path", default=None, help="also write the report here")
-    return parser
-
-
-# ----------------------------------------------------------------------------- fake devices
-
-def ensure_cpu_devices(count: int) -> bool:
-    """Make jax start with `count` CPU devices. False when jax already runs with another count
-    (the caller re-runs the command in a fresh process)."""
-    import jax
-    try:
-        jax.config.update("jax_platforms", "cpu")
-        jax.config.update("jax_num_cpu_devices", count)
-    except RuntimeError:  # backends already initialised: the settings can no longer change
-        pass
-    return jax.default_backend() == "cpu" and jax.device_count() == count
-
-
-def rerun_in_fresh_process(argv: list[str], count: int) -> int:
-    if os.environ.get(CHILD_ENV):
-        raise RuntimeError(f"could not start jax with {count} CPU devices")
-    env = {**os.environ, CHILD_ENV: "1", "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(count)}
-    return subprocess.call([sys.executable, "-m", "vlm_jax.plan", *argv], env=env)
 
 
 def tpu_topology_devices(topology: str, count: int) -> list:
     """The devices of a TPU slice described by name (`v5p:2x4x4`), for ahead-of-time compiles
     with libtpu's compiler on a machine without TPUs (as MaxText's train_compile.py does)."""
-    import importlib.util
     if importlib.util.find_spec("libtpu") is None:
-        raise ValueError("--topology compiles with libtpu, which is not importable here: "
+        raise InputError("--topology compiles with libtpu, which is not importable here: "
                          "pip install 'libtpu==0.0.42.*' (the version jax 0.10.2[tpu] pins), or "
                          "put a directory holding it on PYTHONPATH")
-    from jax.experimental import topologies
     try:
         devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
     except Exception as e:  # libtpu's errors come as several XLA exception types
-        raise ValueError(f"--topology {topology!r}: libtpu cannot build it ({e}); write "
+        raise InputError(f"--topology {topology!r}: libtpu cannot build it ({e}); write "
                          f"GENERATION:SHAPE, e.g. v5p:2x4x4, v4:2x2x4, v5e:4x4") from None
     if len(devices) != count:
-        raise ValueError(f"--topology {topology} has {len(devices)} chips but the mesh needs "
+        raise InputError(f"--topology {topology} has {len(devices)} chips but the mesh needs "
                          f"{count} devices")
     return list(devices)
 
@@ -159,12 +119,6 @@ def tpu_topology_devices(topology: str, count: int) -> list:
 def abstract_batch(run, global_batch: int, mesh) -> dict:
     """ShapeDtypeStructs of one global training batch in the pipeline's layout, split over the
     data axes as `sharding.global_batch` splits it."""
-    import jax
-    import numpy as np
-
-    from vlm_jax import sharding
-    from vlm_jax.data.packing import assemble_batch
-    from vlm_jax.train.loop import batch_keys
     phase = run.train.phase.name
     if phase == "contrastive":
         size = run.data.image_size
@@ -178,7 +132,6 @@ def abstract_batch(run, global_batch: int, mesh) -> dict:
 
 
 def per_device_bytes(abstract: Any) -> int:
-    import jax
     total = 0
     for leaf in jax.tree.leaves(abstract):
         shard = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
@@ -187,7 +140,6 @@ def per_device_bytes(abstract: Any) -> int:
 
 
 def largest_tensors(abstract_state, top: int) -> list[dict]:
-    import jax
     rows = []
     for group in ("trainable", "frozen", "opt_state"):
         for path, leaf in jax.tree_util.tree_leaves_with_path(getattr(abstract_state, group)):
@@ -202,8 +154,6 @@ def largest_tensors(abstract_state, top: int) -> list[dict]:
 def replicated_fallbacks(plan) -> list[str]:
     """Params whose rule named a mesh axis of size > 1 that does not divide the dimension, so
     that dimension stayed replicated (e.g. 8 kv heads under tensor=16)."""
-    import flax.linen as nn
-    import jax
     table = dict(plan.rules)
     found = []
     leaves = jax.tree_util.tree_leaves_with_path(
@@ -226,19 +176,12 @@ def make_plan(config_spec: str, overrides: list[str], mesh_sizes: dict[str, int]
               topology: str | None = None) -> dict:
     """The report of one fit check (see the module docstring). `topology`: compile with the
     TPU compiler for that slice; None: XLA:CPU on this process's fake CPU devices."""
-    import jax
-
-    from vlm_jax import config as config_lib
-    from vlm_jax import sharding
-    from vlm_jax.checkpoint import abstract_train_state
-    from vlm_jax.train.step import TrainStepConfig, make_train_step, plan_training
-
     num_devices = math.prod(mesh_sizes.values())
     mesh_overrides = [f"mesh.{axis}={size}" for axis, size in mesh_sizes.items()]
-    config = config_lib.apply_overrides(config_lib.load_config_file(config_spec),
+    config = run_config.apply_overrides(load_config_file(config_spec),
                                         list(overrides) + mesh_overrides)
     notes = []
-    run = config_lib.build_run_config(config, num_devices, num_processes)
+    run = run_config.build_run_config(config, num_devices, num_processes)
     backends = {run.model.resolved(part).attention_backend for part in ("vision", "llm")
                 if getattr(run.model, part) is not None}
     # 'auto' resolves on this host's backend (CPU): plain XLA attention, as 'auto' on a TPU.
@@ -246,8 +189,8 @@ def make_plan(config_spec: str, overrides: list[str], mesh_sizes: dict[str, int]
     if replaced:
         # The CPU cannot build the TPU flash / cuDNN kernels (nor libtpu the cuDNN one): compile
         # plain XLA attention, which stores the [T, T] scores those kernels avoid (high side).
-        config = config_lib.apply_overrides(config, ["model.attention_backend=xla"])
-        run = config_lib.build_run_config(config, num_devices, num_processes)
+        config = run_config.apply_overrides(config, ["model.attention_backend=xla"])
+        run = run_config.build_run_config(config, num_devices, num_processes)
         notes.append(f"attention_backend {sorted(replaced)} compiled as plain XLA attention (no "
                      f"TPU flash / cuDNN kernel on CPU): the temporaries include the [T, T] "
                      f"attention scores of a layer, which those kernels do not store")
@@ -360,47 +303,3 @@ def format_report(report: dict) -> str:
     seconds = report["compile_seconds"]
     lines.append(f"  (lowered in {seconds['lower']} s, compiled in {seconds['compile']} s)")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- command line
-
-def main(argv: list[str]) -> int:
-    """0: fits; 1: does not fit; 2: the config / mesh / arguments are invalid."""
-    from vlm_jax.cli import _config_overrides
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    overrides = _config_overrides(rest, parser)
-    try:
-        mesh_sizes = parse_mesh(args.mesh)
-        device = DEVICES[args.devices]
-        memory_gib = args.memory_gib if args.memory_gib is not None else device.memory_gib
-        num_devices = math.prod(mesh_sizes.values())
-        num_processes = args.num_processes or max(1, num_devices // device.per_host)
-        if num_devices % num_processes:
-            raise ValueError(f"--num-processes={num_processes} does not divide the "
-                             f"{num_devices} devices of the mesh")
-        if not 0 < args.headroom <= 1:
-            raise ValueError(f"--headroom={args.headroom} must be in (0, 1]")
-        if args.topology and not args.devices.startswith("tpu_"):
-            raise ValueError(f"--topology is a TPU slice; --devices {args.devices} is not a TPU")
-        if args.topology:
-            ensure_cpu_devices(1)  # the host side only: libtpu compiles, no TPU is opened
-        elif not ensure_cpu_devices(num_devices):
-            return rerun_in_fresh_process(argv, num_devices)
-        from absl import flags
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        report = make_plan(args.config, overrides, mesh_sizes, args.devices, memory_gib,
-                           num_processes, args.headroom, args.top, args.topology)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"vlm-jax plan: error: {e}", file=sys.stderr)
-        return 2
-    print(format_report(report))
-    if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(report, f, indent=2)
-    return 0 if report["fits"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -22,7 +22,8 @@ attention over the prompt block (`DecoderBlock.finish`) and hands its k/v to the
 
 Stopping: a row stops at the first of its stop ids or stop sequences (token-id sequences matched
 on the generated ids inside the loop); the stop itself is not part of the output. Stop *strings*
-can tokenize differently in context, so callers also cut decoded text with `trim_at_stop_strings`.
+can tokenize differently in context, so callers also cut decoded text with
+`prompts.trim_at_stop_strings`. How prompts are grouped into batches: `batching.py`.
 Sampling draws each step's tokens with `fold_in(key(seed), step)`: a fixed seed reproduces the
 same tokens, on one device or on a mesh.
 """
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -311,32 +312,6 @@ def _finish_after_attention(block: DecoderBlock, x: jax.Array, attention: jax.Ar
 def _final_logits(decoder: Decoder, x: jax.Array) -> jax.Array:
     """Last block output [B, 1, D] -> logits f32[B, V]."""
     return decoder.logits(decoder.final_norm(x))[:, 0]
-
-
-def stop_token_ids(tokenizer: Any, template: str | None) -> list[int]:
-    """The ids that end an answer: EOS, and the template's end-of-turn token when it is another
-    single token (`<|im_end|>` for ChatML, `<|eot_id|>` for Llama 3, `<end_of_turn>` for Gemma):
-    what follows an answer in the template's rendering of a conversation."""
-    from vlm_jax.data.templates import get_template
-    ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
-    if template is None:
-        return ids
-    answer = "x"
-    pieces = get_template(template).render(
-        [{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}],
-        tokenizer.bos_token, tokenizer.eos_token)
-    closing = [text for text, is_target in pieces if is_target][-1]
-    closing = closing[closing.index(answer) + len(answer):].strip()
-    end_ids = tokenizer.encode(closing) if closing else []
-    if len(end_ids) == 1 and end_ids[0] not in ids:
-        ids.append(end_ids[0])
-    return ids
-
-
-def trim_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
-    """`text` up to the earliest occurrence of any stop string (all of it if none occurs)."""
-    cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=len(text))
-    return text[:cut]
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -10,9 +10,9 @@ answer normalisation, `normalize_answer`). A "grounding" answer is a box "[x0, y
 counts as right when its IoU with the reference box is at least 0.5 (exact integer match would be
 meaningless), and is reported as such.
 
-Answers come from batched KV-cache greedy decoding (`greedy_texts` -> vlm_jax.generate). The
+Answers come from batched KV-cache greedy decoding (`inference.batching.greedy_texts`). The
 `vlm-jax eval` command (config data -> VQA / captioning / retrieval, results.json and an HTML
-report) lives in `vlm_jax/eval_command.py`; `main` here is its entry point.
+report) is `vlm_jax/cli/eval.py`, its tasks `vlm_jax/eval/tasks.py`.
 
 The two baselines: the majority answer of each question type (counted on training questions), and
 the model itself with every image blanked out (all pixels mid-grey), which shows how much of the
@@ -29,8 +29,8 @@ import numpy as np
 
 from vlm_jax.data.images import preprocess_image
 from vlm_jax.data.sources import shapes
-from vlm_jax.data.templates import get_template
-from vlm_jax.generate import greedy_generate
+from vlm_jax.inference.batching import greedy_texts
+from vlm_jax.inference.prompts import prompt_ids
 
 GROUNDING = "grounding"
 GROUNDING_IOU = 0.5
@@ -201,42 +201,6 @@ def shapes_vqa_items(split: str = "test", num_per_type: int = 200, image_size: i
 
 # ----------------------------------------------------------------------------- prediction
 
-def user_content(question: str, image_token: str) -> str:
-    """The user turn about one image: `<image>\n` + question, as in training; or the question as
-    typed when it places the image itself with one `<image>` (as LLaVA prompts do), so a typed
-    placeholder never doubles the image's slots. More than one `<image>` is an error."""
-    count = question.count(image_token)
-    if count > 1:
-        raise ValueError(f"the prompt holds {count} {image_token} placeholders for one image (type "
-                         f"one to place the image, or none: the template adds it before the prompt)")
-    return question if count else f"{image_token}\n{question}"
-
-
-def prompt_ids(tokenizer: Any, question: str, template: str, num_image_tokens: int) -> np.ndarray:
-    """i32[T]: the template's text up to where the answer starts, the image placed by
-    `user_content`, expanded to `num_image_tokens` image tokens."""
-    return conversation_prompt_ids(
-        tokenizer, [{"role": "user", "content": user_content(question, tokenizer.image_token)}],
-        template, num_image_tokens)
-
-
-def conversation_prompt_ids(tokenizer: Any, conversation: Sequence[Mapping[str, str]],
-                            template: str, num_image_tokens: int) -> np.ndarray:
-    """i32[T]: `conversation` (ending with a user turn; earlier answers are context) rendered by
-    the template up to where the next answer starts, each image token repeated
-    `num_image_tokens` times: exactly the ids training saw before that answer."""
-    messages = list(conversation) + [{"role": "assistant", "content": ""}]
-    pieces = get_template(template).render(messages, tokenizer.bos_token, tokenizer.eos_token)
-    targets = [i for i, (_, is_target) in enumerate(pieces) if is_target]
-    num_answers = sum(m["role"] == "assistant" for m in messages)
-    if len(targets) != num_answers:
-        raise ValueError(f"template {template!r} renders an empty answer as no text (a tokenizer "
-                         f"without an EOS token?): cannot tell where the answer starts")
-    ids = np.asarray(tokenizer.encode("".join(text for text, _ in pieces[:targets[-1]])), np.int32)
-    is_image = ids == tokenizer.image_token_id
-    return np.repeat(ids, np.where(is_image, num_image_tokens, 1))
-
-
 def predict_answers(model_config: Any, params: Any, tokenizer: Any, items: Sequence[VQAItem],
                     template: str, blank_images: bool = False, batch_size: int = 128,
                     max_new_tokens: int | None = None) -> list[str]:
@@ -253,46 +217,6 @@ def predict_answers(model_config: Any, params: Any, tokenizer: Any, items: Seque
               for item in items]
     return greedy_texts(model_config, params, tokenizer, prompts, images, batch_size,
                         max_new_tokens)
-
-
-def greedy_texts(model_config: Any, params: Any, tokenizer: Any, prompts: Sequence[np.ndarray],
-                 images: Sequence[np.ndarray], batch_size: int, max_new_tokens: int,
-                 prefix_lengths: Sequence[int] | None = None) -> list[str]:
-    """Greedy continuation of each prompt i32[T] (image tokens expanded) given its images
-    f32[M, S, S, 3] (M >= 0), up to EOS, decoded and stripped.
-
-    One padded width and one batch shape for all batches (the last is padded with copies of its
-    first row), so the generator compiles once. Rows with fewer images than the batch's most get
-    zero images, which no image token reads. prefix_lengths: per prompt, how many leading tokens
-    attend bidirectionally (a model trained with `data.prefix_lm`; see `generate.generate`)."""
-    if len(prompts) != len(images):
-        raise ValueError(f"{len(prompts)} prompts but {len(images)} image stacks")
-    if not prompts:
-        return []
-    stop_ids = [i for i in (tokenizer.eos_id,) if i is not None]
-    width = max(len(p) for p in prompts)
-    num_images = max(len(i) for i in images)
-    image_shape = next((i.shape[1:] for i in images if len(i)), None)
-    texts: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(range(start, min(start + batch_size, len(prompts))))
-        rows = chunk + [chunk[0]] * (batch_size - len(chunk))
-        ids = np.zeros((batch_size, width), np.int32)
-        lengths = np.ones((batch_size,), np.int32)
-        batch_images = None
-        if num_images:
-            batch_images = np.zeros((batch_size, num_images) + image_shape, np.float32)
-        for row, index in enumerate(rows):
-            ids[row, :len(prompts[index])] = prompts[index]
-            lengths[row] = len(prompts[index])
-            if num_images and len(images[index]):
-                batch_images[row, :len(images[index])] = images[index]
-        prefixes = None if prefix_lengths is None else np.array([prefix_lengths[i] for i in rows])
-        tokens, counts = greedy_generate(model_config, params, ids, lengths, batch_images,
-                                         max_new_tokens, stop_ids, prefix_lengths=prefixes)
-        texts += [tokenizer.decode(tokens[row, :counts[row]]).strip()
-                  for row in range(len(chunk))]
-    return texts
 
 
 # ----------------------------------------------------------------------------- report
@@ -317,9 +241,3 @@ def format_table(columns: Mapping[str, Mapping[str, tuple[int, int]]],
         cells = [f"{100.0 * mean_accuracy(columns[name], subset):>15.1f}%" for name in names]
         lines.append(f"{label:<22}" + "".join(cells))
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str]) -> int:
-    """`vlm-jax eval ...` (see vlm_jax/eval_command.py)."""
-    from vlm_jax import eval_command
-    return eval_command.main(argv)

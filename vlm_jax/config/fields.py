@@ -5,6 +5,8 @@ import dataclasses
 import typing
 from typing import Any, Mapping, TypeVar
 
+from vlm_jax.errors import ConfigError
+
 T = TypeVar("T")
 
 
@@ -23,7 +25,7 @@ def from_dict(cls: type[T], values: Mapping[str, Any] | None, where: str = "") -
     unknown = sorted(set(values) - set(fields))
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ValueError(
+        raise ConfigError(
             f"unknown config key(s) {', '.join(prefix + k for k in unknown)} for {cls.__name__}; "
             f"known keys: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
@@ -36,7 +38,12 @@ def from_dict(cls: type[T], values: Mapping[str, Any] | None, where: str = "") -
         elif isinstance(value, list):
             value = tuple(value)
         kwargs[name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:  # a part's own check (__post_init__) or a wrong type
+        raise ConfigError(f"{where}: {e}" if where and where not in str(e) else str(e)) from None
 
 
 def to_dict(obj: Any) -> dict:

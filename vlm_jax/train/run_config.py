@@ -1,5 +1,6 @@
-"""Run configs: ml_collections files under configs/, command-line overrides, and one validated
-`RunConfig` built before anything compiles (every error names its field).
+"""The run's config: `RunConfig`, composed of the configs each part owns, loaded from a config
+file plus command-line overrides and validated before anything compiles (every error names its
+field). The machinery (config files, overrides, typed dataclasses) is `vlm_jax/config/`.
 
 A config file is a small python file with `get_config(arg: str | None) -> ConfigDict` (arg is
 the text after ':' in `--config configs/x.py:phase=align,res=64`; read it with `parse_arg`) and,
@@ -24,21 +25,20 @@ refused with the closest known key suggested).
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
-import difflib
-import importlib.util
-import os
 import typing
 from typing import Any, Mapping, Sequence
 
 import ml_collections
 
-from vlm_jax.config_utils import dataclass_in, from_dict, to_dict
-from vlm_jax.data.pipeline import DataConfig
+from vlm_jax import config as config_lib
+from vlm_jax.config import from_dict, load_config_file, suggestion, to_dict
+from vlm_jax.data.pipeline import STREAM_KINDS, DataConfig
+from vlm_jax.errors import ConfigError
 from vlm_jax.models.vlm import VLMConfig
 from vlm_jax.sharding import MeshConfig
 from vlm_jax.train.optimizer import OptimizerConfig
+from vlm_jax.train import init_from, phases
 from vlm_jax.train.phases import PhaseConfig
 
 TOKENIZER_KINDS = ("path", "shapes")
@@ -57,9 +57,9 @@ class TokenizerConfig:
 
     def __post_init__(self):
         if self.kind not in TOKENIZER_KINDS:
-            raise ValueError(f"tokenizer.kind={self.kind!r}; supported: {TOKENIZER_KINDS}")
+            raise ConfigError(f"tokenizer.kind={self.kind!r}; supported: {TOKENIZER_KINDS}")
         if self.kind == "path" and not self.path:
-            raise ValueError("tokenizer.path is required with tokenizer.kind='path'")
+            raise ConfigError("tokenizer.path is required with tokenizer.kind='path'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,121 +127,27 @@ class RunConfig:
 SECTIONS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 
-# ----------------------------------------------------------------------------- config files
-
-def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
-    """`"phase=align,res=224"` -> ConfigDict(phase="align", res=224), typed by `defaults` (which
-    also lists the accepted keys). A bare key means True: `"lora"` == `"lora=True"`."""
-    values = ml_collections.ConfigDict(defaults)
-    for item in filter(None, (arg or "").split(",")):
-        key, has_value, text = item.partition("=")
-        key = key.strip()
-        if key not in defaults:
-            raise ValueError(f"config argument {key!r} is not one of {sorted(defaults)}"
-                             + _suggestion(key, defaults))
-        values[key] = _typed(text if has_value else "True", defaults[key], f"config argument {key}")
-    return values
-
-
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """`path/to/config.py[:arg]` -> the ConfigDict its `get_config(arg)` returns."""
-    path, _, arg = spec.partition(":")
-    module = load_module(path)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"{path} has no get_config(arg) function")
-    return module.get_config(arg or None)
-
-
-def load_module(path: str):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path} does not exist")
-    name = "vlm_jax_config_" + os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+# ----------------------------------------------------------------------------- loading
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]
                     ) -> ml_collections.ConfigDict:
-    """Apply `a.b.c=value` overrides in place, each value typed by the field it replaces."""
-    for override in overrides:
-        dotted, sep, text = override.partition("=")
-        if not sep:
-            raise ValueError(f"override {override!r}: expected key=value")
-        keys = dotted.split(".")
-        node, schema = config, RunConfig
-        for depth, key in enumerate(keys):
-            where = ".".join(keys[:depth + 1])
-            field_type = _field_type(schema, key)
-            known = set(node.keys()) | _field_names(schema)
-            if key not in known:
-                raise ValueError(f"unknown config key {where}" + _suggestion(key, known, keys[:depth]))
-            if depth == len(keys) - 1:
-                current = node.get(key)
-                if isinstance(current, (ml_collections.ConfigDict, dict)) and current:
-                    if text.strip().lower() == "none" and type(None) in typing.get_args(field_type):
-                        node[key] = None  # drop an optional section, e.g. eval_data=None
-                        continue
-                    raise ValueError(f"{where} is a section; override one of its keys")
-                node[key] = _typed(text, current, where, field_type)
-            else:
-                if node.get(key) is None:
-                    node[key] = ml_collections.ConfigDict()
-                node = node[key]
-                schema = dataclass_in(field_type)
-    return config
+    """`a.b.c=value` overrides of a run config, typed by RunConfig's fields (in place)."""
+    return config_lib.apply_overrides(config, overrides, RunConfig)
 
 
-def _field_names(schema: type | None) -> set[str]:
-    return {f.name for f in dataclasses.fields(schema)} if schema is not None else set()
-
-
-def _field_type(schema: type | None, key: str) -> Any:
-    if schema is None:
-        return None
-    return typing.get_type_hints(schema).get(key)
-
-
-def _typed(text: str, current: Any, where: str, hint: Any = None) -> Any:
-    """Parse `text` as the type of `current` (or of the dataclass field `hint` when unset)."""
-    kind = type(current) if current is not None else _scalar_type(hint)
-    text = text.strip()
-    try:
-        if kind is bool:
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError("expected true/false")
-            return text.lower() in ("true", "1")
-        if text.lower() == "none" and (current is None or type(None) in typing.get_args(hint)):
-            return None  # an optional field (e.g. train.epochs=None)
-        if kind is int:
-            return int(text)
-        if kind is float:
-            return float(text)
-        if kind is str:
-            return text
-        try:
-            return ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            return text
-    except ValueError as e:
-        raise ValueError(f"{where}={text!r}: not a valid {kind.__name__} ({e})") from None
-
-
-def _scalar_type(hint: Any) -> type | None:
-    if hint in (bool, int, float, str):
-        return hint
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if len(args) == 1 and args[0] in (bool, int, float, str) else None
-
-
-def _suggestion(key: str, known, prefix: Sequence[str] = ()) -> str:
-    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.5) or [
-        k for k in sorted(known)  # abbreviations: lr -> learning_rate
-        if "".join(word[:1] for word in k.split("_")) == key or k.startswith(key)][:1]
-    base = ".".join(prefix) + "." if prefix else ""
-    hint = f"; did you mean {base}{close[0]}?" if close else ""
-    return f"{hint} (known: {', '.join(sorted(known))})"
+def load_run_config(spec: str, overrides: Sequence[str], num_devices: int,
+                    process_count: int = 1, model: Mapping[str, Any] | None = None) -> RunConfig:
+    """`--config FILE[:ARG]` plus `--config.a.b=V` overrides -> the validated RunConfig: what
+    `train`, `plan`, `sweep`, `eval` and `inspect-data` all read. `model`: the model section
+    to use when the file leaves it empty (a recipe whose model is a model directory). Beyond
+    `build_run_config`, this reads `train.init_from.path`'s config.json to check its shapes."""
+    config = apply_overrides(load_config_file(spec), overrides)
+    if model is not None and not config.get("model"):
+        config.model = dict(model)
+    run = build_run_config(config, num_devices, process_count)
+    if run.train.init_from.path:
+        init_from.check_init_from(run)
+    return run
 
 
 # ----------------------------------------------------------------------------- validation
@@ -253,10 +159,10 @@ def build_run_config(config: Mapping[str, Any] | ml_collections.ConfigDict,
     raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
-        raise ValueError(f"unknown config section {unknown[0]}" + _suggestion(unknown[0], SECTIONS))
+        raise ConfigError(f"unknown config section {unknown[0]}" + suggestion(unknown[0], SECTIONS))
     for required in ("model", "data", "train"):
         if not raw.get(required):
-            raise ValueError(f"config section {required} is required")
+            raise ConfigError(f"config section {required} is required")
     model = from_dict(VLMConfig, raw["model"], "model")
     train = _train_config(raw["train"])
     data = _data_config(raw["data"], model, "data")
@@ -273,9 +179,6 @@ def build_run_config(config: Mapping[str, Any] | ml_collections.ConfigDict,
     _check_phase(run)
     _check_mesh_and_batch(run, num_devices, process_count)
     _check_positive(run)
-    if run.train.init_from.path:
-        from vlm_jax.checkpoint import check_init_from
-        check_init_from(run)
     return run
 
 
@@ -289,47 +192,46 @@ def _train_config(values: Mapping[str, Any]) -> TrainConfig:
     optimizer = dict(values.get("optimizer") or {})
     if values.get("epochs") is not None:
         if values.get("steps") is not None:
-            raise ValueError(f"train.steps={values['steps']} and train.epochs={values['epochs']} "
-                             f"are both set; a run is measured in one of them (set steps=None)")
+            raise ConfigError(f"train.steps={values['steps']} and train.epochs={values['epochs']} "
+                              f"are both set; a run is measured in one of them (set steps=None)")
         if values["epochs"] < 1:
-            raise ValueError(f"train.epochs={values['epochs']} must be >= 1")
+            raise ConfigError(f"train.epochs={values['epochs']} must be >= 1")
         for key, instead in (("total_steps", "it spans the epochs' examples"),
                              ("warmup_steps", "use train.optimizer.warmup_ratio")):
             if optimizer.get(key):  # warmup_steps=0 (none) is fine
-                raise ValueError(f"train.optimizer.{key}={optimizer[key]} with train.epochs: the "
-                                 f"schedule counts examples there and {instead}")
+                raise ConfigError(f"train.optimizer.{key}={optimizer[key]} with train.epochs: the "
+                                  f"schedule counts examples there and {instead}")
         values["steps"] = None
         optimizer["total_steps"] = EPOCHS_SCHEDULE_PLACEHOLDER
     else:
         steps = values.get("steps", TrainConfig.steps)
         if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"train.steps={steps} must be >= 1 (or set train.epochs)")
+            raise ConfigError(f"train.steps={steps} must be >= 1 (or set train.epochs)")
         # The schedule ends with the run unless the config says otherwise.
         optimizer.setdefault("total_steps", steps)
     values["optimizer"] = optimizer
     train = from_dict(TrainConfig, values, "train")
     if train.micro_batches < 1:
-        raise ValueError(f"train.micro_batches={train.micro_batches} must be >= 1")
+        raise ConfigError(f"train.micro_batches={train.micro_batches} must be >= 1")
     if isinstance(train.init_from.groups, str) or not train.init_from.groups:
-        raise ValueError(f"train.init_from.groups={train.init_from.groups!r}: a list of regexes "
-                         f"over param paths, e.g. ['vision_tower/.*']")
+        raise ConfigError(f"train.init_from.groups={train.init_from.groups!r}: a list of regexes "
+                          f"over param paths, e.g. ['vision_tower/.*']")
     return train
 
 
 def _epochs_data(data: DataConfig, epochs: int) -> DataConfig:
     """The data of a run measured in epochs: exactly `epochs` passes over one source of known
     size (a weighted mixture has no single epoch; a stream does not know its size)."""
-    from vlm_jax.data.pipeline import STREAM_KINDS
     if data.num_epochs not in (None, epochs):
-        raise ValueError(f"train.epochs={epochs} but data.num_epochs={data.num_epochs}; leave "
-                         f"data.num_epochs out, it follows train.epochs")
+        raise ConfigError(f"train.epochs={epochs} but data.num_epochs={data.num_epochs}; leave "
+                          f"data.num_epochs out, it follows train.epochs")
     if len(data.sources) != 1:
-        raise ValueError(f"train.epochs needs one data source (data.sources has "
-                         f"{len(data.sources)}: a weighted mixture has no single epoch); use "
-                         f"train.steps")
+        raise ConfigError(f"train.epochs needs one data source (data.sources has "
+                          f"{len(data.sources)}: a weighted mixture has no single epoch); use "
+                          f"train.steps")
     if data.sources[0].kind in STREAM_KINDS:
-        raise ValueError(f"train.epochs needs a source of known size; data.sources[0].kind="
-                         f"{data.sources[0].kind!r} is a stream: use train.steps")
+        raise ConfigError(f"train.epochs needs a source of known size; data.sources[0].kind="
+                          f"{data.sources[0].kind!r} is a stream: use train.steps")
     return dataclasses.replace(data, num_epochs=epochs)
 
 
@@ -338,51 +240,50 @@ def _data_config(values: Mapping[str, Any], model: VLMConfig, where: str) -> Dat
     has_images = model.vision is not None and model.llm is not None
     num_image_tokens = model.tokens_per_image if has_images else 0
     if values.setdefault("num_image_tokens", num_image_tokens) != num_image_tokens:
-        raise ValueError(f"{where}.num_image_tokens={values['num_image_tokens']} but the model "
-                         f"gives {num_image_tokens} (model.tokens_per_image); leave it out, it is "
-                         f"set from the model")
+        raise ConfigError(f"{where}.num_image_tokens={values['num_image_tokens']} but the model "
+                          f"gives {num_image_tokens} (model.tokens_per_image); leave it out, it is "
+                          f"set from the model")
     if model.vision is not None:
         size = values.setdefault("image_size", model.vision.image_size)
         if size != model.vision.image_size:
-            raise ValueError(f"{where}.image_size={size} but model.vision.image_size="
-                             f"{model.vision.image_size}")
+            raise ConfigError(f"{where}.image_size={size} but model.vision.image_size="
+                              f"{model.vision.image_size}")
     return from_dict(DataConfig, values, where)
 
 
 def _check_phase(run: RunConfig) -> None:
-    from vlm_jax.train import phases
     phase = run.train.phase
     phases.check_model_fits(phase, run.model)
     for where, data in (("data", run.data), ("eval_data", run.eval_data)):
         if data is None:
             continue
         if data.task not in PHASE_TASKS[phase.name]:
-            raise ValueError(f"{where}.task={data.task!r} does not fit train.phase.name="
-                             f"{phase.name!r} (it takes {PHASE_TASKS[phase.name]})")
+            raise ConfigError(f"{where}.task={data.task!r} does not fit train.phase.name="
+                              f"{phase.name!r} (it takes {PHASE_TASKS[phase.name]})")
         if data.task in ("instruct", "align"):
             need = run.model.tokens_per_image
             if need + 2 > data.seq_len:
-                raise ValueError(f"{where}.seq_len={data.seq_len} cannot hold one image of "
-                                 f"model.tokens_per_image={need} tokens plus text; raise "
-                                 f"{where}.seq_len or use fewer image tokens (model.vision / "
-                                 f"model.projector)")
+                raise ConfigError(f"{where}.seq_len={data.seq_len} cannot hold one image of "
+                                  f"model.tokens_per_image={need} tokens plus text; raise "
+                                  f"{where}.seq_len or use fewer image tokens (model.vision / "
+                                  f"model.projector)")
             if data.max_images_per_row < 1:
-                raise ValueError(f"{where}.max_images_per_row must be >= 1 for task {data.task!r}")
+                raise ConfigError(f"{where}.max_images_per_row must be >= 1 for task {data.task!r}")
         if (data.prefix_lm and run.model.llm is not None
                 and run.model.resolved("llm").attention_backend == "tpu_flash"):
-            raise ValueError(f"{where}.prefix_lm=True needs a dense attention mask, which "
-                             f"model.llm.attention_backend='tpu_flash' (causal only) cannot take; "
-                             f"use 'auto' or 'xla'")
+            raise ConfigError(f"{where}.prefix_lm=True needs a dense attention mask, which "
+                              f"model.llm.attention_backend='tpu_flash' (causal only) cannot take; "
+                              f"use 'auto' or 'xla'")
         if data.task == "contrastive" and data.text_len > run.model.text_tower.max_len:
-            raise ValueError(f"{where}.text_len={data.text_len} > model.text_tower.max_len="
-                             f"{run.model.text_tower.max_len}")
+            raise ConfigError(f"{where}.text_len={data.text_len} > model.text_tower.max_len="
+                              f"{run.model.text_tower.max_len}")
 
 
 def _check_mesh_and_batch(run: RunConfig, num_devices: int, process_count: int) -> None:
     try:
         data_size, fsdp_size, _ = run.mesh.shape(num_devices)
     except ValueError as e:
-        raise ValueError(f"{e} (config field mesh)") from None
+        raise ConfigError(f"{e} (config field mesh)") from None
     dp = data_size * fsdp_size
     micro = run.train.micro_batches
     for where, data in (("data", run.data), ("eval_data", run.eval_data)):
@@ -390,13 +291,13 @@ def _check_mesh_and_batch(run: RunConfig, num_devices: int, process_count: int) 
             continue
         global_batch = data.batch_size * process_count
         if global_batch % dp:
-            raise ValueError(f"{where}.batch_size={data.batch_size} x {process_count} process(es) "
-                             f"= global batch {global_batch} is not divisible by the data-parallel "
-                             f"size {dp} (mesh.data x mesh.fsdp)")
+            raise ConfigError(f"{where}.batch_size={data.batch_size} x {process_count} process(es) "
+                              f"= global batch {global_batch} is not divisible by the data-parallel "
+                              f"size {dp} (mesh.data x mesh.fsdp)")
         if where == "data" and (global_batch % micro or (global_batch // micro) % dp):
-            raise ValueError(f"train.micro_batches={micro}: the global batch {global_batch} must "
-                             f"split into {micro} micro-batches each divisible by the data-parallel "
-                             f"size {dp}")
+            raise ConfigError(f"train.micro_batches={micro}: the global batch {global_batch} must "
+                              f"split into {micro} micro-batches each divisible by the data-parallel "
+                              f"size {dp}")
 
 
 def _check_positive(run: RunConfig) -> None:
@@ -407,4 +308,4 @@ def _check_positive(run: RunConfig) -> None:
               "eval.num_batches": run.eval.num_batches >= 1}
     for name, ok in checks.items():
         if not ok:
-            raise ValueError(f"{name} is out of range (see vlm_jax/config.py)")
+            raise ConfigError(f"{name} is out of range (see vlm_jax/train/run_config.py)")

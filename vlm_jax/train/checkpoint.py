@@ -1,5 +1,5 @@
 """Training checkpoints (orbax): train state + data-iterator state + run config per step, resume
-onto any mesh, and `init_from` (starting a phase from another model's params).
+onto any mesh (`train/init_from.py` starts a phase from another model's params).
 
     workdir/checkpoints/<step>/state/       TrainState (trainable, frozen, opt_state, step)
     workdir/checkpoints/<step>/data_iter/   the pipeline iterator state, one JSON per process
@@ -20,7 +20,6 @@ import inspect
 import json
 import logging
 import os
-import re
 import sys
 from typing import Any
 
@@ -33,9 +32,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vlm_jax import model_dir, sharding
-from vlm_jax.models.vlm import RUN_SETTINGS, VLMConfig, init_params
-from vlm_jax.train import param_groups
+from vlm_jax.errors import CheckpointError
+from vlm_jax.models.vlm import RUN_SETTINGS
+from vlm_jax.train import phases
+from vlm_jax.train.step import TrainState
 
 # train.* fields that shape the learning-rate schedule (the run's length included, since the
 # schedule spans it): resuming under other values would bend the lr curve mid-run.
@@ -44,7 +44,7 @@ SCHEDULE_FIELDS = ("steps", "epochs", "optimizer.learning_rate", "optimizer.sche
                    "optimizer.end_lr_ratio")
 
 
-class IncompatibleCheckpoint(ValueError):
+class IncompatibleCheckpoint(CheckpointError):
     """A checkpoint written for another model, phase or schedule (the message says which)."""
 
 
@@ -125,8 +125,8 @@ class Checkpointer:
         None when there is none at all. A damaged one (a file truncated or deleted) is reported
         in one line and the one before it tried; once one restores, the damaged ones after it
         move to `workdir/damaged_checkpoints/` (kept to look at, and out of the way of this
-        run's own save of those steps). When none restores, raises a ValueError naming the
-        workdir: resuming never quietly turns into starting over."""
+        run's own save of those steps). When none restores, raises a CheckpointError naming
+        the workdir: resuming never quietly turns into starting over."""
         latest = self.latest_step()
         if latest is None:
             return None
@@ -151,7 +151,7 @@ class Checkpointer:
                 return state, step
             damaged.append((step, _first_line(error)))
         shown = "; ".join(f"step {step}: {reason}" for step, reason in damaged)
-        raise ValueError(
+        raise CheckpointError(
             f"workdir {self.directory.parent}: no checkpoint restores ({shown}); they were left "
             f"in place. To start this run over, delete or move {self.directory}; or use a new "
             f"--workdir")
@@ -283,88 +283,8 @@ def _flatten_dict(tree: dict, prefix: str = "") -> dict:
 
 def abstract_train_state(plan) -> Any:
     """ShapeDtypeStructs of the plan's TrainState carrying the plan's shardings (restore target)."""
-    from vlm_jax.train import phases
-    from vlm_jax.train.step import TrainState
     trainable, frozen = phases.split_trainable(nn.unbox(plan.abstract_boxed), plan.lr_multipliers)
     shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), trainable=trainable,
                         frozen=frozen, opt_state=jax.eval_shape(plan.optimizer.init, trainable))
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         shapes, plan.state_shardings)
-
-
-# ----------------------------------------------------------------------------- init_from
-
-def resolve_model_dir(path: str) -> str:
-    """A model directory, or a finished run's workdir (its `model/`). A workdir holds a
-    config.json of its own (the run config), so `model/` is looked for first. The error names
-    the path only: callers say which field or flag gave it."""
-    if os.path.exists(os.path.join(path, "model", "config.json")):
-        return os.path.join(path, "model")
-    if os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "params")):
-        return path
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        raise ValueError(f"{path} is a workdir without model/ (its run did not finish): resume "
-                         f"that run to the end first, or point at a model directory")
-    raise ValueError(f"{path} is neither a model directory (config.json) nor a finished run's "
-                     f"workdir (model/config.json)")
-
-
-def _init_from_dir(run) -> str:
-    try:
-        return resolve_model_dir(run.train.init_from.path)
-    except ValueError as e:
-        raise ValueError(f"train.init_from.path={e}") from None
-
-
-def _abstract_params(config: VLMConfig) -> dict:
-    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-
-
-def _taken_paths(run, source_config: VLMConfig) -> list[str]:
-    """Target param paths to copy from the source; raises naming a param whose shape differs."""
-    groups = param_groups.normalize_rules([(g, True) for g in run.train.init_from.groups],
-                                          "train.init_from.groups")
-    compiled = [re.compile(pattern) for pattern, _ in groups]
-    target = param_groups.flatten(_abstract_params(run.model))
-    source = param_groups.flatten(_abstract_params(source_config))
-    taken = [p for p in target if any(c.fullmatch(p) for c in compiled)]
-    if not taken:
-        raise ValueError(f"train.init_from.groups={list(run.train.init_from.groups)} match no "
-                         f"param of the model (e.g. {sorted(target)[:3]})")
-    for path in taken:
-        if path not in source:
-            raise ValueError(f"train.init_from: param {path} is not in {run.train.init_from.path} "
-                             f"(narrow train.init_from.groups)")
-        if (source[path].shape, source[path].dtype) != (target[path].shape, target[path].dtype):
-            raise ValueError(f"train.init_from: param {path} has shape {source[path].shape} "
-                             f"{source[path].dtype} in {run.train.init_from.path} but "
-                             f"{target[path].shape} {target[path].dtype} in this model config")
-    return taken
-
-
-def check_init_from(run) -> None:
-    """Validate train.init_from against the model config (shapes only, nothing loaded)."""
-    source_dir = _init_from_dir(run)
-    _taken_paths(run, model_dir.load_config(source_dir))
-
-
-def apply_init_from(run, plan, state):
-    """`state` (freshly created) with the train.init_from groups replaced by the source's params,
-    restored straight onto the state's shardings. The optimizer state needs no change: Adam's
-    moments start at zero whatever the params are, and LoRA adapters depend on shapes only."""
-    source_dir = _init_from_dir(run)
-    source_config = model_dir.load_config(source_dir)
-    taken = _taken_paths(run, source_config)
-    with sharding.rules_context(plan.mesh, plan.rules):
-        source_boxed = jax.eval_shape(lambda: init_params(source_config, jax.random.key(0),
-                                                          boxed=True))
-    _, source_params, _ = model_dir.load_model(
-        source_dir, shardings=sharding.param_shardings(source_boxed, plan.mesh, plan.rules),
-        load_tokenizer=False)
-    source = param_groups.flatten(source_params)
-    trainable, frozen = param_groups.flatten(state.trainable), param_groups.flatten(state.frozen)
-    for path in taken:
-        tree = trainable if path in trainable else frozen
-        tree[path] = jax.device_put(source[path], tree[path].sharding)
-    return state.replace(trainable=param_groups.unflatten(trainable),
-                         frozen=param_groups.unflatten(frozen))
