@@ -7,7 +7,7 @@ bash "$ROOT/launch/setup_env.sh"
 VENV="${VLM_JAX_VENV:-$ROOT/.venv}"
 cd "$ROOT"
 set +e
-HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$VENV/bin/python" -m pytest -q "$@"
+HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$VENV/bin/python" -m pytest -q --durations=30 "$@"
 rc=$?
 set -e
 if [[ $rc -eq 5 ]]; then
