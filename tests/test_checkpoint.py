@@ -14,7 +14,7 @@ from vlm_jax.train import run_config as config_lib
 from vlm_jax.data.pipeline import build_pipeline
 from vlm_jax.models.vlm import init_params
 from vlm_jax.train import param_groups
-from vlm_jax.train.loop import build_tokenizer
+from vlm_jax.train.tokenizer import build_tokenizer
 from vlm_jax.train.step import TrainStepConfig, plan_training
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")

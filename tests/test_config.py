@@ -1,7 +1,6 @@
 """Config files, overrides and validation: every error names its field and comes before anything
-is compiled (each check is timed)."""
+is compiled (each check counts XLA compiles, persistent-cache hits included)."""
 import os
-import time
 
 import jax
 import pytest
@@ -91,10 +90,8 @@ def test_bad_overrides_name_the_key(override, message):
 ])
 def test_validation_names_the_field_before_compiling(arg, overrides, kwargs, message):
     compiles_before = _compile_count()
-    start = time.perf_counter()
     with pytest.raises(ValueError, match=message):
         _build(arg, overrides, **kwargs)
-    assert time.perf_counter() - start < 2.0
     assert _compile_count() == compiles_before
 
 
@@ -125,11 +122,14 @@ def _compile_count() -> int:
 
 
 def _on_event(event, *args, **kwargs):
-    if "backend_compile" in event:
+    # A program the persistent compilation cache (conftest) holds is not compiled again: count
+    # its cache hit as the compile it stands for.
+    if "backend_compile" in event or event == "/jax/compilation_cache/cache_hits":
         _COMPILES.append(event)
 
 
 jax.monitoring.register_event_duration_secs_listener(_on_event)
+jax.monitoring.register_event_listener(_on_event)
 
 
 def _epochs_config(overrides):

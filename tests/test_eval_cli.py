@@ -22,19 +22,20 @@ from vlm_jax.data.transforms import TokenizeConversation
 from vlm_jax.inference.generate import greedy_generate
 from vlm_jax.model_dir import load_model, save_model
 from vlm_jax.models.vlm import VLM, init_params
-from vlm_jax.train.loop import build_tokenizer
+from vlm_jax.train.tokenizer import build_tokenizer
 
 SHAPES_QA = "configs/shapes/config.py:phase=instruct"
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def checkpoints(tiny_trained_run, tmp_path_factory):
     """Model directories of configs/tiny.py's instruct / align / contrastive models (random
-    init). The instruct model answers every question with one token, "yes" or "no": its final
-    norm keeps hidden dimension 0 only and the LM head maps it to +yes / -no."""
+    init; align: conftest's 2-step run from random init). The instruct model answers every
+    question with one token, "yes" or "no": its final norm keeps hidden dimension 0 only and the
+    LM head maps it to +yes / -no."""
     root = tmp_path_factory.mktemp("eval")
-    paths = {}
-    for phase in ("instruct", "align", "contrastive"):
+    paths = {"align": tiny_trained_run.model}
+    for phase in ("instruct", "contrastive"):
         run = config_lib.build_run_config(
             config_lib.load_config_file(f"configs/tiny.py:phase={phase}"), jax.device_count())
         tokenizer = build_tokenizer(run, str(root / "tokenizer_work"))
@@ -164,8 +165,8 @@ def test_retrieval_recall_matches_a_direct_ranking(checkpoints, tmp_path):
         ids = tokenizer.encode(caption)[:23] + [tokenizer.eos_id]
         text_ids[row, :len(ids)] = ids
     images = np.stack([preprocess_image(r["images"][0], 32) for r in raws])
-    zimg, ztxt, _ = VLM(model_config).apply({"params": params}, images, text_ids,
-                                            method=VLM.contrastive_embeddings)
+    zimg, ztxt, _ = jax.jit(lambda p, i, t: VLM(model_config).apply(
+        {"params": p}, i, t, method=VLM.contrastive_embeddings))(params, images, text_ids)
     similarity = np.asarray(zimg) @ np.asarray(ztxt).T
 
     def recall(sim, k):  # a query hits if a candidate with its caption is among its k best

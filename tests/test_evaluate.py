@@ -13,12 +13,8 @@ from vlm_jax.inference import batching
 from vlm_jax.inference import prompts as prompting
 from vlm_jax.inference.generate import generate
 from vlm_jax.data.sources import shapes
-from vlm_jax.data.tokenizer import train_word_tokenizer
 from vlm_jax.inference.generate import greedy_generate
-from vlm_jax.models.decoder import decoder_config
-from vlm_jax.models.projector import ProjectorConfig
-from vlm_jax.models.siglip import VisionConfig
-from vlm_jax.models.vlm import VLM, VLMConfig, init_params
+from vlm_jax.models.vlm import VLM, init_params
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -101,20 +97,16 @@ def test_shapes_items_share_scenes_across_types():
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    texts = [t for t in shapes.corpus(50)]
-    return train_word_tokenizer(texts, vocab_size=300)
+def tokenizer(shapes_tokenizer):
+    """The tokenizer configs/tiny.py runs fit (conftest)."""
+    return shapes_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tiny_vlm(tokenizer):
-    config = VLMConfig(
-        vision=VisionConfig(image_size=16, patch_size=8, width=16, depth=1, num_heads=2,
-                            mlp_dim=32, posemb="sincos2d", use_head=False),
-        projector=ProjectorConfig(type="mlp2x_gelu"),
-        llm=decoder_config("llama", vocab_size=tokenizer.vocab_size, hidden_size=32,
-                           num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64),
-        image_token_id=tokenizer.image_token_id)
+def tiny_vlm(tiny_vlm_config, tokenizer):
+    config = tiny_vlm_config(vocab_size=tokenizer.vocab_size,
+                             image_token_id=tokenizer.image_token_id,
+                             vision=dict(posemb="sincos2d"))  # fixed 2D positions: no table
     return config, jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
 
 

@@ -12,29 +12,19 @@ import transformers
 from safetensors.numpy import load_file
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import (AutoProcessor, LlavaConfig, LlavaForConditionalGeneration,
-                          SiglipVisionConfig, SiglipVisionModel)
+                          SiglipVisionModel)
 
 import vlm_jax
 from vlm_jax import model_dir
 from vlm_jax.cli import main as cli_main
 from vlm_jax.convert import exporter, hf_llava
-from vlm_jax.models.decoder import decoder_config
 from vlm_jax.models.projector import ProjectorConfig
-from vlm_jax.models.siglip import VisionConfig
-from vlm_jax.models.vlm import VLMConfig, init_params
+from vlm_jax.models.vlm import init_params
 
-from test_vlm import _text_config  # the same tiny HF text configs per family
-
-VOCAB = 96
+VOCAB = 96  # hf_tiny's
 IMAGE_TOKEN_ID = 95
 WORDS = ["<unk>", "<s>", "</s>", "<pad>",
          "What", "is", "in", "this", "picture", "?", "A", "red", "circle", "."]
-
-
-def _vision_config():
-    return SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, image_size=32, patch_size=8,
-                              vision_use_head=False)
 
 
 def _save_tokenizer(directory, with_image=True):
@@ -55,9 +45,10 @@ def _randomize_norms(model):
                 p.add_(0.1 * torch.randn_like(p))
 
 
-def _hf_llava(tmp_path, family, tie):
+def _hf_llava(hf_tiny, tmp_path, family, tie):
     torch.manual_seed(0)
-    config = LlavaConfig(vision_config=_vision_config(), text_config=_text_config(family, tie),
+    config = LlavaConfig(vision_config=hf_tiny.vision(layers=2),
+                         text_config=hf_tiny.text(family, tie),
                          image_token_index=IMAGE_TOKEN_ID, image_seq_length=16,
                          vision_feature_select_strategy="full", vision_feature_layer=-2,
                          projector_hidden_act="gelu", tie_word_embeddings=tie)
@@ -104,9 +95,10 @@ def _hf_logits(model, input_ids, attention_mask, pixel_values):
                      ).logits.float().numpy()
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("family,tie", [("llama", False), ("qwen2", True), ("gemma", True)])
-def test_export_parity_processor_and_round_trip(tmp_path, family, tie):
-    original, hf_dir = _hf_llava(tmp_path, family, tie)
+def test_export_parity_processor_and_round_trip(hf_tiny, tmp_path, family, tie):
+    original, hf_dir = _hf_llava(hf_tiny, tmp_path, family, tie)
     ckpt = _import(hf_dir, tmp_path / "ckpt")
     out = _export(ckpt, tmp_path / "exported")
 
@@ -133,12 +125,13 @@ def test_export_parity_processor_and_round_trip(tmp_path, family, tie):
     np.testing.assert_allclose(ours[real], got_logits[real], atol=1e-4, rtol=0)
 
 
-def test_composed_import_exports(tmp_path):
+@pytest.mark.parity
+def test_composed_import_exports(hf_tiny, tmp_path):
     """SigLIP + LLM + a fresh projector (and a vocabulary grown by `<image>`) -> HF LLaVA."""
     torch.manual_seed(0)
     vision_dir, text_dir = tmp_path / "siglip", tmp_path / "llm"
-    SiglipVisionModel(_vision_config()).save_pretrained(vision_dir)
-    llm = transformers.Qwen2ForCausalLM(_text_config("qwen2", tie=False, vocab=VOCAB - 1))
+    SiglipVisionModel(hf_tiny.vision(layers=2)).save_pretrained(vision_dir)
+    llm = transformers.Qwen2ForCausalLM(hf_tiny.text("qwen2", tie=False, vocab=VOCAB - 1))
     _randomize_norms(llm)
     llm.save_pretrained(text_dir)
     _save_tokenizer(text_dir, with_image=False)
@@ -161,8 +154,9 @@ def test_composed_import_exports(tmp_path):
             np.testing.assert_array_equal(sd["language_model." + key], value.numpy())
 
 
-def test_part_vision_exports_siglip_vision_model(tmp_path):
-    original, hf_dir = _hf_llava(tmp_path, "llama", tie=False)
+@pytest.mark.parity
+def test_part_vision_exports_siglip_vision_model(hf_tiny, tmp_path):
+    original, hf_dir = _hf_llava(hf_tiny, tmp_path, "llama", tie=False)
     ckpt = _import(hf_dir, tmp_path / "ckpt")
     out = _export(ckpt, tmp_path / "vision", "--part", "vision")
     exported, info = SiglipVisionModel.from_pretrained(out, output_loading_info=True)
@@ -175,38 +169,37 @@ def test_part_vision_exports_siglip_vision_model(tmp_path):
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
-def _config_with_projector(projector, **options):
-    return VLMConfig(
-        vision=VisionConfig(image_size=16, patch_size=8, width=16, depth=1, num_heads=2, mlp_dim=32,
-                            use_head=False),
-        projector=ProjectorConfig(type=projector, num_queries=4, resampler_depth=1,
-                                  resampler_heads=2, **options),
-        llm=decoder_config("llama", vocab_size=32, hidden_size=16, num_layers=1, num_heads=2,
-                           num_kv_heads=1, head_dim=8, mlp_dim=32),
-        image_token_id=31)
+def _config_with_projector(tiny_vlm_config, projector, **options):
+    """The tiny VLM with a 32-id vocabulary (<image> = 31) and the given projector."""
+    return tiny_vlm_config(vocab_size=32, projector=ProjectorConfig(
+        type=projector, num_queries=4, resampler_depth=1, resampler_heads=2, **options))
 
 
-def test_projectors_llava_cannot_express_are_refused(tmp_path, capsys):
-    config = _config_with_projector("pixel_shuffle")
+def test_projectors_llava_cannot_express_are_refused(tiny_vlm_config, tmp_path, capsys):
+    config = _config_with_projector(tiny_vlm_config, "pixel_shuffle")
     ckpt = tmp_path / "ckpt"
     params = jax.jit(lambda key: init_params(config, key))(jax.random.key(0))
     model_dir.save_model(str(ckpt), config, params)
-    assert cli_main(["export-hf", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x")]) == 2
+    assert cli_main(["export-hf", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x"),
+                     "--format", "llava"]) == 2
     err = capsys.readouterr().err
     assert "projector type 'pixel_shuffle'" in err and "LLaVA" in err
     assert not os.path.exists(tmp_path / "x" / "model.safetensors")
     for projector in ("resampler", "linear"):  # refused from the config alone, before any weight
         with pytest.raises(ValueError, match=f"projector type {projector!r}"):
-            exporter.export_params(_config_with_projector(projector), {}, None, str(tmp_path / "y"))
+            exporter.export_params(_config_with_projector(tiny_vlm_config, projector), {}, None,
+                                   str(tmp_path / "y"), format="llava")
     for option in ("input_norm", "pos_embed"):  # an mlp2x_gelu LLaVA has no slot for these either
         with pytest.raises(ValueError, match=f"projector.{option}=True"):
-            exporter.export_params(_config_with_projector("mlp2x_gelu", **{option: True}), {},
-                                   None, str(tmp_path / "y"))
+            exporter.export_params(
+                _config_with_projector(tiny_vlm_config, "mlp2x_gelu", **{option: True}), {}, None,
+                str(tmp_path / "y"), format="llava")
     assert not os.path.exists(tmp_path / "y")
 
 
-def test_bf16_export_loads_and_stays_close(tmp_path, capsys):
-    original, hf_dir = _hf_llava(tmp_path, "llama", tie=False)
+@pytest.mark.parity
+def test_bf16_export_loads_and_stays_close(hf_tiny, tmp_path, capsys):
+    original, hf_dir = _hf_llava(hf_tiny, tmp_path, "llama", tie=False)
     ckpt = _import(hf_dir, tmp_path / "ckpt")
     out = _export(ckpt, tmp_path / "bf16", "--dtype", "bfloat16")
     assert "bf16 rounding moves outputs by" in capsys.readouterr().out
@@ -223,10 +216,11 @@ def test_bf16_export_loads_and_stays_close(tmp_path, capsys):
     assert np.abs(got[real] - want[real]).max() < 0.05 * max(1.0, np.abs(want).max())
 
 
-def test_self_check_fails_loudly_on_a_wrong_tensor(tmp_path, capsys, monkeypatch):
+@pytest.mark.parity
+def test_self_check_fails_loudly_on_a_wrong_tensor(hf_tiny, tmp_path, capsys, monkeypatch):
     """A converter bug (linear_2 written untransposed: same shape, wrong layout) loads in
     transformers without complaint; the self-check must catch it and the CLI exit non-zero."""
-    _, hf_dir = _hf_llava(tmp_path, "llama", tie=False)
+    _, hf_dir = _hf_llava(hf_tiny, tmp_path, "llama", tie=False)
     ckpt = _import(hf_dir, tmp_path / "ckpt")
     right = hf_llava.projector_params_to_hf
 
@@ -241,7 +235,8 @@ def test_self_check_fails_loudly_on_a_wrong_tensor(tmp_path, capsys, monkeypatch
     assert "self-check FAILED" in err and "max |diff|" in err
 
 
-def test_lora_instruct_steps_export_with_adapters_merged(tmp_path):
+@pytest.mark.parity
+def test_lora_instruct_steps_export_with_adapters_merged(hf_tiny, tmp_path):
     """A few instruct steps with LoRA; the model that training hands over exports with parity."""
     from vlm_jax import sharding
     from vlm_jax.train import phases
@@ -250,7 +245,7 @@ def test_lora_instruct_steps_export_with_adapters_merged(tmp_path):
     from vlm_jax.train.step import (TrainStepConfig, create_train_state, make_train_step,
                                     plan_training)
 
-    _, hf_dir = _hf_llava(tmp_path, "llama", tie=False)
+    _, hf_dir = _hf_llava(hf_tiny, tmp_path, "llama", tie=False)
     ckpt = _import(hf_dir, tmp_path / "ckpt")
     config, params, tokenizer = model_dir.load_model(ckpt)
     base = model_dir.numpy_params(params)
@@ -286,12 +281,11 @@ def test_lora_instruct_steps_export_with_adapters_merged(tmp_path):
     np.testing.assert_allclose(ours[real], got[real], atol=1e-4, rtol=0)
 
 
-def _bf16_trained_dir(tmp_path):
+def _bf16_trained_dir(tiny_vlm_config, tmp_path):
     """A model directory saved from a config that computes in bf16 with full remat (the real
     recipe's run settings)."""
-    import dataclasses
-    config = dataclasses.replace(_config_with_projector("mlp2x_gelu"), dtype="bfloat16",
-                                 param_dtype="float32", remat_policy="full")
+    config = tiny_vlm_config(vocab_size=32, dtype="bfloat16", param_dtype="float32",
+                             remat_policy="full")
     ckpt = tmp_path / "trained"
     params = jax.jit(lambda key: init_params(config, key))(jax.random.key(0))
     tokenizer_dir = tmp_path / "tok"
@@ -308,8 +302,10 @@ def _bf16_trained_dir(tmp_path):
     return ckpt
 
 
-def test_a_model_trained_in_bf16_is_stored_as_its_architecture_and_exports(tmp_path):
-    ckpt = _bf16_trained_dir(tmp_path)
+@pytest.mark.parity
+def test_a_model_trained_in_bf16_is_stored_as_its_architecture_and_exports(tiny_vlm_config,
+                                                                             tmp_path):
+    ckpt = _bf16_trained_dir(tiny_vlm_config, tmp_path)
     saved = json.load(open(ckpt / "config.json"))
     assert saved["model"]["dtype"] is None and saved["model"]["remat_policy"] is None
     assert saved["model"]["llm"]["dtype"] == "float32"
@@ -326,8 +322,10 @@ def test_a_model_trained_in_bf16_is_stored_as_its_architecture_and_exports(tmp_p
     assert result.max_abs_diff <= exporter.F32_TOLERANCE
 
 
-def test_a_failed_export_leaves_nothing_and_nothing_is_overwritten(tmp_path, monkeypatch, capsys):
-    ckpt = _bf16_trained_dir(tmp_path)
+@pytest.mark.parity
+def test_a_failed_export_leaves_nothing_and_nothing_is_overwritten(tiny_vlm_config, tmp_path,
+                                                                   monkeypatch, capsys):
+    ckpt = _bf16_trained_dir(tiny_vlm_config, tmp_path)
     out = tmp_path / "hf"
 
     def mismatch(result, *args):
@@ -351,12 +349,13 @@ def test_a_failed_export_leaves_nothing_and_nothing_is_overwritten(tmp_path, mon
     assert sorted(os.listdir(tmp_path)) == ["hf", "tok", "trained"]  # no staging left behind
 
 
-def test_the_self_check_compares_greedy_answers_through_the_chat_template(tmp_path, monkeypatch,
-                                                                          capsys):
+@pytest.mark.parity
+def test_the_self_check_compares_greedy_answers_through_the_chat_template(tiny_vlm_config, tmp_path,
+                                                                          monkeypatch, capsys):
     import dataclasses
 
     from vlm_jax.data import templates
-    ckpt = _bf16_trained_dir(tmp_path)
+    ckpt = _bf16_trained_dir(tiny_vlm_config, tmp_path)
     saved = json.load(open(ckpt / "config.json"))
     saved["data"] = {"template": "minimal", "pad_to_square": True}  # as training records it
     (ckpt / "config.json").write_text(json.dumps(saved))

@@ -2,6 +2,7 @@
 `generate` and forward on the same weights, sampling statistics, stops, an 8-device mesh, and the
 `vlm-jax generate` / `score` commands."""
 import contextlib
+import functools
 import io
 import json
 
@@ -11,18 +12,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import (GemmaConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                          SiglipVisionConfig)
+from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 import vlm_jax
 from vlm_jax.inference import generate as gen
+from vlm_jax.inference import prompts as prompting
 from vlm_jax import model_dir, sharding
 from vlm_jax.cli import main as cli_main
-from vlm_jax.data.tokenizer import train_word_tokenizer
-from vlm_jax.models.decoder import decoder_config
-from vlm_jax.models.projector import ProjectorConfig
-from vlm_jax.models.siglip import VisionConfig
-from vlm_jax.models.vlm import VLM, VLMConfig, dummy_inputs, init_params
+from vlm_jax.models.vlm import VLM, dummy_inputs, init_params
 
 VOCAB = 96
 IMAGE_TOKEN_ID = 95
@@ -31,16 +28,12 @@ NEW_TOKENS = 8
 PROMPT_TEXT_LENGTHS = (3, 7, 12)  # text tokens after the image, one row each
 
 
-def _hf_llava(family):
+def _hf_llava(hf_tiny, family):
     torch.manual_seed(0)
-    text = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                eos_token_id=None, bos_token_id=None, pad_token_id=0)
-    text_config = (LlamaConfig(**text) if family == "llama" else
-                   GemmaConfig(**text, head_dim=16, hidden_activation="gelu_pytorch_tanh"))
+    text_config = hf_tiny.text(family, tie=family == "gemma", vocab=VOCAB, eos_token_id=None,
+                               bos_token_id=None, pad_token_id=0)
     config = LlavaConfig(
-        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, image_size=32, patch_size=8),
+        vision_config=hf_tiny.vision(layers=2, vision_use_head=True),
         text_config=text_config, image_token_index=IMAGE_TOKEN_ID,
         image_seq_length=TOKENS_PER_IMAGE, vision_feature_select_strategy="full",
         vision_feature_layer=-1, projector_hidden_act="gelu",
@@ -58,9 +51,9 @@ def _hf_llava(family):
 
 
 @pytest.fixture(scope="module", params=["llama", "gemma"])
-def imported(request, tmp_path_factory):
+def imported(request, hf_tiny, tmp_path_factory):
     """(HF model, our LoadedModel of the same weights, prompts, images)."""
-    hf_model = _hf_llava(request.param)
+    hf_model = _hf_llava(hf_tiny, request.param)
     root = tmp_path_factory.mktemp(request.param)
     hf_model.save_pretrained(root / "hf")
     assert cli_main(["import-hf", "--hf-dir", str(root / "hf"), "--out", str(root / "ckpt")]) == 0
@@ -101,6 +94,7 @@ def _greedy_by_recomputation(model, prompt, image, steps):
     return out
 
 
+@pytest.mark.parity
 def test_cached_greedy_matches_recomputation_and_transformers(imported):
     hf_model, model, prompts, images = imported
     ids, lengths = _right_padded(prompts)
@@ -119,6 +113,7 @@ def test_cached_greedy_matches_recomputation_and_transformers(imported):
         assert hf_out[0, len(prompt):].tolist() == tokens[row].tolist()
 
 
+@pytest.mark.parity
 def test_score_matches_transformers_log_softmax(imported):
     hf_model, model, prompts, images = imported
     prompt, completion = prompts[1], [5, 17, 42, 9]
@@ -133,20 +128,15 @@ def test_score_matches_transformers_log_softmax(imported):
 
 # ----------------------------------------------------------------------------- our own tiny VLM
 
-def _tiny_config(vocab=64, image_token_id=63):
-    return VLMConfig(
-        vision=VisionConfig(image_size=16, patch_size=8, width=32, depth=1, num_heads=4, mlp_dim=64,
-                            feature_layer=-1, use_head=False),
-        projector=ProjectorConfig(type="mlp2x_gelu"),
-        llm=decoder_config("llama", vocab_size=vocab, hidden_size=32, num_layers=2, num_heads=4,
-                           num_kv_heads=2, head_dim=8, mlp_dim=64),
-        image_token_id=image_token_id)
+def _init(config, seed):
+    """init_params in one compiled program (run op by op it costs more than the tests using it)."""
+    return jax.jit(init_params, static_argnums=0)(config, jax.random.key(seed))
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    config = _tiny_config()
-    params = init_params(config, jax.random.key(3))
+def tiny(tiny_vlm_config):
+    config = tiny_vlm_config()  # vocabulary 64, <image> = 63
+    params = _init(config, 3)
     params["llm"]["lm_head"]["kernel"] = params["llm"]["lm_head"]["kernel"] * 6.0
     rng = np.random.default_rng(1)
     prompts = [np.concatenate([[63] * config.tokens_per_image, rng.integers(1, 63, n)]).astype(np.int32)
@@ -155,12 +145,22 @@ def tiny():
     return config, params, prompts, images
 
 
-def _teacher_forced_logits(config, params, prompt, continuation, image):
-    ids = np.concatenate([prompt, continuation])[None].astype(np.int32)
-    t = ids.shape[1]
-    logits = VLM(config).apply({"params": params}, ids, image[None], np.arange(t)[None],
-                               np.ones((1, t), np.int32))
-    return np.asarray(logits[0, len(prompt) - 1:-1])  # [len(continuation), V]
+@functools.lru_cache(maxsize=None)
+def _plain_forward(config):
+    """VLM.__call__ jitted: (params, ids [1, T], images, positions, mask_ar) -> logits."""
+    return jax.jit(lambda params, ids, images, positions, mask_ar: VLM(config).apply(
+        {"params": params}, ids, images, positions, mask_ar))
+
+
+def _teacher_forced_logits(config, params, prompt, continuation, image, width):
+    """Logits predicting each continuation token, from a forward over prompt + continuation in a
+    buffer of `width` (one compile for every row; later tokens do not reach earlier ones)."""
+    ids = np.zeros((1, width), np.int32)
+    ids[0, :len(prompt) + len(continuation)] = np.concatenate([prompt, continuation])
+    logits = _plain_forward(config)(params, ids, image[None], np.arange(width)[None],
+                                    np.ones((1, width), np.int32))
+    start = len(prompt) - 1
+    return np.asarray(logits[0, start:start + len(continuation)])  # [len(continuation), V]
 
 
 def test_sampling_is_seeded_and_stays_in_top_k(tiny):
@@ -170,8 +170,9 @@ def test_sampling_is_seeded_and_stays_in_top_k(tiny):
     first = sample(temperature=1.5, top_k=3, seed=7)
     np.testing.assert_array_equal(first, sample(temperature=1.5, top_k=3, seed=7))
     assert not np.array_equal(first, sample(temperature=1.5, top_k=3, seed=8))
+    width = ids.shape[1] + first.shape[1]
     for row, prompt in enumerate(prompts):
-        logits = _teacher_forced_logits(config, params, prompt, first[row], images[row])
+        logits = _teacher_forced_logits(config, params, prompt, first[row], images[row], width)
         top3 = np.argsort(-logits, axis=-1)[:, :3]
         assert all(token in top3[i] for i, token in enumerate(first[row]))
     # a nucleus too small for anything but the most likely token is greedy
@@ -192,17 +193,19 @@ def test_prefix_lm_greedy_matches_recomputation_under_the_prefix_mask(tiny):
                                  prefix_lengths=prefixes)[0]
     causal = gen.greedy_generate(config, params, ids, lengths, images, steps)[0]
     assert not np.array_equal(tokens, causal), "the prefix mask should change some tokens"
+    # One buffer width for every row (one compile): what follows the sequence is causal, so it
+    # cannot reach the positions read, and the prefix ends inside the prompt.
+    width = ids.shape[1] + steps
     for row, prompt in enumerate(prompts):
-        sequence = np.zeros((1, len(prompt) + steps), np.int32)
+        sequence = np.zeros((1, width), np.int32)
         sequence[0, :len(prompt)] = prompt
         mask_ar = np.ones_like(sequence)
         mask_ar[0, :prefixes[row]] = 0
-        positions = np.arange(sequence.shape[1])[None]
+        positions = np.arange(width)[None]
         for step in range(steps):
-            logits = VLM(config).apply({"params": params}, sequence, images[row][None],
-                                       positions, mask_ar)
+            logits = _plain_forward(config)(params, sequence, images[row][None], positions, mask_ar)
             sequence[0, len(prompt) + step] = int(np.argmax(logits[0, len(prompt) + step - 1]))
-        assert tokens[row].tolist() == sequence[0, len(prompt):].tolist()
+        assert tokens[row].tolist() == sequence[0, len(prompt):len(prompt) + steps].tolist()
     with pytest.raises(ValueError, match="prefix_lengths"):
         gen.greedy_generate(config, params, ids, lengths, images, 2, prefix_lengths=lengths + 1)
 
@@ -265,8 +268,8 @@ def test_stop_ids_and_sequences(tiny):
     stop_id = int(free[1, 2])
     _, counts = gen.generate(config, params, ids, lengths, images, 8, stop_ids=[stop_id])
     assert counts.tolist() == [first_stop(row, [[stop_id]]) for row in range(4)]
-    assert gen.trim_at_stop_strings("red.\nQ: blue", ["\nQ:", "."]) == "red"
-    assert gen.trim_at_stop_strings("red", ["\nQ:"]) == "red"
+    assert prompting.trim_at_stop_strings("red.\nQ: blue", ["\nQ:", "."]) == "red"
+    assert prompting.trim_at_stop_strings("red", ["\nQ:"]) == "red"
 
 
 def test_eight_device_mesh_gives_the_same_tokens(tiny):
@@ -293,11 +296,11 @@ def test_eight_device_mesh_gives_the_same_tokens(tiny):
 # ----------------------------------------------------------------------------- CLI
 
 @pytest.fixture(scope="module")
-def model_directory(tmp_path_factory):
-    tokenizer = train_word_tokenizer(["what color is the red circle", "a blue square"] * 4,
-                                     vocab_size=300)
-    config = _tiny_config(vocab=tokenizer.vocab_size, image_token_id=tokenizer.image_token_id)
-    params = init_params(config, jax.random.key(5))
+def model_directory(tiny_vlm_config, shapes_tokenizer, tmp_path_factory):
+    tokenizer = shapes_tokenizer
+    config = tiny_vlm_config(vocab_size=tokenizer.vocab_size,
+                             image_token_id=tokenizer.image_token_id)
+    params = _init(config, 5)
     params["llm"]["lm_head"]["kernel"] = params["llm"]["lm_head"]["kernel"] * 6.0
     root = tmp_path_factory.mktemp("cli")
     model_dir.save_model(str(root / "model"), config, nn.unbox(params), tokenizer)

@@ -10,31 +10,21 @@ from PIL import Image
 
 from vlm_jax import model_dir
 from vlm_jax.cli import main as cli_main
-from vlm_jax.data.tokenizer import train_word_tokenizer
 from vlm_jax.inference.prompts import conversation_prompt_ids
-from vlm_jax.models.decoder import decoder_config
-from vlm_jax.models.projector import ProjectorConfig
-from vlm_jax.models.siglip import VisionConfig
-from vlm_jax.models.vlm import VLMConfig, init_params
+from vlm_jax.models.vlm import init_params
 
 MAX_POSITIONS = 256
 QUESTION = "what color is the circle"
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
+def root(tiny_vlm_config, shapes_tokenizer, tmp_path_factory):
     """Two copies of one tiny llama-family VLM: `trained` records the template "minimal" (as
     training writes it), `imported` records none (as import-hf); and a red image."""
-    tokenizer = train_word_tokenizer(["what color is the red circle", "a blue square"] * 4,
-                                     vocab_size=300)
-    config = VLMConfig(
-        vision=VisionConfig(image_size=16, patch_size=8, width=32, depth=1, num_heads=4,
-                            mlp_dim=64, feature_layer=-1, use_head=False),
-        projector=ProjectorConfig(type="mlp2x_gelu"),
-        llm=decoder_config("llama", vocab_size=tokenizer.vocab_size, hidden_size=32,
-                           num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
-                           max_position_embeddings=MAX_POSITIONS),
-        image_token_id=tokenizer.image_token_id)
+    tokenizer = shapes_tokenizer
+    config = tiny_vlm_config(vocab_size=tokenizer.vocab_size,
+                             image_token_id=tokenizer.image_token_id,
+                             llm=dict(num_layers=1, max_position_embeddings=MAX_POSITIONS))
     # Random weights of init's shapes: compiling init would cost more than this whole file.
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda x: rng.normal(0, 0.5, x.shape).astype(x.dtype),

@@ -5,6 +5,7 @@ whole or not at all (an interrupted `save_model` leaves the previous one as it w
 import hashlib
 import json
 import os
+import pathlib
 import shutil
 
 import jax
@@ -53,18 +54,10 @@ def _metric_steps(workdir):
     return [r["step"] for r in rows if "loss" in r]
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """A workdir after a 2-step run (checkpoints/, metrics.jsonl, config.json, model/)."""
-    workdir = tmp_path_factory.mktemp("guarded") / "run"
-    assert _train(workdir, steps=2) == 0
-    return workdir
-
-
 # ----------------------------------------------------------------------------- train --workdir
 
-def test_train_into_a_model_directory_is_refused_and_changes_nothing(finished_run, capsys):
-    model = finished_run / "model"
+def test_train_into_a_model_directory_is_refused_and_changes_nothing(tiny_trained_run, capsys):
+    model = pathlib.Path(tiny_trained_run.model)  # a finished 2-step run's (conftest)
     assert os.path.isdir(model / "tokenizer") and os.path.isdir(model / "params")
     before = _snapshot(model)
     assert _train(model, steps=2) == 2
@@ -75,12 +68,12 @@ def test_train_into_a_model_directory_is_refused_and_changes_nothing(finished_ru
     assert _snapshot(model) == before
 
 
-def test_previous_runs_workdir_is_resumed(finished_run, tmp_path, capsys):
+def test_previous_runs_workdir_is_resumed(tiny_trained_run, tmp_path, capsys):
     workdir = tmp_path / "run"
-    shutil.copytree(finished_run, workdir)
+    shutil.copytree(tiny_trained_run.workdir, workdir)  # steps 1 and 2, a checkpoint each
     assert _metric_steps(workdir) == [1, 2]
     model_before = _snapshot(workdir / "model")
-    assert _train(workdir, steps=2) == 0
+    assert cli.main(tiny_trained_run.argv(workdir)) == 0  # the same run config
     assert f"resumed from {workdir}/checkpoints/2" in capsys.readouterr().err
     # Nothing trained again (a fresh start would log steps 1 and 2 a second time) ...
     assert _metric_steps(workdir) == [1, 2]
@@ -89,7 +82,7 @@ def test_previous_runs_workdir_is_resumed(finished_run, tmp_path, capsys):
     model_after = _snapshot(workdir / "model")
     assert _outside_params(model_after).keys() == _outside_params(model_before).keys()
     assert model_after["config.json"] != model_before["config.json"]  # written again
-    _, trained, _ = model_dir.load_model(str(finished_run / "model"), load_tokenizer=False)
+    _, trained, _ = model_dir.load_model(tiny_trained_run.model, load_tokenizer=False)
     _assert_params_equal(workdir / "model", model_dir.numpy_params(trained))
     assert not any(name.startswith(".model") for name in os.listdir(workdir))
 
@@ -221,3 +214,47 @@ def test_save_replaces_the_model_and_a_killed_saves_leftovers(tmp_path):
     # Nothing of the old directory or of the leftover survives.
     assert sorted(os.listdir(target)) == ["config.json", "params"]
     assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+# ----------------------------------------------------------------------------- other outputs
+
+def test_inspect_data_replaces_only_its_own_page(tmp_path, capsys):
+    """Why / Data lost: `inspect-data --out` used to overwrite any file (default
+    inspect_data.html in the working directory)."""
+    page = tmp_path / "notes.html"
+    page.write_text("<p>my notes</p>")
+    argv = ["inspect-data", "--source", "shapes", "--image-size", "32", "--num-image-tokens", "4",
+            "-n", "1", "--rows", "1", "--color", "never", "--out", str(page)]
+    assert cli.main(argv) == 2
+    assert f"--out {page} exists and inspect-data did not write it" in capsys.readouterr().err
+    assert page.read_text() == "<p>my notes</p>"
+    assert cli.main(argv + ["--overwrite"]) == 0
+    written = page.read_text()
+    assert "inspect-data" in written
+    assert cli.main(argv) == 0  # its own page is replaced without asking
+    assert cli.main(argv[:-1] + [str(tmp_path)]) == 2  # a directory is not a page
+
+
+def test_plan_json_replaces_only_an_earlier_report(tmp_path, capsys):
+    """Why / Data lost: `plan --json PATH` used to overwrite any file."""
+    other = tmp_path / "results.json"
+    other.write_text('{"accuracy": 0.9}')
+    assert cli.main(["plan", "--config", TINY, "--mesh", "1x1", "--devices", "h100",
+                     "--json", str(other)]) == 2
+    assert f"--json {other} exists and is not an earlier plan report" in capsys.readouterr().err
+    assert json.loads(other.read_text()) == {"accuracy": 0.9}
+
+
+def test_a_truncated_safetensors_file_is_one_line_naming_it(tmp_path, capsys):
+    """Why / Interrupts and damaged files: a truncated safetensors file given to import-hf ended
+    in a traceback that did not name the file."""
+    hf_dir = _hf_llm(tmp_path / "hf")
+    weights = [name for name in os.listdir(hf_dir) if name.endswith(".safetensors")][0]
+    path = os.path.join(hf_dir, weights)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    capsys.readouterr()  # transformers' save progress bar
+    assert cli.main(["import-hf", "--hf-dir", hf_dir, "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and weights in error[0], error
+    assert not (tmp_path / "out").exists()

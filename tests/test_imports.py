@@ -1,7 +1,8 @@
 """The package's imports point one way (docs/architecture.md): every import of a vlm_jax module
 is at module top level, no two modules import each other even indirectly, and a package only
 imports the packages below it. Function-local imports are allowed only for the slow optional
-dependencies listed here. Read from the source (ast), so nothing is imported or run."""
+dependencies listed here. And no test module imports another (shared helpers are conftest.py
+fixtures). Read from the source (ast), so nothing is imported or run."""
 import ast
 import pathlib
 
@@ -142,3 +143,22 @@ def test_the_check_sees_an_upward_import(tmp_path, bad):
     path.write_text(bad + "\n")
     names = [name for name, _, _ in _imports("vlm_jax.models.x", path)]
     assert _part(names[0]) in ("cli", "train") and _part(names[0]) not in ALLOWED["models"]
+
+
+def test_no_test_module_imports_another():
+    """A test module importing another (or conftest.py) runs that module's imports and top-level
+    code and ties the two files together; what several test files share is a conftest fixture."""
+    tests = pathlib.Path(__file__).resolve().parent
+    local = {path.stem for path in tests.glob("*.py")}
+    wrong = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module]
+            else:
+                continue
+            wrong += [f"tests/{path.name}:{node.lineno} imports {name}" for name in names
+                      if name.split(".")[0] in local]
+    assert not wrong, "\n".join(wrong)

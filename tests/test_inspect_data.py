@@ -18,7 +18,7 @@ from vlm_jax.cli import main as cli_main
 from vlm_jax.data import inspect as inspect_data
 from vlm_jax.data.pipeline import build_pipeline
 from vlm_jax.data.sources.shapes import ShapesSource
-from vlm_jax.train.loop import build_tokenizer
+from vlm_jax.train.tokenizer import build_tokenizer
 
 TINY = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
 

@@ -7,7 +7,6 @@ import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from test_vlm import _text_config, _vision_config
 from vlm_jax.train import run_config as config_lib
 from vlm_jax.cli import main as cli_main
 
@@ -15,11 +14,11 @@ CONFIG = "configs/llava15_siglip.py"
 
 
 @pytest.fixture(scope="module")
-def imported(tmp_path_factory):
+def imported(hf_tiny, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("llava15")
     torch.manual_seed(0)
-    transformers.SiglipVisionModel(_vision_config()).save_pretrained(tmp / "siglip")
-    transformers.Qwen2ForCausalLM(_text_config("qwen2", tie=True)).save_pretrained(tmp / "llm")
+    transformers.SiglipVisionModel(hf_tiny.vision()).save_pretrained(tmp / "siglip")
+    transformers.Qwen2ForCausalLM(hf_tiny.text("qwen2", tie=True)).save_pretrained(tmp / "llm")
     vocab = {w: i for i, w in enumerate(["<unk>", "<|im_start|>", "<|im_end|>", "a", "b"])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

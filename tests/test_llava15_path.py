@@ -13,7 +13,6 @@ import transformers
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from test_vlm import _text_config, _vision_config
 from vlm_jax.cli import main as cli_main
 
 CONFIG = "configs/llava15_siglip.py"
@@ -38,7 +37,7 @@ def _corpus():
     return [" ".join(words), "What colour is the shape? What is the shape? A red circle."] * 4
 
 
-def _save_llm(directory, family):
+def _save_llm(hf_tiny, directory, family):
     """A tiny instruct LLM of `family` with a byte-level BPE tokenizer carrying the family's
     special tokens, its BOS post-processor (Llama 3 prepends <|begin_of_text|>), its chat
     template and a generation config."""
@@ -53,7 +52,7 @@ def _save_llm(directory, family):
         bos_id = tok.token_to_id(bos)
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
-    config = _text_config(family, tie=True)
+    config = hf_tiny.text(family, tie=True)
     config.vocab_size = tok.get_vocab_size()
     config.eos_token_id = tok.token_to_id(eos)
     config.bos_token_id = tok.token_to_id(bos) if bos else None
@@ -112,11 +111,13 @@ def _train(tmp, phase, model, data, workdir, *overrides):
     return [json.loads(line) for line in open(workdir / "metrics.jsonl")]
 
 
+@pytest.mark.slow
+@pytest.mark.parity
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_llava15_recipe_align_instruct_export_generate(tmp_path, family, capsys):
+def test_llava15_recipe_align_instruct_export_generate(hf_tiny, tmp_path, family, capsys):
     torch.manual_seed(0)
-    transformers.SiglipVisionModel(_vision_config()).save_pretrained(tmp_path / "siglip")
-    _save_llm(tmp_path / "llm", family)
+    transformers.SiglipVisionModel(hf_tiny.vision()).save_pretrained(tmp_path / "siglip")
+    _save_llm(hf_tiny, tmp_path / "llm", family)
     _write_data(tmp_path)
     assert cli_main(["import-hf", "--vision", str(tmp_path / "siglip"), "--text",
                      str(tmp_path / "llm"), "--out", str(tmp_path / "base")]) == 0

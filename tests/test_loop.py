@@ -16,6 +16,7 @@ from vlm_jax import model_dir
 from vlm_jax.train import run_config as config_lib
 from vlm_jax.train import event_file
 from vlm_jax.errors import TrainingStopped
+from vlm_jax.train import tokenizer as run_tokenizer
 from vlm_jax.train.loop import train
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
@@ -69,36 +70,62 @@ def test_crc32c_matches_the_castagnoli_check_value():
     assert event_file.crc32c(b"") == 0
 
 
+class _StepClock:
+    """The loop's `time` module with a fake `perf_counter`: a clock that moves by exactly 1 s
+    each time a train step computes (`tick`) and stands still otherwise, so a logged
+    step_time_s counts the steps its interval spans."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.ticks = 0
+
+    def perf_counter(self):
+        return self.now
+
+    def tick(self):
+        self.now += 1.0
+        self.ticks += 1
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def _step_times(workdir):
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return [r["step_time_s"] for r in rows if "loss" in r]
+
+
 def test_step_time_is_one_step_not_two(tmp_path, monkeypatch):
     # The loop reads step k's metrics after dispatching step k+1; step k's clock must start
     # when step k-1 finished (a bug once started it one step earlier: every time doubled).
     from vlm_jax.train import loop
 
     make_train_step = loop.make_train_step
+    clock = _StepClock()
 
-    def slow(plan):  # metrics come >= 0.3 s after the step; dispatch stays asynchronous
+    def ticking(plan):  # the clock ticks when a step's metrics are computed, after dispatch
         step = make_train_step(plan)
 
-        def sleep(loss):
-            time.sleep(0.3)
+        def tick(loss):
+            clock.tick()
             return loss
 
         @jax.jit
-        def delay(metrics):
-            loss = jax.pure_callback(sleep, jax.ShapeDtypeStruct((), metrics["loss"].dtype),
+        def compute(metrics):
+            loss = jax.pure_callback(tick, jax.ShapeDtypeStruct((), metrics["loss"].dtype),
                                      metrics["loss"])
             return {**metrics, "loss": loss}
 
         def run(state, batch):
             state, metrics = step(state, batch)
-            return state, delay(metrics)
+            return state, compute(metrics)
         return run
 
-    monkeypatch.setattr(loop, "make_train_step", slow)
-    train(_config(["log.every_steps=1"], arg="steps=6"), str(tmp_path / "run"))
-    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-    times = [r["step_time_s"] for r in rows if "loss" in r and r["step"] > 1]
-    assert len(times) == 5 and all(0.3 <= t < 0.55 for t in times), times
+    monkeypatch.setattr(loop, "make_train_step", ticking)
+    monkeypatch.setattr(loop, "time", clock)
+    train(_config(["log.every_steps=1", "eval_data=None"]), str(tmp_path / "run"))
+    assert clock.ticks == 4  # one computation per step
+    assert _step_times(tmp_path / "run") == [1.0] * 4  # 2.0: a clock started a step early
 
 
 def test_logs_hold_the_metrics_and_the_model_is_written(tmp_path):
@@ -158,22 +185,22 @@ def test_last_step_time_is_a_real_step_when_the_backend_runs_steps_at_dispatch(t
     from vlm_jax.train import loop
 
     make_train_step = loop.make_train_step
+    clock = _StepClock()
 
-    def synchronous_slow(plan):
+    def synchronous(plan):  # the clock ticks inside the train_step call, once it computed
         step = make_train_step(plan)
 
         def run(state, batch):
             state, metrics = step(state, batch)
             jax.block_until_ready(metrics)
-            time.sleep(0.3)
+            clock.tick()
             return state, metrics
         return run
 
-    monkeypatch.setattr(loop, "make_train_step", synchronous_slow)
-    train(_config(["log.every_steps=1"], arg="steps=4"), str(tmp_path / "run"))
-    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-    times = [r["step_time_s"] for r in rows if "loss" in r]
-    assert len(times) == 4 and all(t >= 0.3 for t in times), times
+    monkeypatch.setattr(loop, "make_train_step", synchronous)
+    monkeypatch.setattr(loop, "time", clock)
+    train(_config(["log.every_steps=1", "eval_data=None"]), str(tmp_path / "run"))
+    assert _step_times(tmp_path / "run") == [1.0] * 4  # 0 s: a clock started after the call
 
 
 def test_one_epoch_of_a_packed_run_trains_every_example_once(tmp_path):
@@ -249,19 +276,15 @@ def test_cli_train_exit_codes_and_lines(tmp_path, monkeypatch, capsys):
     assert calls == [False, True, False]
 
 
-def test_align_without_init_from_warns_once_naming_the_random_towers(tmp_path, caplog):
-    def random_tower_lines():
-        return [r.getMessage() for r in caplog.records if "randomly initialised" in r.getMessage()]
-
-    with caplog.at_level("WARNING"):
-        train(_config(["eval_data=None"], arg="phase=align,steps=2"), str(tmp_path / "align"))
-    (line,) = random_tower_lines()
+def test_align_without_init_from_warns_once_naming_the_random_towers(tiny_trained_run, tmp_path,
+                                                                      caplog):
+    # tiny_trained_run (conftest) is configs/tiny.py phase=align without init_from.
+    (line,) = [m for m in tiny_trained_run.warnings if "randomly initialised" in m]
     assert "train.phase=align" in line and "vision tower" in line and "LLM" in line
-    caplog.clear()
     with caplog.at_level("WARNING"):  # started from that model: nothing to say
-        train(_config(["eval_data=None", f"train.init_from.path={tmp_path / 'align'}"],
+        train(_config(["eval_data=None", f"train.init_from.path={tiny_trained_run.workdir}"],
                       arg="phase=instruct,steps=2"), str(tmp_path / "instruct"))
-    assert random_tower_lines() == []
+    assert not [r for r in caplog.records if "randomly initialised" in r.getMessage()]
 
 
 def test_unknown_flops_log_mfu_null_and_warn_once(tmp_path, monkeypatch, caplog):
@@ -293,7 +316,7 @@ def test_eval_loss_is_the_train_step_loss_on_the_same_batch(tmp_path, arg, overr
                                     plan_training)
     run = config_lib.build_run_config(_config(overrides, arg=f"{arg},steps=2"),
                                       jax.device_count(), jax.process_count())
-    tokenizer = loop.build_tokenizer(run, str(tmp_path))
+    tokenizer = run_tokenizer.build_tokenizer(run, str(tmp_path))
     local = next(iter(build_pipeline(run.data, tokenizer)))
     mesh = sharding.make_mesh(run.mesh)
     plan = plan_training(run.model, TrainStepConfig(

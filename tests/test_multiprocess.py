@@ -43,7 +43,9 @@ def _pair_env() -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4",
                JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
-    env.pop("XLA_FLAGS", None)  # a forced host device count would override the 4 devices
+    # conftest's XLA flags, but not a forced host device count: it would override the 4 devices
+    env["XLA_FLAGS"] = " ".join(flag for flag in env.get("XLA_FLAGS", "").split()
+                                if not flag.startswith("--xla_force_host_platform_device_count"))
     return env
 
 
@@ -149,6 +151,8 @@ def runs(tmp_path_factory):
     return pair_dir, single_dir
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_pair_trains_like_one_process(runs):
     pair_dir, single_dir = runs
     pair, single = _losses(pair_dir), _losses(single_dir)
@@ -166,6 +170,8 @@ def test_pair_trains_like_one_process(runs):
     assert os.path.exists(pair_dir / "tokenizer" / "tokenizer.json")
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_checkpoints_cross_between_pair_and_one_process(runs, tmp_path):
     import jax
     pair_dir, single_dir = runs
@@ -246,6 +252,8 @@ if __name__ == "__main__":
     _restore_worker(sys.argv[1:])
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_pair_trains_one_epoch_and_stops_together(tmp_path):
     # 41 examples, one per row (no packing), 4 rows per process: the shards (21 and 20 examples) make 6 and
     # 5 batches. The process that runs out first feeds empty batches until the other is done, so

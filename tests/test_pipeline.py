@@ -14,7 +14,6 @@ from vlm_jax.data.errors import SkipExample
 from vlm_jax.data.images import preprocess_image
 from vlm_jax.data.pipeline import (DataConfig, SourceConfig, TooManySkippedExamples,
                                    build_pipeline, build_pipeline_from)
-from vlm_jax.data.sources.shapes import corpus
 from vlm_jax.data.tokenizer import train_word_tokenizer
 from vlm_jax.data.transforms import make_transform
 from vlm_jax.train.metrics_log import flat_skip_counts
@@ -282,8 +281,9 @@ def test_worker_processes_count_skips_like_the_main_process_and_resume_exactly()
 
 @pytest.mark.parametrize("task,shapes_task", [("instruct", "qa"), ("align", "caption"),
                                               ("lm", "text"), ("contrastive", "caption")])
-def test_build_pipeline_from_config_with_the_real_source_and_transforms(task, shapes_task):
-    tokenizer = train_word_tokenizer(corpus(100), vocab_size=300)
+def test_build_pipeline_from_config_with_the_real_source_and_transforms(shapes_tokenizer, task,
+                                                                        shapes_task):
+    tokenizer = shapes_tokenizer
     cfg = from_dict(DataConfig, {
         "sources": [{"kind": "shapes", "options": {"task": shapes_task, "image_size": 32,
                                                    "num_examples": 12}}],

@@ -6,6 +6,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from configs.shapes import config as recipe
 from configs.shapes import run
@@ -17,6 +18,7 @@ def _flat(params):
     return {k: np.asarray(v) for k, v in param_groups.flatten(jax.device_get(params)).items()}
 
 
+@pytest.mark.slow
 def test_recipe_runs_end_to_end(tmp_path, capsys):
     workdir = str(tmp_path / "shapes")
     assert run.main(["--workdir", workdir, "--steps", "2", "--batch", "8",

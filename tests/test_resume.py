@@ -1,8 +1,10 @@
-"""Exact resume across processes (`python -m vlm_jax.cli train` in a subprocess): 2N steps straight
-== N steps, SIGKILL, resume to 2N (final params and every step's batch bit-identical); the same
-with SIGTERM, which saves at the next step boundary and exits cleanly, the resumed run starting
-right after that step; and Ctrl-C, which saves the same way and exits with 130 in one line (a
-damaged checkpoint then refuses the re-run in one line; intact, the same command resumes)."""
+"""Exact resume across processes (`python -m vlm_jax.cli train` in a subprocess): a run stopped
+at a random step (wherever the signal lands) and resumed ends bit-identical to the uninterrupted
+run (final params and every step's batch, replayed steps included): after SIGKILL (resumed from
+the last complete checkpoint); after SIGTERM, which saves at the next step boundary and exits
+cleanly, the resumed run starting right after that step; and after Ctrl-C, which saves the same
+way and exits with 130 in one line (a damaged checkpoint then refuses the re-run in one line;
+intact, the same command resumes)."""
 import json
 import os
 import signal
@@ -15,22 +17,32 @@ import pytest
 
 from vlm_jax import model_dir
 
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # 2-4 training processes a test
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-STEPS = 40
-SIGNAL_AFTER = 12  # steps done before the signal is sent
+STEPS = 16
+EVERY = 3  # checkpoint.every_steps
+# Steps dispatched before the signal is sent: checkpoint EVERY is complete by then (a save waits
+# for the one before it), and the run has STEPS - SIGNAL_AFTER steps (~1 s) left, which the
+# signal lands in.
+SIGNAL_AFTER = 2 * EVERY + 1
 
 
-def _command(workdir):
+def _command(workdir, steps=STEPS):
     return [sys.executable, "-m", "vlm_jax.cli", "train", "--config",
-            os.path.join(ROOT, "configs", "tiny.py") + f":steps={STEPS}", "--workdir", workdir,
-            "--config.checkpoint.every_steps=5", "--config.log.batch_hash=true",
+            os.path.join(ROOT, "configs", "tiny.py") + f":steps={steps}", "--workdir", workdir,
+            f"--config.checkpoint.every_steps={EVERY}", "--config.log.batch_hash=true",
             "--config.log.progress_bar=false", "--config.log.tensorboard=false",
             "--config.eval_data=None"]
 
 
 def _env():
+    """This process's environment (conftest's compilation cache and XLA flags) for one CPU
+    device: a forced host device count is dropped."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_")}
-    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               XLA_FLAGS=" ".join(flag for flag in os.environ.get("XLA_FLAGS", "").split()
+                                  if not flag.startswith("--xla_force_host_platform_device_count")))
     return env
 
 
@@ -48,21 +60,20 @@ def _run(workdir):
     return done
 
 
-def _run_and_signal(workdir, signum):
-    """Start a run, send `signum` once SIGNAL_AFTER steps are done; (returncode, stderr,
-    steps done when the signal was sent)."""
-    process = subprocess.Popen(_command(workdir), env=_env(), stdout=subprocess.PIPE,
+def _run_and_signal(workdir, signum, command=None, after=SIGNAL_AFTER):
+    """Start a run (`command`, default `_command(workdir)`), send `signum` once `after` steps
+    are done; (returncode, stdout, stderr, steps done when the signal was sent)."""
+    process = subprocess.Popen(command or _command(workdir), env=_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
-    while len(_hashes(workdir)) < SIGNAL_AFTER:
+    while len(_hashes(workdir)) < after:
         assert process.poll() is None, process.communicate()[1][-3000:]
         assert time.time() < deadline
         time.sleep(0.01)
     process.send_signal(signum)
-    _, stderr = process.communicate(timeout=120)
-    sent_at = SIGNAL_AFTER
+    stdout, stderr = process.communicate(timeout=120)
     assert len(_hashes(workdir)) < STEPS, "the run finished before the signal landed"
-    return process.returncode, stderr, sent_at
+    return process.returncode, stdout, stderr, after
 
 
 def _params(workdir):
@@ -103,19 +114,19 @@ def _flatten(tree, prefix=""):
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path, straight):
     workdir = str(tmp_path)
-    returncode, _, _ = _run_and_signal(workdir, signal.SIGKILL)
+    returncode, _, _, _ = _run_and_signal(workdir, signal.SIGKILL)
     assert returncode == -signal.SIGKILL
     killed_steps = len(_hashes(workdir))
     done = _run(workdir)
     assert "resumed from" in done.stderr
     resumed_from = int(done.stderr.split("resumed from ")[1].split("/")[-1].split()[0])
-    assert 5 <= resumed_from <= killed_steps and resumed_from % 5 == 0
+    assert EVERY <= resumed_from <= killed_steps and resumed_from % EVERY == 0
     _check_same_as_straight(workdir, straight)
 
 
 def test_sigterm_saves_then_resume_is_bit_identical(tmp_path, straight):
     workdir = str(tmp_path)
-    returncode, stderr, sent_at = _run_and_signal(workdir, signal.SIGTERM)
+    returncode, _, stderr, sent_at = _run_and_signal(workdir, signal.SIGTERM)
     assert returncode == 0, stderr[-3000:]
     assert "preempted" in stderr or "SIGTERM" in stderr
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -130,33 +141,26 @@ def test_sigterm_saves_then_resume_is_bit_identical(tmp_path, straight):
     _check_same_as_straight(workdir, straight)
 
 
-def _ctrl_c_command(workdir):
-    """A run far longer than the test: Ctrl-C, not its end, must stop it."""
-    command = _command(workdir)
-    command[command.index("--config") + 1] = os.path.join(ROOT, "configs", "tiny.py") + ":steps=200"
-    return command + ["--config.checkpoint.every_steps=1000", "--config.log.every_steps=1"]
+def _ctrl_c_command(workdir, steps=STEPS):
+    """The straight run's command with no periodic checkpoint: the one Ctrl-C writes is the only
+    one (checkpoint and log intervals may change on resume; they change no result)."""
+    return _command(workdir, steps) + ["--config.checkpoint.every_steps=1000",
+                                       "--config.log.every_steps=1"]
 
 
-def test_ctrl_c_saves_then_the_same_command_resumes(tmp_path):
+def test_ctrl_c_saves_then_the_same_command_resumes_bit_identical(tmp_path, straight):
     from etils import epath
 
     from vlm_jax.train.checkpoint import is_complete
     from vlm_jax.train.loop import CTRL_C_MESSAGE
     workdir = str(tmp_path)
-    process = subprocess.Popen(_ctrl_c_command(workdir), env=_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while len(_hashes(workdir)) < 3:
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        assert time.time() < deadline
-        time.sleep(0.01)
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr[-3000:]
+    returncode, stdout, stderr, _ = _run_and_signal(workdir, signal.SIGINT,
+                                                    _ctrl_c_command(workdir), after=3)
+    assert returncode == 130, stderr[-3000:]
     assert "Traceback" not in stdout + stderr
     assert stderr.count(CTRL_C_MESSAGE) == 1
     stopped = len(_hashes(workdir))
-    assert 3 <= stopped < 200
+    assert 3 <= stopped < STEPS
     checkpoints = os.path.join(workdir, "checkpoints")
     assert (f"vlm-jax train: stopped by Ctrl-C at step {stopped}; checkpoint {checkpoints}/"
             f"{stopped}; re-run the same command to resume") in stderr
@@ -184,7 +188,8 @@ def test_ctrl_c_saves_then_the_same_command_resumes(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resumed from {checkpoints}/{stopped}" in done.stderr
-    assert [row["step"] for row in _hashes(workdir)] == list(range(1, 201))
+    assert [row["step"] for row in _hashes(workdir)] == list(range(1, STEPS + 1))  # each once
+    _check_same_as_straight(workdir, straight)
 
 
 def test_ctrl_c_in_one_process_of_two_stops_both_at_the_same_step(tmp_path):
@@ -196,8 +201,10 @@ def test_ctrl_c_in_one_process_of_two_stops_both_at_the_same_step(tmp_path):
         s.bind(("127.0.0.1", 0))
         coordinator = f"127.0.0.1:{s.getsockname()[1]}"
     workdir = str(tmp_path)
-    command = _ctrl_c_command(workdir) + ["--config.mesh.data=1", "--config.mesh.fsdp=8",
-                                          "--coordinator", coordinator, "--num-processes", "2"]
+    # A run far longer than the test (it is not resumed): Ctrl-C, not its end, must stop it.
+    command = _ctrl_c_command(workdir, steps=200) + [
+        "--config.mesh.data=1", "--config.mesh.fsdp=8", "--coordinator", coordinator,
+        "--num-processes", "2"]
     env = dict(_env(), JAX_NUM_CPU_DEVICES="4", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
     procs = [subprocess.Popen(command + ["--process-id", str(i)], env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in (0, 1)]

@@ -5,20 +5,7 @@ import numpy as np
 import pytest
 
 from vlm_jax import sharding
-from vlm_jax.models.decoder import decoder_config
-from vlm_jax.models.projector import ProjectorConfig
-from vlm_jax.models.siglip import VisionConfig
-from vlm_jax.models.vlm import VLM, VLMConfig, dummy_inputs
-
-
-def _config():
-    return VLMConfig(
-        vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=2, num_heads=4,
-                            mlp_dim=64, feature_layer=-2, use_head=False),
-        projector=ProjectorConfig(type="mlp2x_gelu"),
-        llm=decoder_config("llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
-                           num_kv_heads=2, head_dim=8, mlp_dim=64),
-        image_token_id=63)
+from vlm_jax.models.vlm import VLM, dummy_inputs
 
 
 def _batch(config, batch_size=8, text=8):
@@ -32,9 +19,10 @@ def _batch(config, batch_size=8, text=8):
                 mask_ar=np.ones_like(ids))
 
 
-def test_forward_on_fsdp_tensor_mesh_matches_one_device():
+def test_forward_on_fsdp_tensor_mesh_matches_one_device(tiny_vlm_config):
     assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
-    config = _config()
+    # 16 image tokens, features from the second-to-last of 2 vision layers; <image> = 63
+    config = tiny_vlm_config(vision=dict(image_size=32, depth=2, feature_layer=-2))
     model = VLM(config)
     init = lambda rng: model.init(rng, **dummy_inputs(config), method=VLM.init_all)["params"]
     rng = jax.random.key(0)

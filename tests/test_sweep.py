@@ -99,6 +99,7 @@ def test_launcher_commands_for_tpu_and_slurm():
                                              "gs://b/sweep/r1", "--config.train.seed=1"]
 
 
+@pytest.mark.slow
 def test_local_sweep_of_four_tiny_runs_and_its_report(tmp_path, capsys):
     # Seeds change no compiled program, so runs 2-4 reuse run 1's compilations from the
     # sweep's shared cache: 4 real trainings in well under a minute on 2 cores.

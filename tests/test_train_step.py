@@ -21,7 +21,10 @@ MESHES = {"one_device": (sharding.MeshConfig(), 1),
           "fsdp4_tensor2": (sharding.MeshConfig(data=1, fsdp=4, tensor=2), 8)}
 
 
-def _config():
+@pytest.fixture(scope="module")
+def config():
+    """Smaller than conftest's tiny_vlm_config: at this size 5 steps on 5 different batches
+    lower the loss, which the mesh test checks (conftest's does not)."""
     return VLMConfig(
         vision=VisionConfig(image_size=16, patch_size=8, width=16, depth=2, num_heads=2, mlp_dim=32,
                             use_head=False),
@@ -51,21 +54,21 @@ def _batches(config, batch_size=8):
 
 
 @functools.lru_cache(maxsize=None)
-def _setup(mesh_name, micro_batches):
+def _setup(config, mesh_name, micro_batches):
     mesh_config, num_devices = MESHES[mesh_name]
     mesh = sharding.make_mesh(mesh_config, devices=jax.devices()[:num_devices])
     optimizer = OptimizerConfig(learning_rate=3e-3, schedule="cosine", warmup_steps=2,
                                 total_steps=10, weight_decay=0.1, grad_clip_norm=1.0)
     step_config = TrainStepConfig(phase=phases.PhaseConfig("instruct"), optimizer=optimizer,
                                   micro_batches=micro_batches)
-    plan = plan_training(_config(), step_config, mesh)
+    plan = plan_training(config, step_config, mesh)
     return plan, make_train_step(plan)
 
 
 @functools.lru_cache(maxsize=None)
-def _run(mesh_name, micro_batches):
+def _run(config, mesh_name, micro_batches):
     """(metrics per step, final trainable params on the host) from the same init and batches."""
-    plan, train_step = _setup(mesh_name, micro_batches)
+    plan, train_step = _setup(config, mesh_name, micro_batches)
     state = create_train_state(plan, jax.random.key(0))
     metrics = []
     for batch in _batches(plan.model_config):
@@ -74,9 +77,9 @@ def _run(mesh_name, micro_batches):
     return metrics, jax.tree.map(np.asarray, state.trainable)
 
 
-def test_eight_device_fsdp_tensor_mesh_matches_one_device():
-    single, _ = _run("one_device", 1)
-    sharded, _ = _run("fsdp4_tensor2", 1)
+def test_eight_device_fsdp_tensor_mesh_matches_one_device(config):
+    single, _ = _run(config, "one_device", 1)
+    sharded, _ = _run(config, "fsdp4_tensor2", 1)
     for key in ("loss", "token_accuracy", "grad_norm", "lr", "num_loss_tokens"):
         np.testing.assert_allclose([m[key] for m in sharded], [m[key] for m in single], atol=1e-5,
                                    err_msg=key)
@@ -84,8 +87,8 @@ def test_eight_device_fsdp_tensor_mesh_matches_one_device():
     assert [m["lr"] for m in single][:3] == pytest.approx([0.0, 1.5e-3, 3e-3])
 
 
-def test_state_is_born_sharded_on_the_mesh():
-    plan, _ = _setup("fsdp4_tensor2", 1)
+def test_state_is_born_sharded_on_the_mesh(config):
+    plan, _ = _setup(config, "fsdp4_tensor2", 1)
     state = create_train_state(plan, jax.random.key(0))
     q = state.trainable["llm"]["layers"]["attention"]["q"]["kernel"]   # [L, D, H, hd]
     assert tuple(q.sharding.spec)[1:3] == ("fsdp", "tensor")
@@ -101,9 +104,9 @@ def test_state_is_born_sharded_on_the_mesh():
     assert patch.addressable_shards[0].data.size == patch.size // 8
 
 
-def test_two_micro_batches_equal_one_batch():
-    whole, whole_params = _run("fsdp4_tensor2", 1)
-    accumulated, accumulated_params = _run("fsdp4_tensor2", 2)
+def test_two_micro_batches_equal_one_batch(config):
+    whole, whole_params = _run(config, "fsdp4_tensor2", 1)
+    accumulated, accumulated_params = _run(config, "fsdp4_tensor2", 2)
     for key in ("loss", "token_accuracy", "grad_norm", "num_loss_tokens"):
         np.testing.assert_allclose([m[key] for m in accumulated], [m[key] for m in whole],
                                    rtol=1e-6, atol=1e-6, err_msg=key)
@@ -112,8 +115,8 @@ def test_two_micro_batches_equal_one_batch():
         np.testing.assert_allclose(value, flat_whole[path], atol=1e-6, err_msg=path)
 
 
-def test_nan_in_batch_or_params_sets_the_non_finite_flag_and_skips_the_update():
-    plan, train_step = _setup("one_device", 1)
+def test_nan_in_batch_or_params_sets_the_non_finite_flag_and_skips_the_update(config):
+    plan, train_step = _setup(config, "one_device", 1)
     batch = _batches(plan.model_config)[0]
 
     state = create_train_state(plan, jax.random.key(0))

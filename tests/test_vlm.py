@@ -7,38 +7,18 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from transformers import (GemmaConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                          Qwen2Config, SiglipVisionConfig)
+from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 import vlm_jax
 from vlm_jax.cli import main as cli_main
 from vlm_jax.models.projector import Projector, ProjectorConfig, num_output_tokens, pixel_shuffle
 
-VOCAB = 96
-IMAGE_TOKEN_ID = 95
+IMAGE_TOKEN_ID = 95  # the last id of hf_tiny's 96
 
 
-def _vision_config(image_size=32, patch=8):
-    return SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                              num_attention_heads=4, image_size=image_size, patch_size=patch,
-                              vision_use_head=False)
-
-
-def _text_config(family, tie, vocab=VOCAB):
-    common = dict(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
-                  max_position_embeddings=256)
-    if family == "llama":
-        return LlamaConfig(**common)
-    if family == "qwen2":
-        return Qwen2Config(**common)
-    return GemmaConfig(**{**common, "head_dim": 16, "hidden_act": "gelu_pytorch_tanh",
-                          "hidden_activation": "gelu_pytorch_tanh"})
-
-
-def _hf_llava(tmp_path, family, tie=False, feature_layer=-2):
+def _hf_llava(hf_tiny, tmp_path, family, tie=False, feature_layer=-2):
     torch.manual_seed(0)
-    config = LlavaConfig(vision_config=_vision_config(), text_config=_text_config(family, tie),
+    config = LlavaConfig(vision_config=hf_tiny.vision(), text_config=hf_tiny.text(family, tie),
                          image_token_index=IMAGE_TOKEN_ID, image_seq_length=16,
                          vision_feature_select_strategy="full", vision_feature_layer=feature_layer,
                          projector_hidden_act="gelu", tie_word_embeddings=tie)
@@ -71,9 +51,10 @@ def _inputs(rng, batch=2, text=12, images_per_row=(1, 2), tokens_per_image=16, s
     return input_ids, attention_mask, pixel_values
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("family,tie", [("llama", False), ("qwen2", True), ("gemma", True)])
-def test_llava_parity_through_import_and_api(tmp_path, family, tie):
-    hf_model, hf_dir = _hf_llava(tmp_path, family, tie)
+def test_llava_parity_through_import_and_api(hf_tiny, tmp_path, family, tie):
+    hf_model, hf_dir = _hf_llava(hf_tiny, tmp_path, family, tie)
     out = tmp_path / "ckpt"
     assert cli_main(["import-hf", "--hf-dir", hf_dir, "--out", str(out)]) == 0
     model = vlm_jax.load(str(out))
@@ -89,13 +70,14 @@ def test_llava_parity_through_import_and_api(tmp_path, family, tie):
     np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=0)
 
 
-def test_compose_siglip_and_llm_adds_image_token(tmp_path):
+@pytest.mark.parity
+def test_compose_siglip_and_llm_adds_image_token(hf_tiny, tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     torch.manual_seed(0)
     vision_dir, text_dir = tmp_path / "siglip", tmp_path / "llm"
-    transformers.SiglipVisionModel(_vision_config()).save_pretrained(vision_dir)
-    llm_config = _text_config("llama", tie=False)
+    transformers.SiglipVisionModel(hf_tiny.vision()).save_pretrained(vision_dir)
+    llm_config = hf_tiny.text("llama", tie=False)
     llm_config.vocab_size = 8  # the tokenizer below has exactly 8 tokens: <image> must grow it
     transformers.LlamaForCausalLM(llm_config).save_pretrained(text_dir)
     vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "a", "red", "circle", "is", "here"])}
@@ -120,8 +102,8 @@ def test_compose_siglip_and_llm_adds_image_token(tmp_path):
     assert logits.shape == (1, 8, 9) and np.isfinite(logits).all()
 
 
-def test_placeholder_mismatch_is_a_clear_error(tmp_path):
-    _, hf_dir = _hf_llava(tmp_path, "llama")
+def test_placeholder_mismatch_is_a_clear_error(hf_tiny, tmp_path):
+    _, hf_dir = _hf_llava(hf_tiny, tmp_path, "llama")
     out = tmp_path / "ckpt"
     assert cli_main(["import-hf", "--hf-dir", hf_dir, "--out", str(out)]) == 0
     model = vlm_jax.load(str(out))
@@ -132,15 +114,15 @@ def test_placeholder_mismatch_is_a_clear_error(tmp_path):
         model.logits(input_ids=input_ids)
 
 
-def test_import_refuses_unsupported_and_mismatched(tmp_path, capsys):
-    _, hf_dir = _hf_llava(tmp_path, "llama")
+def test_import_refuses_unsupported_and_mismatched(hf_tiny, tmp_path, capsys):
+    _, hf_dir = _hf_llava(hf_tiny, tmp_path, "llama")
     config = json.load(open(os.path.join(hf_dir, "config.json")))
     config["text_config"]["model_type"] = "mistral"
     json.dump(config, open(os.path.join(hf_dir, "config.json"), "w"))
     assert cli_main(["import-hf", "--hf-dir", hf_dir, "--out", str(tmp_path / "x")]) == 2
     assert "mistral" in capsys.readouterr().err
 
-    _, hf_dir = _hf_llava(tmp_path, "qwen2")
+    _, hf_dir = _hf_llava(hf_tiny, tmp_path, "qwen2")
     config = json.load(open(os.path.join(hf_dir, "config.json")))
     config["text_config"]["intermediate_size"] = 100  # weights say 96
     json.dump(config, open(os.path.join(hf_dir, "config.json"), "w"))
@@ -173,8 +155,9 @@ def test_projector_options_norm_pos_embed_hidden_dim():
     tokens = np.tile(np.random.default_rng(0).standard_normal((1, 1, 8)), (2, 16, 1))
     def run(**options):
         module = Projector(ProjectorConfig(type="pixel_shuffle", **options), out_dim=6)
-        params = nn.unbox(module.init(jax.random.key(0), tokens)["params"])
-        return jax.tree.map(np.shape, params), np.asarray(module.apply({"params": params}, tokens))
+        params = nn.unbox(jax.jit(module.init)(jax.random.key(0), tokens)["params"])
+        out = jax.jit(module.apply)({"params": params}, tokens)
+        return jax.tree.map(np.shape, params), np.asarray(out)
     shapes, out = run()
     assert out.shape == (2, 4, 6) and np.allclose(out, out[:, :1])
     shapes, out = run(input_norm=True, pos_embed=True, hidden_dim=24)

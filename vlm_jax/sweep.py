@@ -293,7 +293,7 @@ def report(root: str) -> tuple[list[dict], str]:
     """(rows, markdown table) of every run in ROOT/sweep.json."""
     sweep_file = epath.Path(root) / "sweep.json"
     if not sweep_file.exists():
-        raise FileNotFoundError(f"{sweep_file} does not exist (run `vlm-jax sweep` first)")
+        raise InputError(f"--workdir: {sweep_file} does not exist (run `vlm-jax sweep` first)")
     record = json.loads(sweep_file.read_text())
     swept_keys = list(dict.fromkeys(k for run in record["runs"] for k in run["swept"]))
     rows = []

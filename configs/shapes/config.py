@@ -47,7 +47,7 @@ WORLDS = {"recipe": dict(shapes=("circle", "square", "triangle"),
                          colors=("red", "green", "blue", "yellow"), sizes=("large",)),
           "full": {}}
 IMAGE_SIZE = 48
-VOCAB_SIZE = 1024       # the recipe's tokenizer (run.py: fit_tokenizer) has exactly this many ids
+VOCAB_SIZE = 1024       # the recipe's tokenizer (tokenizer section below) has exactly this many ids
 IMAGE_TOKEN_ID = 4      # <image> in every tokenizer from `train_word_tokenizer`
 TEXT_LEN = 48           # contrastive caption tokens (a 4-object caption is ~40)
 
@@ -101,8 +101,10 @@ def get_config(arg=None):
                        read_threads=1, prefetch_buffer_size=2 * batch, seed=PHASES.index(args.phase))
     # No eval_data: a validation pass per phase costs a compile each; the recipe's evaluation
     # is run.py's exact-match VQA on held-out test scenes after the last phase.
+    # Without tokenizer=: the recipe's own fit (run.py fits it once for all phases this way).
     config.tokenizer = (dict(kind="path", path=args.tokenizer) if args.tokenizer
-                        else dict(kind="shapes", vocab_size=VOCAB_SIZE))
+                        else dict(kind="shapes", vocab_size=VOCAB_SIZE, corpus_examples=3000,
+                                  corpus_seed=12345, template="minimal"))
     config.mesh = dict(data=-1, fsdp=1, tensor=1)
     phase = dict(name=args.phase)
     if args.phase == "instruct" and args.vision_lr_mult > 0:

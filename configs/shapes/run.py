@@ -21,35 +21,20 @@ import numpy as np
 from configs.shapes import config as recipe
 
 CORE_TYPES = ("color", "shape", "count", "exists", "position")
+CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
 
 
-def fit_tokenizer(num_examples: int = 3000, seed: int = 12345,
-                  vocab_size: int = recipe.VOCAB_SIZE, world: str = "recipe"):
-    """A byte-level BPE fitted on texts exactly as the phases render them (captions, and Q/A in
-    the `minimal` template), so that every word, also right after a newline, is one token."""
-    from vlm_jax.data.sources import shapes
-    from vlm_jax.data.templates import get_template
-    from vlm_jax.data.tokenizer import train_word_tokenizer
+def fit_tokenizer(workdir: str, world: str = "recipe"):
+    """The recipe's tokenizer, fitted once into `workdir/tokenizer` and shared by every phase:
+    the trainer's own fit (`build_tokenizer`, tokenizer.kind="shapes") under the instruct
+    phase's config (3000 training scenes of the world, Q/A in the `minimal` template), checked
+    against the recipe's model (vocabulary size, <image> id)."""
+    import jax
 
-    template = get_template("minimal")
-    source = shapes.ShapesSource("train", seed=seed, image_size=8, turns_per_example=4,
-                                 **recipe.WORLDS[world])
-    texts = []
-    for index in range(num_examples):
-        scene, turns = source.sample(index)
-        conversation = []
-        for _, question, answer in turns:
-            conversation += [{"role": "user", "content": question},
-                             {"role": "assistant", "content": answer}]
-        text = source.caption(scene)
-        conversation[0]["content"] = text + ". " + conversation[0]["content"]
-        texts += [text, template.text(conversation)]
-    tokenizer = train_word_tokenizer(texts, vocab_size=vocab_size)
-    if tokenizer.vocab_size > vocab_size or tokenizer.image_token_id != recipe.IMAGE_TOKEN_ID:
-        raise ValueError(f"the fitted tokenizer has {tokenizer.vocab_size} ids and <image> = "
-                         f"{tokenizer.image_token_id}; the recipe's model expects at most "
-                         f"{vocab_size} and {recipe.IMAGE_TOKEN_ID}")
-    return tokenizer
+    from vlm_jax.train.tokenizer import build_tokenizer
+    from vlm_jax.train.run_config import load_run_config
+    run = load_run_config(f"{CONFIG_FILE}:phase=instruct,world={world}", [], jax.device_count())
+    return build_tokenizer(run, workdir)
 
 
 def train_phases(workdir: str, steps: int = 0, batch: int = 0, log=print,
@@ -64,7 +49,7 @@ def train_phases(workdir: str, steps: int = 0, batch: int = 0, log=print,
     seconds = {}
     started = time.perf_counter()
     if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
-        fit_tokenizer(world=world).save(tokenizer_dir)
+        fit_tokenizer(workdir, world=world)
     seconds["tokenizer"] = time.perf_counter() - started
     previous = ""
     for phase in recipe.PHASES:

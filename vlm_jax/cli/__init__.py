@@ -38,14 +38,24 @@ COMMANDS = {
 }
 
 
+USAGE_NOTES = """\
+`vlm-jax COMMAND --help` shows a command's options. A mistake in a config, the data, a
+checkpoint, an HF directory or a flag is one line naming the field, file or flag; --debug
+(anywhere on the line) shows the traceback instead.
+
+exit codes: 0 done (plan: fits) | 1 plan: does not fit, sweep: a run failed | 2 an error |
+3 stopped on purpose (train: too many bad examples; export-hf: self-check failed) | 130 Ctrl-C"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level `vlm-jax --help`: the commands and their one-line help."""
-    parser = argparse.ArgumentParser(prog="vlm-jax", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="vlm-jax", description="Train, evaluate and export vision-language models.",
+        epilog=USAGE_NOTES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="tracebacks instead of one line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in COMMANDS.items():
-        sub.add_parser(name, add_help=False, help=f"{module.HELP} (vlm-jax {name} --help)")
+        sub.add_parser(name, add_help=False, help=module.HELP)
     return parser
 
 

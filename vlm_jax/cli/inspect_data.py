@@ -2,7 +2,7 @@
 
 With `--config FILE[:ARG]` (and `--config.a.b=V` overrides) it shows exactly what `vlm-jax train`
 with that config feeds the model: the validated run config, the trainer's tokenizer
-(`train.loop.build_tokenizer`) and the trainer's first batch. Without a config, direct flags
+(`train.tokenizer.build_tokenizer`) and the trainer's first batch. Without a config, direct flags
 (`--source shapes|llava_json`, `--path`, `--template`, ...) describe one source. The HTML file
 is written only where nothing else is: an existing file is replaced only when an earlier
 inspect-data wrote it, or with --overwrite.
@@ -27,10 +27,11 @@ from vlm_jax.data.skips import TooManySkippedExamples
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import DataError, InputError
 from vlm_jax.models.vlm import VLMConfig
-from vlm_jax.train.loop import build_tokenizer
+from vlm_jax.train.tokenizer import build_tokenizer
 from vlm_jax.train.run_config import RunConfig, TokenizerConfig, TrainConfig, load_run_config
 
 HELP = "show examples as the model sees them"
+DIRECT_SHAPES_EXAMPLES = 1000  # --source shapes reads at most this many training scenes
 
 # Direct flags -> how a config says the same; refused with --config, where the config (and its
 # --config.a.b=V overrides) is what training reads.
@@ -113,7 +114,10 @@ def direct_data(args: argparse.Namespace, scratch: str) -> tuple[pipeline.DataCo
     if args.source == "shapes":
         values = {"sources": [{"kind": "shapes", "options": {
             "task": {"align": "caption", "contrastive": "caption", "lm": "text"}.get(task, "qa"),
-            "image_size": args.image_size or 224}}]}
+            "image_size": args.image_size or 224,
+            # Bounded: with every example skipped (a seq_len too short) the first batch search
+            # ends here instead of walking the whole split.
+            "num_examples": DIRECT_SHAPES_EXAMPLES}}]}
     elif args.source == "llava_json":
         if not args.path:
             raise InputError("--source llava_json needs --path")

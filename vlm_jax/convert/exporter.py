@@ -1,12 +1,18 @@
 """`vlm-jax export-hf`: a vlm_jax model directory -> a HF transformers directory that checks itself.
 
-    export_hf(checkpoint, out, dtype="float32", part="llava") -> ExportResult
+    export_hf(checkpoint, out, dtype="float32", part="vlm", format="auto") -> ExportResult
 
-`part="llava"` writes a `LlavaForConditionalGeneration` directory: model.safetensors with the key
-names transformers' own `save_pretrained` writes on disk (`vision_tower.*`,
-`multi_modal_projector.*`, `language_model.model.*`, `language_model.lm_head.weight`), config.json,
-the tokenizer (with `<image>`) and a LlavaProcessor config, so that `AutoProcessor` expands
-`<image>` to `image_seq_length` tokens and preprocesses images as our pipeline does.
+`part="vlm"` writes the whole VLM in one of two formats (`format="auto"`: LLaVA when the model is
+LLaVA-expressible, `llava_blocker`, else custom):
+  llava   a `LlavaForConditionalGeneration` directory: model.safetensors with the key names
+          transformers' own `save_pretrained` writes on disk (`vision_tower.*`,
+          `multi_modal_projector.*`, `language_model.model.*`, `language_model.lm_head.weight`),
+          config.json, the tokenizer (with `<image>`) and a LlavaProcessor config, so that
+          `AutoProcessor` expands `<image>` to `image_seq_length` tokens and preprocesses images
+          as our pipeline does. Only an mlp2x_gelu projector without input_norm / pos_embed.
+  custom  any composition, as transformers remote code (`hf_custom.py`): the directory carries
+          its modeling, configuration and processing files; `AutoModelForImageTextToText` /
+          `AutoProcessor.from_pretrained(out, trust_remote_code=True)` load it.
 `part="vision"` writes the encoder alone as a `SiglipVisionModel`.
 
 The export is written into a temporary directory beside `out`, loaded there in transformers and
@@ -16,11 +22,12 @@ A mismatch raises `ExportMismatch` (the CLI exits non-zero) and leaves nothing b
 `out` is refused unless `overwrite=True`. Training's final `model/` already has LoRA adapters
 merged (`TrainPlan.model_params`).
 
-Besides the weights, a LLaVA export carries what makes transformers answer as we do: the chat
-template the model was trained with (as the processor's Jinja template; an untrained import keeps
-its LLM's own), `generation_config.json` with the stop tokens our `generate` stops at (EOS and the
-template's end-of-turn token, over the imported LLM's generation config), and an image processor
-that pads to a square first when training did (`LlavaImageProcessorPil(do_pad=True)`).
+Besides the weights, a VLM export (either format, `hf_processor.py`) carries what makes
+transformers answer as we do: the chat template the model was trained with (as the processor's
+Jinja template; an untrained import keeps its LLM's own), `generation_config.json` with the stop
+tokens our `generate` stops at (EOS and the template's end-of-turn token, over the imported LLM's
+generation config), and an image processor that pads to a square first when training did
+(`LlavaImageProcessorPil(do_pad=True)`).
 """
 from __future__ import annotations
 
@@ -37,9 +44,9 @@ import numpy as np
 
 from vlm_jax import model_dir
 from vlm_jax.api import LoadedModel
-from vlm_jax.convert import hf_io, hf_llava, hf_siglip
+from vlm_jax.convert import hf_custom, hf_io, hf_llava, hf_processor, hf_siglip
+from vlm_jax.convert.hf_processor import ChatSettings
 from vlm_jax.data.images import preprocess_image
-from vlm_jax.data.templates import get_template
 from vlm_jax.errors import ConversionError, ExportMismatch, InputError
 from vlm_jax.inference.generate import greedy_generate
 from vlm_jax.inference.prompts import prompt_ids, stop_token_ids
@@ -47,7 +54,8 @@ from vlm_jax.models.siglip import SiglipVisionTower
 from vlm_jax.models.vlm import VLMConfig, architecture_only
 
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
-PARTS = ("llava", "vision")
+PARTS = ("vlm", "vision")
+FORMATS = ("auto", "llava", "custom")
 # Same weights on both sides and f32 compute: only the order of float operations differs.
 F32_TOLERANCE = 1e-4
 # bf16 keeps 8 significant bits: each weight moves by up to 2^-9 (0.2%) relative. Through a few
@@ -80,6 +88,7 @@ class ExportResult:
     processor: bool            # whether tokenizer + processor files were written
     pad_to_square: bool = False  # the processor pads images to a square first
     answer_tokens: int | None = None  # greedy answer compared with transformers' (None: not)
+    format: str | None = None  # part "vlm": "llava" or "custom"
 
 
 def to_disk_keys(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -96,21 +105,10 @@ def to_disk_keys(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-@dataclasses.dataclass(frozen=True)
-class ChatSettings:
-    """What the model was trained to read, for the processor and generation config."""
-    template: str | None = None          # our chat template name (vlm_jax/data/templates.py)
-    pad_to_square: bool = False          # LLaVA-1.5's expand2square before the resize
-    generation_config: dict | None = None  # the imported LLM's HF generation config
-
-
-def export_hf(checkpoint_path: str, out: str, dtype: str = "float32", part: str = "llava",
-              check: bool = True, overwrite: bool = False) -> ExportResult:
+def export_hf(checkpoint_path: str, out: str, dtype: str = "float32", part: str = "vlm",
+              check: bool = True, overwrite: bool = False, format: str = "auto") -> ExportResult:
     """Export a model directory (or a finished workdir) to `out`; checks itself unless told not."""
-    if dtype not in EXPORT_DTYPES:
-        raise InputError(f"--dtype {dtype!r}; supported: {tuple(EXPORT_DTYPES)}")
-    if part not in PARTS:
-        raise InputError(f"--part {part!r}; supported: {PARTS}")
+    _check_options(dtype, part, format)
     source = model_dir.resolve_model_dir(checkpoint_path, "--checkpoint")
     model_dir.check_output_dir(out, [source], overwrite)
     config, params, tokenizer = model_dir.load_model(source)
@@ -119,22 +117,26 @@ def export_hf(checkpoint_path: str, out: str, dtype: str = "float32", part: str 
     chat = ChatSettings(data["template"], data["pad_to_square"],
                         model_dir.load_generation_config(source))
     return export_params(config, params, tokenizer, out, dtype=dtype, part=part, check=check,
-                         chat=chat, overwrite=overwrite)
+                         chat=chat, overwrite=overwrite, format=format)
 
 
 def export_params(config: VLMConfig, params: Any, tokenizer, out: str, dtype: str = "float32",
-                  part: str = "llava", check: bool = True, chat: ChatSettings = ChatSettings(),
-                  overwrite: bool = False) -> ExportResult:
+                  part: str = "vlm", check: bool = True, chat: ChatSettings = ChatSettings(),
+                  overwrite: bool = False, format: str = "auto") -> ExportResult:
     """Write `params` (plain nested dict, LoRA already merged) as a HF directory, then check it.
     The files go to a temporary directory first and reach `out` only once the check passed."""
+    _check_options(dtype, part, format)
     model_dir.check_output_dir(out, [], overwrite)
     config = architecture_only(config)  # the self-check compares f32 with f32
+    # Decided from the config alone: a refused format writes nothing, reads no weight.
+    fmt = None if part == "vision" else resolve_format(config, format)
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.export-",
                                dir=parent)
     try:
-        result = _write_and_check(config, params, tokenizer, staging, dtype, part, check, chat)
+        result = _write_and_check(config, params, tokenizer, staging, dtype, part, fmt, check,
+                                  chat)
         model_dir.move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -143,50 +145,92 @@ def export_params(config: VLMConfig, params: Any, tokenizer, out: str, dtype: st
 
 
 def _write_and_check(config: VLMConfig, params: Any, tokenizer, out: str, dtype: str, part: str,
-                     check: bool, chat: ChatSettings) -> ExportResult:
+                     fmt: str | None, check: bool, chat: ChatSettings) -> ExportResult:
     if part == "vision":
         if config.vision is None:
             raise ConversionError("--part vision: this model has no vision tower")
         state_dict = hf_siglip.vision_params_to_hf(params["vision_tower"], config.vision, prefix="")
         hf_config = dict(hf_siglip.vision_config_to_hf(config.vision),
                          architectures=["SiglipVisionModel"])
-    else:
-        _check_llava_expressible(config)
+    elif fmt == "llava":
         hf_config = hf_llava.config_to_hf(config)
         state_dict = to_disk_keys(hf_llava.params_to_hf(params, config))
+    else:
+        hf_config = hf_custom.config_to_hf(config)
+        state_dict = hf_custom.params_to_hf(params, config)
     hf_config = _with_dtype(hf_config, dtype)
-    hf_io.write_hf_dir(out, hf_config, {k: np.asarray(v, np.float32).astype(EXPORT_DTYPES[dtype])
-                                        for k, v in state_dict.items()})
+    hf_io.write_hf_dir(out, hf_config, _in_export_dtype(state_dict, config, dtype))
+    if fmt == "custom":
+        hf_custom.write_code(out)
     has_processor = False
-    if part == "llava" and tokenizer is not None:
-        _write_processor(out, config, tokenizer, chat)
-        _write_generation_config(out, tokenizer, chat)
+    if part == "vlm" and tokenizer is not None:
+        hf_processor.write_processor(out, config, tokenizer, chat, fmt)
+        hf_processor.write_generation_config(out, tokenizer, chat)
         has_processor = True
     result = ExportResult(out, part, dtype, float("nan"), F32_TOLERANCE, None, None, has_processor,
-                          chat.pad_to_square)
+                          chat.pad_to_square, format=fmt)
     if check:
         if part == "vision":
             result = check_vision_export(result, config, params, tokenizer)
-        else:
+        elif fmt == "llava":
             result = check_llava_export(result, config, params, tokenizer, chat)
+        else:
+            result = check_custom_export(result, config, params, tokenizer, chat)
     return result
 
 
-def _check_llava_expressible(config: VLMConfig) -> None:
+def _in_export_dtype(state_dict: dict[str, np.ndarray], config: VLMConfig, dtype: str
+                     ) -> dict[str, np.ndarray]:
+    """Every tensor in `dtype`, but a sincos2d position table: no weight of ours (we compute it in
+    f32 from the grid), it stays f32 so that a bf16 export still computes the positions we do."""
+    fixed_table = config.vision is not None and config.vision.posemb == "sincos2d"
+
+    def written_dtype(key: str):
+        if fixed_table and key.endswith(hf_siglip.POSITION_TABLE):
+            return np.float32
+        return EXPORT_DTYPES[dtype]
+    return {k: np.asarray(v, np.float32).astype(written_dtype(k)) for k, v in state_dict.items()}
+
+
+def _check_options(dtype: str, part: str, format: str) -> None:
+    if dtype not in EXPORT_DTYPES:
+        raise InputError(f"--dtype {dtype!r}; supported: {tuple(EXPORT_DTYPES)}")
+    if part not in PARTS:
+        raise InputError(f"--part {part!r}; supported: {PARTS}")
+    if format not in FORMATS:
+        raise InputError(f"--format {format!r}; supported: {FORMATS}")
+    if part == "vision" and format != "auto":
+        raise InputError(f"--format {format} is for --part vlm; --part vision always writes a "
+                         f"SiglipVisionModel")
+
+
+def resolve_format(config: VLMConfig, requested: str) -> str:
+    """"llava" or "custom" for a whole-VLM export: `auto` picks LLaVA where it can hold the model;
+    `llava` for a model it cannot hold raises, naming the field that prevents it."""
     missing = [p for p in ("vision", "projector", "llm") if getattr(config, p) is None]
     if missing:
-        raise ConversionError(f"a LLaVA export needs a vision tower, projector and LLM; this model "
+        raise ConversionError(f"a VLM export needs a vision tower, projector and LLM; this model "
                               f"lacks {', '.join(missing)} (use --part vision for the encoder alone)")
-    if config.projector.type != "mlp2x_gelu":
-        raise ConversionError(f"projector type {config.projector.type!r} cannot be exported to HF "
-                              f"LLaVA, whose projector is Linear -> act -> Linear only ('mlp2x_gelu'); "
-                              f"'{config.projector.type}' has no LlavaForConditionalGeneration "
-                              f"equivalent (export --part vision for the encoder alone)")
+    blocker = llava_blocker(config)
+    if requested == "auto":
+        return "llava" if blocker is None else "custom"
+    if requested == "llava" and blocker is not None:
+        raise ConversionError(f"--format llava: {blocker} (--format custom or auto exports it)")
+    return requested
+
+
+def llava_blocker(config: VLMConfig) -> str | None:
+    """Why HF LLaVA cannot hold this model (naming the field), or None when it can."""
+    proj = config.projector
+    if proj.type != "mlp2x_gelu":
+        return (f"model.projector.type={proj.type!r} cannot be exported to HF LLaVA, whose "
+                f"projector is Linear -> act -> Linear only ('mlp2x_gelu'); projector type "
+                f"{proj.type!r} has no LlavaForConditionalGeneration equivalent")
     for field, what in (("input_norm", "LayerNorm"), ("pos_embed", "position embedding")):
-        if getattr(config.projector, field):
-            raise ConversionError(f"model.projector.{field}=True cannot be exported to HF LLaVA: its "
-                                  f"projector has no {what} before the first Linear (export --part "
-                                  f"vision for the encoder alone)")
+        if getattr(proj, field):
+            return (f"model.projector.{field}=True cannot be exported to HF LLaVA: its projector "
+                    f"has no {what} before the first Linear")
+    return None
 
 
 def _with_dtype(hf_config: dict, dtype: str) -> dict:
@@ -195,64 +239,6 @@ def _with_dtype(hf_config: dict, dtype: str) -> dict:
         if sub in hf_config:
             hf_config[sub] = dict(hf_config[sub], dtype=dtype)
     return hf_config
-
-
-def _write_processor(out: str, config: VLMConfig, tokenizer, chat: ChatSettings) -> None:
-    """Tokenizer files with `<image>` + a LlavaProcessor whose image processor matches
-    `data/images.preprocess_image` (optional pad to a square with the mean colour, bicubic resize
-    to S x S, x / 127.5 - 1) and whose chat template renders our training prompts."""
-    from transformers import AutoTokenizer, LlavaImageProcessorPil, LlavaProcessor
-
-    image_token_id = tokenizer.token_to_id(tokenizer.image_token)
-    if image_token_id != config.image_token_id:
-        raise ConversionError(f"the tokenizer maps {tokenizer.image_token} to {image_token_id} but the "
-                              f"model's image_token_id is {config.image_token_id}")
-    chat_template = _chat_template(tokenizer, chat)
-    kept = tokenizer.chat_template
-    tokenizer.chat_template = chat_template  # the tokenizer files carry the same template
-    try:
-        tokenizer.save(out)
-    finally:
-        tokenizer.chat_template = kept
-    hf_tokenizer = AutoTokenizer.from_pretrained(out)
-    size = config.vision.image_size
-    # The PIL backend: its bicubic resize is PIL's, as ours (the torchvision one differs).
-    image_processor = LlavaImageProcessorPil(
-        do_pad=chat.pad_to_square, size={"height": size, "width": size}, do_center_crop=False,
-        resample=3, do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-        image_mean=[0.5] * 3, image_std=[0.5] * 3, do_convert_rgb=True)
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=hf_tokenizer,
-                               patch_size=config.vision.patch_size,
-                               vision_feature_select_strategy=config.vision_feature_select,
-                               image_token=tokenizer.image_token, num_additional_image_tokens=0,
-                               chat_template=chat_template)
-    processor.save_pretrained(out)
-
-
-def _chat_template(tokenizer, chat: ChatSettings) -> str | None:
-    """The Jinja template of the template the model was trained with; for an untrained import,
-    the LLM's own (kept by the import), which our `generate` does not use by default."""
-    if chat.template is not None:
-        return get_template(chat.template).jinja
-    return tokenizer.chat_template
-
-
-def _write_generation_config(out: str, tokenizer, chat: ChatSettings) -> None:
-    """generation_config.json: the imported LLM's, with the stop tokens our `generate` uses
-    (EOS and the template's end-of-turn token) so transformers' `generate` stops where we do."""
-    generation = dict(chat.generation_config or {})
-    imported_eos = generation.get("eos_token_id")
-    imported_eos = [] if imported_eos is None else (
-        [imported_eos] if isinstance(imported_eos, int) else list(imported_eos))
-    stops = list(dict.fromkeys(stop_token_ids(tokenizer, chat.template) + imported_eos))
-    for key, value in (("bos_token_id", tokenizer.bos_id), ("pad_token_id", tokenizer.pad_id)):
-        if value is not None:
-            generation[key] = value
-    if stops:
-        generation["eos_token_id"] = stops if len(stops) > 1 else stops[0]
-    generation.pop("transformers_version", None)
-    with open(os.path.join(out, "generation_config.json"), "w") as f:
-        json.dump(generation, f, indent=2)
 
 
 # ----------------------------------------------------------------------------- self-check
@@ -277,7 +263,7 @@ def _probe_inputs(result: ExportResult, config: VLMConfig, tokenizer
         return ids, pixels.astype(np.float32)
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(result.out)
+    processor = AutoProcessor.from_pretrained(result.out, trust_remote_code=_remote_code(result))
     image = _probe_image(config.vision.image_size)
     batch = processor(images=image, text=_PROBE_TEXT, return_tensors="np")
     ids, pixels = np.asarray(batch["input_ids"]), np.asarray(batch["pixel_values"], np.float32)
@@ -321,16 +307,45 @@ def _compare(result: ExportResult, ours_exact: np.ndarray, ours_f32: np.ndarray,
     return dataclasses.replace(result, max_abs_diff=diff, bf16_drift=drift, bf16_bound=bound)
 
 
+def _remote_code(result: ExportResult) -> bool:
+    """Whether `result.out` loads through its own code (the custom format)."""
+    return result.format == "custom"
+
+
 def check_llava_export(result: ExportResult, config: VLMConfig, params: Any,
                        tokenizer, chat: ChatSettings = ChatSettings()) -> ExportResult:
-    """Load `result.out` in transformers (f32, eval) and compare logits with ours; for a model
-    with a trained chat template, also the greedy answer to a probe question, asked the way a
-    transformers user asks it (`check_answers`)."""
+    """Load `result.out` as LlavaForConditionalGeneration (f32) and check it (`check_vlm`)."""
     import torch
     from transformers import LlavaForConditionalGeneration
 
     hf_model, info = LlavaForConditionalGeneration.from_pretrained(
         result.out, dtype=torch.float32, output_loading_info=True)
+    return check_vlm(result, hf_model, info, config, params, tokenizer, chat, "LLaVA logits")
+
+
+def check_custom_export(result: ExportResult, config: VLMConfig, params: Any,
+                        tokenizer, chat: ChatSettings = ChatSettings()) -> ExportResult:
+    """Load `result.out` through its own code, as a transformers user does
+    (`AutoModelForImageTextToText`, trust_remote_code), in f32, and check it (`check_vlm`)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    hf_model, info = AutoModelForImageTextToText.from_pretrained(
+        result.out, dtype=torch.float32, trust_remote_code=True, output_loading_info=True)
+    if type(hf_model).__name__ != hf_custom.ARCHITECTURE:
+        raise ExportMismatch(f"AutoModelForImageTextToText loads {result.out} as "
+                             f"{type(hf_model).__name__}, not {hf_custom.ARCHITECTURE}")
+    return check_vlm(result, hf_model, info, config, params, tokenizer, chat, "custom-format logits")
+
+
+def check_vlm(result: ExportResult, hf_model, info: dict, config: VLMConfig, params: Any,
+              tokenizer, chat: ChatSettings, what: str) -> ExportResult:
+    """The loaded export (`info`: its loading report) against ours: no missing or unexpected
+    tensors, logits on a probe input (through the exported processor when there is one); for a
+    model with a trained chat template, also the greedy answer to a probe question, asked the way
+    a transformers user asks it (`check_answers`)."""
+    import torch
+
     _check_loading_info(info, result.out)
     ids, pixels = _probe_inputs(result, config, tokenizer)
     with torch.no_grad():
@@ -339,7 +354,7 @@ def check_llava_export(result: ExportResult, config: VLMConfig, params: Any,
     ours_exact = LoadedModel(config, _rounded(params, result.dtype), None).logits(ids, pixels)
     ours_f32 = (ours_exact if result.dtype == "float32"
                 else LoadedModel(config, params, None).logits(ids, pixels))
-    result = _compare(result, ours_exact, ours_f32, theirs, "LLaVA logits")
+    result = _compare(result, ours_exact, ours_f32, theirs, what)
     if chat.template is not None and result.processor:
         result = check_answers(result, config, _rounded(params, result.dtype), tokenizer, chat,
                                hf_model)
@@ -354,7 +369,7 @@ def check_answers(result: ExportResult, config: VLMConfig, params: Any, tokenize
     import torch
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(result.out)
+    processor = AutoProcessor.from_pretrained(result.out, trust_remote_code=_remote_code(result))
     image = _probe_image(config.vision.image_size)
     messages = [{"role": "user", "content": [{"type": "image"},
                                              {"type": "text", "text": _PROBE_QUESTION}]}]
@@ -423,7 +438,10 @@ def _check_loading_info(info: dict, out: str) -> None:
 
 def describe(result: ExportResult) -> str:
     """One line for the CLI: what was written and how well it matched."""
-    line = (f"wrote {result.out} ({result.part}, {result.dtype} weights); self-check, f32 compute "
+    kind = {"llava": "LlavaForConditionalGeneration",
+            "custom": f"{hf_custom.ARCHITECTURE}, load with trust_remote_code=True",
+            None: "SiglipVisionModel"}[result.format]
+    line = (f"wrote {result.out} ({kind}, {result.dtype} weights); self-check, f32 compute "
             f"on both sides: max |diff| {result.max_abs_diff:.3g} <= {result.tolerance:g} vs "
             f"transformers")
     if result.bf16_drift is not None:
@@ -432,8 +450,8 @@ def describe(result: ExportResult) -> str:
     if result.answer_tokens is not None:
         line += (f"; the same greedy answer ({result.answer_tokens} tokens) through its "
                  f"processor's chat template and generate")
-    elif result.part == "llava" and result.processor:
+    elif result.part == "vlm" and result.processor:
         line += "; answers not compared (no trained chat template: an untrained import)"
-    if result.part == "llava" and not result.processor:
+    if result.part == "vlm" and not result.processor:
         line += "; no tokenizer in the checkpoint: no tokenizer/processor files written"
     return line

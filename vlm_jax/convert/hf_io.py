@@ -13,9 +13,12 @@ from vlm_jax.errors import ConversionError
 def read_config(hf_dir: str) -> dict:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{hf_dir}: no config.json (not a HF model directory)")
-    with open(path) as f:
-        return json.load(f)
+        raise ConversionError(f"{hf_dir}: no config.json (not a HF model directory)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise ConversionError(f"{path} is not valid JSON: {e}") from None
 
 
 def read_state_dict(hf_dir: str) -> dict[str, np.ndarray]:
@@ -30,11 +33,18 @@ def read_state_dict(hf_dir: str) -> dict[str, np.ndarray]:
     else:
         files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
     if not files:
-        raise FileNotFoundError(f"{hf_dir}: no .safetensors files (PyTorch .bin checkpoints are "
-                                f"not read; convert them with transformers' save_pretrained)")
+        raise ConversionError(f"{hf_dir}: no .safetensors files (PyTorch .bin checkpoints are "
+                              f"not read; convert them with transformers' save_pretrained)")
     state = {}
     for name in files:
-        state.update(load_file(os.path.join(hf_dir, name)))
+        path = os.path.join(hf_dir, name)
+        try:
+            state.update(load_file(path))
+        except OSError:
+            raise
+        except Exception as e:  # noqa: BLE001  safetensors reports damage as its own error type
+            raise ConversionError(f"{path} does not read as safetensors (truncated or damaged?): "
+                                  f"{e}") from None
     return state
 
 

@@ -28,6 +28,7 @@ StateDict = dict[str, np.ndarray]
 Params = dict[str, Any]
 
 SUPPORTED_ACT = "gelu_pytorch_tanh"
+POSITION_TABLE = "embeddings.position_embedding.weight"  # the vision tower's, below its prefix
 
 
 # ----------------------------------------------------------------------------- configs
@@ -164,7 +165,7 @@ def _vision_entries(cfg: VisionConfig) -> list[_Entry]:
         _Entry("embeddings.patch_embedding.bias", ("patch_embedding", "bias"), (d,)),
     ]
     if cfg.posemb == "learn":
-        entries.append(_Entry("embeddings.position_embedding.weight", ("pos_embedding",),
+        entries.append(_Entry(POSITION_TABLE, ("pos_embedding",),
                               (cfg.num_patches, d)))
     entries += _layernorm("post_layernorm", ("post_layernorm",), d)
     if cfg.use_head:
@@ -258,7 +259,7 @@ def vision_params_from_hf(sd: Mapping[str, np.ndarray], cfg: VisionConfig,
     if cfg.posemb == "sincos2d":
         # The fixed table is no parameter of ours: accept the checkpoint only if it holds that table.
         side = cfg.image_size // cfg.patch_size
-        table = reader.take("embeddings.position_embedding.weight", (cfg.num_patches, cfg.width))
+        table = reader.take(POSITION_TABLE, (cfg.num_patches, cfg.width))
         if not np.allclose(table, posemb_sincos_2d(side, side, cfg.width), atol=1e-5):
             raise ConversionError(f"tensor {prefix}embeddings.position_embedding.weight is not the fixed "
                                   "sincos2d table; import with posemb='learn'")
@@ -285,7 +286,7 @@ def vision_params_to_hf(params: Mapping[str, Any], cfg: VisionConfig,
         sd[prefix + entry.hf_name] = entry.to_hf(_get(params, entry.path, "vision"))
     if cfg.posemb == "sincos2d":
         side = cfg.image_size // cfg.patch_size
-        sd[prefix + "embeddings.position_embedding.weight"] = posemb_sincos_2d(side, side, cfg.width)
+        sd[prefix + POSITION_TABLE] = posemb_sincos_2d(side, side, cfg.width)
     if cfg.use_head:
         d = cfg.width
         qkv = [params["head"]["attention"][name] for name in ("q", "k", "v")]

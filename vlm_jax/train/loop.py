@@ -37,17 +37,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from vlm_jax import model_dir, sharding
-from vlm_jax.data.sources import shapes
-from vlm_jax.data.tokenizer import Tokenizer, train_word_tokenizer
-from vlm_jax.errors import CheckpointError, ConfigError, TrainingStopped
 from vlm_jax.data.pipeline import TooManySkippedExamples, build_pipeline
+from vlm_jax.errors import CheckpointError, TrainingStopped
 from vlm_jax.train import checkpoint, flops, init_from
 from vlm_jax.train.metrics_log import RunLogger, flat_skip_counts
+from vlm_jax.train.run_config import RunConfig, build_run_config
+from vlm_jax.train.tokenizer import build_tokenizer
 from vlm_jax.train.step import (CONTRASTIVE_KEYS, NEXT_TOKEN_KEYS, TrainStepConfig,
                                 batch_loss, create_train_state, make_train_step, plan_training)
-from vlm_jax.train.run_config import RunConfig, build_run_config
-
-
 
 CTRL_C_MESSAGE = ("Ctrl-C: saving a checkpoint at the next step and stopping; Ctrl-C again to "
                   "exit at once")
@@ -157,46 +154,6 @@ def _json_or_none(path: str) -> Any:
             return json.load(f)
     except (OSError, ValueError):
         return None
-
-
-def build_tokenizer(run: RunConfig, workdir: str):
-    """The run's tokenizer; a fitted one (kind='shapes') is saved in `workdir/tokenizer` and
-    reloaded on resume so ids never change under a checkpoint."""
-    cfg = run.tokenizer
-    if cfg.kind == "path":
-        path = cfg.path
-        if os.path.isdir(os.path.join(path, "tokenizer")):  # a model directory
-            path = os.path.join(path, "tokenizer")
-        tokenizer = Tokenizer.from_path(path)
-    else:
-        saved = os.path.join(workdir, "tokenizer")
-        resumed = os.path.isdir(saved)
-        if jax.process_count() > 1:  # all processes look before process 0 writes it below
-            multihost_utils.sync_global_devices("vlm_jax: tokenizer directory checked")
-        if resumed:
-            tokenizer = Tokenizer.from_path(saved)
-        else:
-            texts = [" ".join(shapes.vocabulary())] + shapes.corpus(cfg.corpus_examples,
-                                                                      cfg.corpus_seed)
-            tokenizer = train_word_tokenizer(texts, vocab_size=cfg.vocab_size)
-            if jax.process_index() == 0:
-                tokenizer.save(saved)
-    _check_tokenizer_fits(run, tokenizer)
-    return tokenizer
-
-
-def _check_tokenizer_fits(run: RunConfig, tokenizer) -> None:
-    model = run.model
-    vocab_owner = ("model.llm.vocab_size", model.llm.vocab_size) if model.llm is not None else (
-        ("model.text_tower.vocab_size", model.text_tower.vocab_size)
-        if model.text_tower is not None else (None, None))
-    if vocab_owner[0] and tokenizer.vocab_size > vocab_owner[1]:
-        raise ConfigError(f"{vocab_owner[0]}={vocab_owner[1]} is smaller than the tokenizer's "
-                          f"{tokenizer.vocab_size} ids (tokenizer section)")
-    if model.vision is not None and model.llm is not None \
-            and tokenizer.image_token_id != model.image_token_id:
-        raise ConfigError(f"model.image_token_id={model.image_token_id} but the tokenizer's "
-                          f"{tokenizer.image_token} is id {tokenizer.image_token_id}")
 
 
 def batch_keys(phase_name: str) -> tuple[str, ...]:

@@ -34,6 +34,7 @@ import ml_collections
 from vlm_jax import config as config_lib
 from vlm_jax.config import from_dict, load_config_file, suggestion, to_dict
 from vlm_jax.data.pipeline import STREAM_KINDS, DataConfig
+from vlm_jax.data.templates import TEMPLATES
 from vlm_jax.errors import ConfigError
 from vlm_jax.models.vlm import VLMConfig
 from vlm_jax.sharding import MeshConfig
@@ -49,17 +50,24 @@ PHASE_TASKS = {"contrastive": ("contrastive",), "lm": ("lm",), "align": ("align"
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
+    """kind="path": a tokenizer file, its directory or a model directory. kind="shapes": a BPE
+    fitted on the run's shapes world (data/shapes_tokenizer.py), saved in the workdir and
+    reloaded on resume."""
     kind: str = "path"
     path: str | None = None            # kind="path": tokenizer file, its directory or a model dir
-    corpus_examples: int = 2000        # kind="shapes": shapes examples the BPE is fitted on
+    corpus_examples: int = 2000        # kind="shapes": training scenes the BPE is fitted on
     corpus_seed: int = 0
     vocab_size: int = 4096             # kind="shapes": BPE vocabulary cap
+    template: str = "minimal"          # kind="shapes": chat template the corpus's Q/A are in
 
     def __post_init__(self):
         if self.kind not in TOKENIZER_KINDS:
             raise ConfigError(f"tokenizer.kind={self.kind!r}; supported: {TOKENIZER_KINDS}")
         if self.kind == "path" and not self.path:
             raise ConfigError("tokenizer.path is required with tokenizer.kind='path'")
+        if self.kind == "shapes" and self.template not in TEMPLATES:
+            raise ConfigError(f"tokenizer.template={self.template!r}; supported: "
+                              f"{sorted(TEMPLATES)}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,116 @@
+"""The files beside the weights that make transformers answer as we do (`exporter.py`, both
+VLM formats): the tokenizer (with `<image>`) and a processor that preprocesses images and expands
+`<image>` as our pipeline does, the chat template the model was trained with, and
+generation_config.json with the stop tokens our `generate` stops at.
+
+LLaVA: transformers' LlavaProcessor. Custom: the same tokenizer, image processor and chat
+template under a VlmJaxProcessor (custom_hf/processing_vlm_jax.py), which expands `<image>` to
+`tokens_per_image` tokens whatever the projector (LlavaProcessor counts patches).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from vlm_jax.convert import hf_custom
+from vlm_jax.data.templates import get_template
+from vlm_jax.errors import ConversionError
+from vlm_jax.inference.prompts import stop_token_ids
+from vlm_jax.models.vlm import VLMConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatSettings:
+    """What the model was trained to read, for the processor and generation config."""
+    template: str | None = None          # our chat template name (vlm_jax/data/templates.py)
+    pad_to_square: bool = False          # LLaVA-1.5's expand2square before the resize
+    generation_config: dict | None = None  # the imported LLM's HF generation config
+
+
+def write_processor(out: str, config: VLMConfig, tokenizer, chat: ChatSettings,
+                    fmt: str) -> None:
+    """Tokenizer files with `<image>` + a LlavaProcessor whose image processor matches
+    `data/images.preprocess_image` (optional pad to a square with the mean colour, bicubic resize
+    to S x S, x / 127.5 - 1) and whose chat template renders our training prompts; for the
+    custom format (`fmt`), turned into a VlmJaxProcessor (`_make_processor_custom`)."""
+    from transformers import AutoTokenizer, LlavaImageProcessorPil, LlavaProcessor
+
+    image_token_id = tokenizer.token_to_id(tokenizer.image_token)
+    if image_token_id != config.image_token_id:
+        raise ConversionError(f"the tokenizer maps {tokenizer.image_token} to {image_token_id} but the "
+                              f"model's image_token_id is {config.image_token_id}")
+    chat_template = chat_template_of(tokenizer, chat)
+    kept = tokenizer.chat_template
+    tokenizer.chat_template = chat_template  # the tokenizer files carry the same template
+    try:
+        tokenizer.save(out)
+    finally:
+        tokenizer.chat_template = kept
+    # A custom export's config.json (read for the tokenizer class) names its own code.
+    hf_tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=fmt == "custom")
+    size = config.vision.image_size
+    # The PIL backend: its bicubic resize is PIL's, as ours (the torchvision one differs).
+    image_processor = LlavaImageProcessorPil(
+        do_pad=chat.pad_to_square, size={"height": size, "width": size}, do_center_crop=False,
+        resample=3, do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=[0.5] * 3, image_std=[0.5] * 3, do_convert_rgb=True)
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=hf_tokenizer,
+                               patch_size=config.vision.patch_size,
+                               vision_feature_select_strategy=config.vision_feature_select,
+                               image_token=tokenizer.image_token, num_additional_image_tokens=0,
+                               chat_template=chat_template)
+    processor.save_pretrained(out)
+    if fmt == "custom":
+        _make_processor_custom(out, config)
+
+
+def chat_template_of(tokenizer, chat: ChatSettings) -> str | None:
+    """The Jinja template of the template the model was trained with; for an untrained import,
+    the LLM's own (kept by the import), which our `generate` does not use by default."""
+    if chat.template is not None:
+        return get_template(chat.template).jinja
+    return tokenizer.chat_template
+
+
+def write_generation_config(out: str, tokenizer, chat: ChatSettings) -> None:
+    """generation_config.json: the imported LLM's, with the stop tokens our `generate` uses
+    (EOS and the template's end-of-turn token) so transformers' `generate` stops where we do."""
+    generation = dict(chat.generation_config or {})
+    imported_eos = generation.get("eos_token_id")
+    imported_eos = [] if imported_eos is None else (
+        [imported_eos] if isinstance(imported_eos, int) else list(imported_eos))
+    stops = list(dict.fromkeys(stop_token_ids(tokenizer, chat.template) + imported_eos))
+    for key, value in (("bos_token_id", tokenizer.bos_id), ("pad_token_id", tokenizer.pad_id)):
+        if value is not None:
+            generation[key] = value
+    if stops:
+        generation["eos_token_id"] = stops if len(stops) > 1 else stops[0]
+    generation.pop("transformers_version", None)
+    with open(os.path.join(out, "generation_config.json"), "w") as f:
+        json.dump(generation, f, indent=2)
+
+
+def _make_processor_custom(out: str, config: VLMConfig) -> None:
+    """Turn the LlavaProcessor files `write_processor` saved into VlmJaxProcessor ones:
+    the same tokenizer, image processor and chat template, but `<image>` expands to
+    `tokens_per_image` tokens whatever the projector (LlavaProcessor counts patches)."""
+    path = os.path.join(out, "processor_config.json")
+    with open(path) as f:
+        processor = json.load(f)
+    for llava_only in ("patch_size", "vision_feature_select_strategy",
+                       "num_additional_image_tokens"):
+        processor.pop(llava_only, None)
+    processor.update(processor_class=hf_custom.PROCESSOR_CLASS,
+                     auto_map=dict(hf_custom.PROCESSOR_AUTO_MAP),
+                     image_seq_length=config.tokens_per_image)
+    with open(path, "w") as f:
+        json.dump(processor, f, indent=2)
+    tokenizer_path = os.path.join(out, "tokenizer_config.json")
+    if os.path.exists(tokenizer_path):
+        with open(tokenizer_path) as f:
+            tokenizer_config = json.load(f)
+        if "processor_class" in tokenizer_config:
+            tokenizer_config["processor_class"] = hf_custom.PROCESSOR_CLASS
+            with open(tokenizer_path, "w") as f:
+                json.dump(tokenizer_config, f, indent=2)
