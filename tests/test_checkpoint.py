@@ -154,6 +154,8 @@ def _largest_file(directory):
 
 
 def test_damaged_latest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, caplog):
+    """Why / Interrupts and damaged files (issue "nothing lost"): a truncated shard in the latest
+    checkpoint gave a 460-line traceback instead of falling back to the previous one."""
     run = _run_config(num_devices=8)
     plan = _plan(run, 8)
     states = {step: _random_state(plan, seed=step) for step in (1, 2)}
@@ -199,6 +201,8 @@ def test_damaged_latest_checkpoint_is_reported_and_the_previous_one_used(tmp_pat
 ])
 def test_resume_under_another_schedule_is_refused_unless_allowed(tmp_path, caplog, override,
                                                                  shown):
+    """Why / Quieter traps (issue "nothing lost"): resuming with more train.steps recomputed the
+    cosine schedule (the lr jumped from 1.9e-7 back to 3.4e-4) without a word."""
     run = _run_config(num_devices=8)
     plan = _plan(run, 8)
     state = _random_state(plan)

@@ -61,6 +61,8 @@ def _write_requests(path, lines):
 # ----------------------------------------------------------------------------- typed <image>
 
 def test_a_typed_image_places_the_image_and_never_doubles_its_slots(root, capsys):
+    """Why / Silent wrong answers (issue "nothing lost"): a literal `<image>` typed in a prompt
+    gave twice the image-token slots for one image, the extra ones filled with the last feature."""
     import vlm_jax
     from vlm_jax.inference.requests import request_inputs as _request_inputs
     model = vlm_jax.load(str(root / "trained"))

@@ -57,6 +57,8 @@ def _metric_steps(workdir):
 # ----------------------------------------------------------------------------- train --workdir
 
 def test_train_into_a_model_directory_is_refused_and_changes_nothing(tiny_trained_run, capsys):
+    """Why / Data lost (issue "nothing lost"): `train --workdir MODEL_DIR` overwrote its
+    config.json and tokenizer/."""
     model = pathlib.Path(tiny_trained_run.model)  # a finished 2-step run's (conftest)
     assert os.path.isdir(model / "tokenizer") and os.path.isdir(model / "params")
     before = _snapshot(model)
