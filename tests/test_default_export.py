@@ -9,7 +9,6 @@ import json
 import os
 
 import jax
-import numpy as np
 import pytest
 import torch
 from PIL import Image
