@@ -76,6 +76,6 @@ def test_llava15_webdataset_and_tfds_forms_need_no_data_or_images(imported):
     assert config.data.sources[0]["options"]["features"] == {"image": "image", "caption": "caption"}
     for arg, message in (("webdataset=x.tar", "give steps=N"), ("tfds=coco", "tfds_features"),
                          (f"data={imported / 'data.json'}", "needs images=DIR"),
-                         (f"data=x.json,images=y,webdataset=z.tar", "exactly one of")):
+                         ("data=x.json,images=y,webdataset=z.tar", "exactly one of")):
         with pytest.raises(ValueError, match=message):
             config_lib.load_config_file(f"{CONFIG}:phase=align,{model},{arg}")

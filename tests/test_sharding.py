@@ -1,6 +1,5 @@
 """The same VLM forward on one device and on an 8-device fsdp x tensor mesh (fake CPU devices)."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
