@@ -43,10 +43,10 @@ import ml_collections
 
 from vlm_jax import model_dir
 from vlm_jax.config import parse_arg, to_dict
+from vlm_jax.models import families
 
 # phase -> (data task, global batch in examples, peak lr)
 PHASES = {"align": ("align", 256, 1e-3), "instruct": ("instruct", 128, 2e-5)}
-TEMPLATES = {"qwen2": "qwen2", "llama": "llama3", "gemma": "gemma"}
 # Typical text tokens of one example (template included), to turn a batch in examples into rows:
 # BLIP captions are short; a 665K conversation averages a few hundred tokens.
 EXPECTED_TEXT_TOKENS = {"align": 64, "instruct": 512}
@@ -89,7 +89,7 @@ def get_config(arg=None):
     multiple = math.lcm(devices, args.processes)
     rows = -(-rows // multiple) * multiple
     family = model["llm"]["family"] if model else None
-    template = "plain" if task == "align" else (args.template or TEMPLATES.get(family, "vicuna"))
+    template = "plain" if task == "align" else (args.template or (families.get(family).template if family else "vicuna"))
     config.data = dict(sources=[_source(args)], task=task, template=template,
                        seq_len=args.seq_len, batch_size=rows // args.processes, packing=True,
                        max_images_per_row=8, read_threads=8, prefetch_buffer_size=512,

@@ -8,7 +8,7 @@ import sys
 from vlm_jax import api, model_dir
 from vlm_jax.data.templates import TEMPLATES
 from vlm_jax.errors import CheckpointError
-from vlm_jax.inference.prompts import DEFAULT_TEMPLATES
+from vlm_jax.inference.prompts import family_template
 
 PROMPT_HELP = ("the user's message. The template puts the image before it, as in training; a "
                "typed <image> (as in LLaVA prompts) places the image there instead, so at most one")
@@ -41,7 +41,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="model directory (import-hf or training)")
     p.add_argument("--template", choices=sorted(TEMPLATES), default=None,
                    help="chat template; default: the one the model was trained with, else per "
-                        "LLM family " + str(DEFAULT_TEMPLATES))
+                        "LLM family (models/families/)")
     add_dtype_arg(p)
 
 
@@ -61,7 +61,7 @@ def load_for_generation(args: argparse.Namespace):
                               f"(needs a vision tower, a projector and an LLM); `generate`/`score` "
                               f"take image + prompt")
     family = model.config.llm.family
-    template = args.template or model.template or DEFAULT_TEMPLATES[family]
+    template = args.template or model.template or family_template(family)
     if args.template and model.template and args.template != model.template:
         print(f"note: --template {args.template} differs from {model.template}, the template "
               f"{args.checkpoint} was trained with", file=sys.stderr)

@@ -18,6 +18,7 @@ import numpy as np
 from vlm_jax.convert import hf_llm, hf_siglip
 from vlm_jax.convert.hf_io import check_keys
 from vlm_jax.errors import ConversionError
+from vlm_jax.models import families
 from vlm_jax.models.projector import ProjectorConfig
 from vlm_jax.models.vlm import VLMConfig
 
@@ -94,6 +95,12 @@ def config_to_hf(config: VLMConfig) -> dict:
     if proj.type != "mlp2x_gelu":
         raise ConversionError(f"projector type {proj.type!r} cannot be expressed as a HF LLaVA projector "
                               f"(LLaVA has Linear -> act -> Linear only)")
+    family = families.get(config.llm.family)
+    if config.llm.final_logit_softcap and not family.llava_applies_final_softcap:
+        raise ConversionError(
+            f"llm.final_logit_softcap={config.llm.final_logit_softcap}: transformers' LLaVA over a "
+            f"{family.hf_model_type} text model does not apply the final-logit soft-cap, so it would "
+            f"answer differently (export with --format custom, which keeps it)")
     text = hf_llm.decoder_config_to_hf(config.llm)
     vision = hf_siglip.vision_config_to_hf(config.vision)
     return {

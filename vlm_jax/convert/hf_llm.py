@@ -1,7 +1,9 @@
-"""HF transformers <-> `models/decoder.py` for Llama / Qwen2 / Gemma: configs, weights, vocab growth.
+"""HF transformers <-> `models/decoder.py` for every decoder family: configs, weights, vocab growth.
 
-Weights are flat `dict[str, np.ndarray]` state dicts with HF's key names; the caller reads and
-writes safetensors. HF Linear weights are [out, in]; ours are [*in, *out] with heads split out:
+What is particular to a family (its HF model_type, config fields, norm tensor names) lives in its
+module in `models/families/`; this file applies it. Weights are flat `dict[str, np.ndarray]` state
+dicts with HF's key names; the caller reads and writes safetensors. HF Linear weights are
+[out, in]; ours are [*in, *out] with heads split out:
 
     q_proj.weight  [H*hd, D]  <->  attention/q/kernel  [D, H, hd]     (= W.T reshaped)
     o_proj.weight  [D, H*hd]  <->  attention/o/kernel  [H, hd, D]     (= W.T reshaped)
@@ -21,162 +23,42 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.errors import ConversionError
-from vlm_jax.models.decoder import DecoderConfig, decoder_config
+from vlm_jax.config import from_dict
+from vlm_jax.errors import ConfigError, ConversionError
+from vlm_jax.models import families
+from vlm_jax.models.decoder import DecoderConfig
+from vlm_jax.models.families import base
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "gemma")
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM"}
-HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
-# What HF hard-codes per family, that our config leaves switchable.
-FAMILY_FIXED = {
-    "llama": dict(qkv_bias=False, norm_plus_one=False, embed_scale=False),
-    "qwen2": dict(qkv_bias=True, norm_plus_one=False, embed_scale=False),
-    "gemma": dict(qkv_bias=False, norm_plus_one=True, embed_scale=True),
-}
-# HF class defaults for fields a config.json may leave out.
-HF_DEFAULTS = {
-    "llama": dict(tie_word_embeddings=False, hidden_act="silu", max_position_embeddings=2048),
-    "qwen2": dict(tie_word_embeddings=False, hidden_act="silu", max_position_embeddings=32768),
-    "gemma": dict(tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh", max_position_embeddings=8192,
-                  head_dim=256),
-}
-LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+SUPPORTED_MODEL_TYPES = families.HF_MODEL_TYPES
 # Old checkpoints saved the RoPE buffer; it is recomputed from the config, never loaded.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 # ----------------------------------------------------------------------------- configs
 
-def _require(d: Mapping[str, Any], field: str) -> Any:
-    if d.get(field) is None:
-        raise ConversionError(f"HF config field {field!r} is missing")
-    return d[field]
-
-
-def _reject(field: str, value: Any, supported: str) -> None:
-    raise ConversionError(f"HF config field {field}={value!r} is not supported (supported: {supported})")
-
-
-def _rope_fields(d: Mapping[str, Any]) -> dict:
-    """rope_theta + Llama-3 scaling from 5.x `rope_parameters` or 4.x `rope_theta`/`rope_scaling`."""
-    field = "rope_parameters" if d.get("rope_parameters") is not None else "rope_scaling"
-    params = dict(d.get(field) or {})
-    if any(isinstance(v, Mapping) for v in params.values()):
-        _reject(field, params, "one flat dict shared by every layer")
-    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
-    if partial not in (None, 1.0):
-        _reject("partial_rotary_factor", partial, "1.0")
-    out = dict(rope_theta=float(theta))
-    if rope_type == "default":
-        return out
-    if rope_type != "llama3":
-        _reject(f"{field}.rope_type", rope_type, "'default', 'llama3'")
-    for key in LLAMA3_ROPE_KEYS:
-        if params.get(key) is None:
-            raise ConversionError(f"HF config field {field}.{key} is missing (needed by rope_type 'llama3')")
-    return dict(out, rope_scaling_factor=float(params["factor"]),
-                rope_low_freq_factor=float(params["low_freq_factor"]),
-                rope_high_freq_factor=float(params["high_freq_factor"]),
-                rope_original_max_position_embeddings=int(params["original_max_position_embeddings"]))
-
-
-def _check_unimplemented(d: Mapping[str, Any], model_type: str) -> None:
-    """Raise for HF options that would change the forward pass and that we do not implement."""
-    for field in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if d.get(field) is not None:
-            _reject(field, d[field], "None (no softcapping)")
-    if d.get("attention_dropout", 0.0):
-        _reject("attention_dropout", d["attention_dropout"], "0.0")
-    if model_type in ("llama", "gemma") and d.get("attention_bias", False):
-        _reject("attention_bias", d["attention_bias"], "False (q/k/v biases only via model_type qwen2)")
-    if d.get("mlp_bias", False):
-        _reject("mlp_bias", d["mlp_bias"], "False")
-    if model_type == "gemma" and d.get("use_bidirectional_attention"):
-        _reject("use_bidirectional_attention", d["use_bidirectional_attention"], "None/False")
-    layer_types = d.get("layer_types") or ()
-    if any(t != "full_attention" for t in layer_types):
-        _reject("layer_types", sorted(set(layer_types)), "['full_attention'] only (no sliding window)")
-    if model_type == "qwen2" and d.get("use_sliding_window") and not layer_types:
-        window = d.get("sliding_window")
-        num_layers = d.get("num_hidden_layers", 0)
-        if (window is not None and window < d.get("max_position_embeddings", 32768)
-                and d.get("max_window_layers", 28) < num_layers):
-            _reject("use_sliding_window", True, "False (no sliding-window attention)")
-
-
 def decoder_config_from_hf(d: Mapping[str, Any], **compute_fields) -> DecoderConfig:
-    """DecoderConfig from an HF config.json dict (transformers 4.x or 5.x spelling).
+    """DecoderConfig from an HF text config.json dict (transformers 4.x or 5.x spelling), by the
+    family its model_type names. Values we do not implement raise naming the HF field.
 
     `compute_fields` (dtype, param_dtype, attention_backend, remat_policy) are ours, not HF's.
     """
-    model_type = d.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        _reject("model_type", model_type, str(SUPPORTED_MODEL_TYPES))
-    _check_unimplemented(d, model_type)
-    defaults = HF_DEFAULTS[model_type]
-    hidden_size = int(_require(d, "hidden_size"))
-    num_heads = int(_require(d, "num_attention_heads"))
-    hidden_act = d.get("hidden_act") or defaults["hidden_act"]
-    if model_type == "gemma" and hidden_act == "gelu":
-        hidden_act = "gelu_pytorch_tanh"  # transformers rewrites Gemma's legacy value the same way
-    if hidden_act not in HF_ACTIVATIONS:
-        _reject("hidden_act", hidden_act, str(tuple(HF_ACTIVATIONS)))
-    head_dim = d.get("head_dim") or defaults.get("head_dim") or hidden_size // num_heads
-    return decoder_config(
-        model_type,
-        vocab_size=int(_require(d, "vocab_size")),
-        hidden_size=hidden_size,
-        num_layers=int(_require(d, "num_hidden_layers")),
-        num_heads=num_heads,
-        num_kv_heads=int(d.get("num_key_value_heads") or num_heads),
-        head_dim=int(head_dim),
-        mlp_dim=int(_require(d, "intermediate_size")),
-        norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        mlp_act=HF_ACTIVATIONS[hidden_act],
-        tie_embeddings=bool(d.get("tie_word_embeddings", defaults["tie_word_embeddings"])),
-        max_position_embeddings=int(d.get("max_position_embeddings")
-                                    or defaults["max_position_embeddings"]),
-        **_rope_fields(d),
-        **compute_fields,
-    )
+    family = families.for_hf_model_type(d.get("model_type"))
+    family.check_hf(d)
+    for field in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if d.get(field) is not None and "attn_logit_softcap" not in family.free:
+            base.reject(field, d[field], f"None for model_type {family.hf_model_type!r}")
+    fields = base.shared_config_from_hf(d, family)
+    fields.update(family.config_from_hf(d))
+    try:
+        return from_dict(DecoderConfig, {**fields, **compute_fields}, where="decoder")
+    except ConfigError as e:
+        raise ConversionError(f"HF {family.hf_model_type} config: {e}") from None
 
 
 def decoder_config_to_hf(cfg: DecoderConfig) -> dict:
-    """A config.json dict that transformers loads into the matching *ForCausalLM."""
-    for field, value in FAMILY_FIXED[cfg.family].items():
-        if getattr(cfg, field) != value:
-            raise ConversionError(f"DecoderConfig.{field}={getattr(cfg, field)!r} cannot be exported as HF "
-                                  f"model_type {cfg.family!r}, which fixes {field}={value!r}")
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_scaling is not None:
-        rope = dict(cfg.rope_scaling, rope_theta=cfg.rope_theta)
-    out = {
-        "model_type": cfg.family,
-        "architectures": [ARCHITECTURES[cfg.family]],
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.mlp_dim,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}[cfg.mlp_act],
-        "rms_norm_eps": cfg.norm_eps,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "rope_parameters": rope,
-        "attention_dropout": 0.0,
-        "dtype": cfg.param_dtype,
-    }
-    if cfg.family in ("llama", "gemma"):
-        out["attention_bias"] = False
-    if cfg.family == "llama":
-        out["mlp_bias"] = False
-    if cfg.family == "qwen2":
-        out["use_sliding_window"] = False
-    return out
+    """A config.json dict that transformers loads into the family's *ForCausalLM."""
+    family = families.get(cfg.family)
+    return {**base.shared_config_to_hf(cfg, family), **family.config_to_hf(cfg)}
 
 
 # ----------------------------------------------------------------------------- weights
@@ -194,16 +76,17 @@ class _Tensor:
 def _layer_tensors(cfg: DecoderConfig) -> list[_Tensor]:
     d, h, k, hd, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
     out = [
-        _Tensor("input_layernorm.weight", ("pre_attention_norm", "scale"), (d,), (d,), "copy"),
         _Tensor("self_attn.q_proj.weight", ("attention", "q", "kernel"), (h * hd, d), (d, h, hd), "linear"),
         _Tensor("self_attn.k_proj.weight", ("attention", "k", "kernel"), (k * hd, d), (d, k, hd), "linear"),
         _Tensor("self_attn.v_proj.weight", ("attention", "v", "kernel"), (k * hd, d), (d, k, hd), "linear"),
         _Tensor("self_attn.o_proj.weight", ("attention", "o", "kernel"), (d, h * hd), (h, hd, d), "linear"),
-        _Tensor("post_attention_layernorm.weight", ("pre_mlp_norm", "scale"), (d,), (d,), "copy"),
         _Tensor("mlp.gate_proj.weight", ("mlp", "gate", "kernel"), (f, d), (d, f), "linear"),
         _Tensor("mlp.up_proj.weight", ("mlp", "up", "kernel"), (f, d), (d, f), "linear"),
         _Tensor("mlp.down_proj.weight", ("mlp", "down", "kernel"), (d, f), (f, d), "linear"),
     ]
+    for ours, hf in families.get(cfg.family).norm_names.items():
+        size = hd if ours.startswith("attention/") else d
+        out.append(_Tensor(f"{hf}.weight", tuple(ours.split("/")) + ("scale",), (size,), (size,), "copy"))
     if cfg.qkv_bias:
         out += [
             _Tensor("self_attn.q_proj.bias", ("attention", "q", "bias"), (h * hd,), (h, hd), "bias"),

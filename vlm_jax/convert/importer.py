@@ -2,8 +2,8 @@
 
 Accepted inputs:
   --hf-dir DIR                      a whole LlavaForConditionalGeneration (SigLIP vision tower),
-                                    a SiglipModel, a SiglipVisionModel, or a Llama / Qwen2 /
-                                    Gemma *ForCausalLM
+                                    a SiglipModel, a SiglipVisionModel, or a *ForCausalLM of
+                                    any family in models/families/
   --vision DIR --text DIR           compose a SigLIP tower and an LLM with a fresh projector
 
 A non-empty --out is refused unless --overwrite; the model directory is written whole or not at
@@ -22,10 +22,11 @@ from vlm_jax import model_dir
 from vlm_jax.convert import hf_io, hf_llava, hf_llm, hf_siglip
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import ConversionError
+from vlm_jax.models import families
 from vlm_jax.models.projector import ProjectorConfig
 from vlm_jax.models.vlm import VLMConfig, init_params
 
-LLM_TYPES = ("llama", "qwen2", "gemma")
+LLM_TYPES = families.HF_MODEL_TYPES
 SIGLIP_TYPES = ("siglip", "siglip_vision_model")
 IMAGE_TOKEN = "<image>"
 

@@ -175,11 +175,8 @@ _LLAMA3_JINJA = _JINJA_PRELUDE + r"""
 """
 
 
-def _qwen2(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
-    """Qwen/Qwen2-*-Instruct ChatML, with Qwen's default system prompt when none is given."""
+def _chatml_turns(messages: Sequence[Message]) -> list[Piece]:
     pieces: list[Piece] = []
-    if messages[0]["role"] != "system":
-        pieces.append((f"<|im_start|>system\n{QWEN2_DEFAULT_SYSTEM}<|im_end|>\n", False))
     for message in messages:
         if message["role"] == "assistant":
             pieces += [("<|im_start|>assistant\n", False),
@@ -190,10 +187,35 @@ def _qwen2(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
     return pieces
 
 
+def _qwen2(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
+    """Qwen/Qwen2-*-Instruct ChatML, with Qwen's default system prompt when none is given."""
+    pieces: list[Piece] = []
+    if messages[0]["role"] != "system":
+        pieces.append((f"<|im_start|>system\n{QWEN2_DEFAULT_SYSTEM}<|im_end|>\n", False))
+    return pieces + _chatml_turns(messages)
+
+
+def _chatml(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
+    """Plain ChatML (Qwen3, SmolLM2 / SmolLM3 without their optional system preambles): no
+    default system prompt."""
+    return _chatml_turns(messages)
+
+
 _QWEN2_JINJA = _JINJA_PRELUDE + r"""
 {%- if not has_system -%}
     {{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' -}}
 {%- endif -%}
+{%- for message in messages -%}
+    {{- '<|im_start|>' ~ message['role'] ~ '\n' ~ render_content(message['content'])
+        ~ '<|im_end|>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|im_start|>assistant\n' -}}
+{%- endif -%}
+"""
+
+
+_CHATML_JINJA = _JINJA_PRELUDE + r"""
 {%- for message in messages -%}
     {{- '<|im_start|>' ~ message['role'] ~ '\n' ~ render_content(message['content'])
         ~ '<|im_end|>\n' -}}
@@ -336,6 +358,7 @@ TEMPLATES: dict[str, ChatTemplate] = {
         ("llama3", _llama3, _LLAMA3_JINJA,
          ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
         ("qwen2", _qwen2, _QWEN2_JINJA, ("<|im_start|>", "<|im_end|>")),
+        ("chatml", _chatml, _CHATML_JINJA, ("<|im_start|>", "<|im_end|>")),
         ("gemma", _gemma, _GEMMA_JINJA, ("<start_of_turn>", "<end_of_turn>")),
         ("vicuna", _vicuna, _VICUNA_JINJA, ()),
         ("plain", _plain, _PLAIN_JINJA, ()),

@@ -17,8 +17,10 @@ has stopped.
 Speed (decode is memory-bound: each step reads every LLM weight once): the layers run unrolled
 on per-layer weight arrays (`per_layer_params`), so no step copies a weight out of the scanned
 [L, ...] stacks, and each layer's cache is its own [B, K, S, hd] array (heads first), so the
-one-query attention reads it in place with no per-step transpose. Prefill uses the model's own
-attention over the prompt block (`DecoderBlock.finish`) and hands its k/v to the caches.
+one-query attention reads it in place with no per-step transpose. Prefill and every decode step
+run the model's own `DecoderBlock` with a `KVCache` (models/decoder.py: the attention math, soft-
+caps, sliding windows and per-layer RoPE live there only); this file keeps the loop, the sampler
+and the cache layout.
 
 Stopping: a row stops at the first of its stop ids or stop sequences (token-id sequences matched
 on the generated ids inside the loop); the stop itself is not part of the output. Stop *strings*
@@ -38,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax.models import layers
-from vlm_jax.models.decoder import Decoder, DecoderBlock
+from vlm_jax.models.decoder import Decoder, DecoderBlock, KVCache, layer_specs
 from vlm_jax.models.vlm import VLM, VLMConfig
 
 
@@ -206,36 +208,32 @@ def _generate(model_config: VLMConfig, max_new_tokens: int, sampler: tuple, para
     slots = jnp.arange(cache_length)
     layer_params = [{"params": p} for p in layer_params]  # per_layer_params: why
     block = DecoderBlock(llm_config)
+    specs = layer_specs(llm_config)
 
-    # Prefill: the model's own attention over the padded block, each layer's k/v kept as its
-    # cache's slots 0 .. T-1. Causal after each row's prefix (mask_ar 1; a prefix of 0 = all
+    # Prefill: the model's own blocks over the padded prompt block, each layer's k/v written to
+    # its cache's slots 0 .. T-1. Causal after each row's prefix (mask_ar 1; a prefix of 0 = all
     # causal), so the padding after a row's prompt is invisible to it.
     x = VLM(model_config).apply({"params": params}, ids, images, method=VLM.embed)
     x = x.astype(jnp.dtype(llm_config.dtype))
     positions = jnp.broadcast_to(jnp.arange(prompt_width, dtype=jnp.int32), (batch, prompt_width))
     mask_ar = (jnp.arange(prompt_width)[None, :] >= prefix_lengths[:, None]).astype(jnp.int32)
     mask = layers.attention_mask_for(llm_config.attention_backend, mask_ar, None)
+    empty = KVCache.empty(batch, llm_config.num_kv_heads, cache_length, llm_config.head_dim, x.dtype)
     cache = []
-    for p in layer_params:
-        q, k, v = block.apply(p, x, positions, method=DecoderBlock.attention_inputs)
-        x = block.apply(p, x, q, k, v, mask, method=DecoderBlock.finish)
-        cache += [_cache_from(k, cache_length), _cache_from(v, cache_length)]
+    for p, spec in zip(layer_params, specs):
+        x, layer_cache = block.apply(p, x, spec, positions, mask, empty)
+        cache.append(layer_cache)
     last = jnp.take_along_axis(x, (prompt_lengths - 1)[:, None, None], axis=1)   # [B, 1, D]
     logits = decoder.apply(llm_params, last, method=_final_logits)
 
     def step_logits(cache, token, index):
         """Feed token i32[B] at position/slot index i32[B]; -> (logits f32[B, V], cache)."""
         x = decoder.apply(llm_params, token[:, None], method=Decoder.embed)
-        bias = jnp.where(slots[None, :] <= index[:, None], 0.0, layers.MASK_VALUE)  # [B, S]
+        visible = (slots[None, :] <= index[:, None])[:, None, None, :]  # bool[B, 1, 1, S]
         new_cache = []
-        for layer, p in enumerate(layer_params):
-            cache_k, cache_v = cache[2 * layer], cache[2 * layer + 1]
-            q, k, v = block.apply(p, x, index[:, None], method=DecoderBlock.attention_inputs)
-            cache_k = _write_slot(cache_k, k, index)
-            cache_v = _write_slot(cache_v, v, index)
-            x = block.apply(p, x, _attend_cache(q, cache_k, cache_v, bias),
-                            method=_finish_after_attention)
-            new_cache += [cache_k, cache_v]
+        for p, spec, layer_cache in zip(layer_params, specs, cache):
+            x, layer_cache = block.apply(p, x, spec, index[:, None], visible, layer_cache, index)
+            new_cache.append(layer_cache)
         return decoder.apply(llm_params, x, method=_final_logits), tuple(new_cache)
 
     stop_width = stop_table.shape[1]
@@ -271,42 +269,6 @@ def _generate(model_config: VLMConfig, max_new_tokens: int, sampler: tuple, para
     _, _, tokens, _, _, lengths = state
     tokens = jnp.where(jnp.arange(max_new_tokens)[None, :] < lengths[:, None], tokens, 0)
     return tokens, lengths
-
-
-def _cache_from(new: jax.Array, cache_length: int) -> jax.Array:
-    """Prefill k or v [B, T, K, hd] -> a layer's cache [B, K, S, hd] holding it in slots 0..T-1."""
-    heads_first = new.transpose(0, 2, 1, 3)
-    return jnp.pad(heads_first, ((0, 0), (0, 0), (0, cache_length - new.shape[1]), (0, 0)))
-
-
-def _write_slot(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
-    """cache [B, K, S, hd] with row b's new k or v [B, 1, K, hd] written at slot index[b]."""
-    update = new.transpose(0, 2, 1, 3).astype(cache.dtype)  # [B, K, 1, hd]
-    return jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice(c, u, (0, i, 0)))(
-        cache, update, index)
-
-
-def _attend_cache(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, bias: jax.Array):
-    """One query per row over the cache: q [B, 1, H, hd], cache k/v [B, K, S, hd], bias f32[B, S]
-    (0 = visible, MASK_VALUE = not) -> [B, 1, H, hd]. The arithmetic of
-    `layers.dot_product_attention` (GQA groups, f32 softmax), on the cache's heads-first layout
-    so that no step transposes the cache."""
-    batch, _, heads, head_dim = q.shape
-    kv_heads = cache_k.shape[1]
-    qg = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
-    logits = jnp.einsum("bkgd,bksd->bkgs", qg, cache_k.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * head_dim ** -0.5
-    probs = jax.nn.softmax(logits + bias[:, None, None, :], axis=-1).astype(cache_v.dtype)
-    out = jnp.einsum("bkgs,bksd->bkgd", probs, cache_v).astype(q.dtype)
-    return out.reshape(batch, 1, heads, head_dim)
-
-
-def _finish_after_attention(block: DecoderBlock, x: jax.Array, attention: jax.Array):
-    """`DecoderBlock.finish` from the attention core's output [B, T, H, hd] on: output
-    projection, residual, MLP."""
-    x = x + block.attention.o(attention)
-    x = x + block.mlp(block.pre_mlp_norm(x))
-    return layers.constrain(x)
 
 
 def _final_logits(decoder: Decoder, x: jax.Array) -> jax.Array:

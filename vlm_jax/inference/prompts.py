@@ -13,10 +13,14 @@ import numpy as np
 
 from vlm_jax.data.templates import get_template
 from vlm_jax.errors import InputError
+from vlm_jax.models import families
 
-# Chat template per decoder family for a model that records none (an import; LLaVA-1.5 used
-# vicuna on Llama).
-DEFAULT_TEMPLATES = {"llama": "vicuna", "qwen2": "qwen2", "gemma": "gemma"}
+
+
+def family_template(family: str) -> str:
+    """The chat template a decoder family is trained and decoded with (models/families/), for a
+    model that records none (an import)."""
+    return families.get(family).template
 
 
 def user_content(question: str, image_token: str) -> str:

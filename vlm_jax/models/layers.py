@@ -162,13 +162,17 @@ class RMSNorm(nn.Module):
 # ----------------------------------------------------------------------------- RoPE
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
-    """Inverse frequencies f32[head_dim // 2]; `scaling` = Llama-3 rope_scaling dict or None."""
+    """Inverse frequencies f32[head_dim // 2]; `scaling` = a Llama-3 or linear rope_scaling dict,
+    or None."""
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     if scaling is None:
         return inv_freq.astype(np.float32)
     kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":  # positions divided by the factor (Gemma 3's global layers)
+        return (inv_freq / scaling["factor"]).astype(np.float32)
     if kind != "llama3":
-        raise ConfigError(f"rope_scaling type {kind!r} is not supported (supported: 'llama3' or none)")
+        raise ConfigError(f"rope_scaling type {kind!r} is not supported (supported: 'llama3', "
+                          f"'linear' or none)")
     factor = scaling["factor"]
     low_freq_factor = scaling["low_freq_factor"]
     high_freq_factor = scaling["high_freq_factor"]
@@ -184,7 +188,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> n
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotary embedding, HF "rotate_half" convention. x: [B, T, H, hd]; positions: i32[B, T]."""
+    """Rotary embedding, HF "rotate_half" convention. x: [B, T, H, hd]; positions: i32[B, T].
+    All-zero `inv_freq` leaves x as it is (a layer without RoPE)."""
     angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, hd/2]
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
@@ -213,6 +218,28 @@ def make_attention_mask(mask_ar: jax.Array, segment_ids: jax.Array | None = None
         same = segment_ids[:, :, None] == segment_ids[:, None, :]
         mask = mask & same & (segment_ids[:, None, :] != 0)
     return mask[:, None, :, :]
+
+
+def sliding_window_mask(mask: jax.Array, query_positions: jax.Array, key_positions: jax.Array,
+                        window) -> jax.Array:
+    """`mask` bool[B, 1, T, S] further limited to keys less than `window` positions behind the
+    query (HF's `kv_idx > q_idx - sliding_window`); window 0 leaves it as it is (a full-attention
+    layer of a model whose other layers slide). Positions restart in every packed segment, so the
+    window never reaches across one. query_positions i32[B, T], key_positions i32[B|1, S]."""
+    if isinstance(mask, SegmentMask):
+        raise ConfigError("attention_backend='tpu_flash' cannot apply a sliding window")
+    if isinstance(window, (int, np.integer)) and window == 0:
+        return mask
+    distance = query_positions[:, None, :, None] - key_positions[:, None, None, :]
+    inside = distance < window
+    return mask & (inside | (window == 0))
+
+
+def soft_cap(logits: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(logits / cap) (Gemma 2's soft-capping); no cap when `cap` is 0 or None."""
+    if not cap:
+        return logits
+    return cap * jnp.tanh(logits / cap)
 
 
 @flax.struct.dataclass
@@ -254,15 +281,17 @@ def resolve_attention_backend(backend: str) -> str:
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
                           backend: str = "xla", scale: float | None = None,
-                          logits_soft_cap: float | None = None) -> jax.Array:
-    """Multi-head attention with GQA/MQA. q: [B, T, H, hd]; k, v: [B, S, K, hd] with H % K == 0.
+                          logits_soft_cap: float | None = None,
+                          kv_heads_first: bool = False) -> jax.Array:
+    """Multi-head attention with GQA/MQA. q: [B, T, H, hd]; k, v: [B, S, K, hd] with H % K == 0
+    ([B, K, S, hd] with `kv_heads_first`: a KV cache's layout).
 
     mask: bool[B, 1, T, S] (True = attend) or None. Returns [B, T, H, hd] in q's dtype.
     Softmax statistics are computed in f32 whatever the compute dtype.
     """
     backend = resolve_attention_backend(backend)
     b, t, h, hd = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1] if kv_heads_first else k.shape[2]
     if h % kv_heads:
         raise ConfigError(f"{h} query heads is not a multiple of {kv_heads} kv heads")
     scale = hd ** -0.5 if scale is None else scale
@@ -271,17 +300,22 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
             raise ConfigError("attention_backend='tpu_flash' takes a SegmentMask (causal packed "
                               "attention, see attention_mask_for) or no mask (bidirectional), "
                               "and no logit soft-capping")
+        if kv_heads_first:
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         return _tpu_flash_attention(q, k, v, None if mask is None else mask.segment_ids, scale)
     if backend == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
         backend = "xla"  # cuDNN's fused kernel takes fp16/bf16 only; f32 runs the XLA path
     if backend in ("cudnn", "jax_dpa") and logits_soft_cap is None:
         impl = "cudnn" if backend == "cudnn" else "xla"
+        if kv_heads_first:
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
     groups = h // kv_heads
     qg = q.reshape(b, t, kv_heads, groups, hd)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    if logits_soft_cap is not None:
-        logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
+    kv = "bksd" if kv_heads_first else "bskd"
+    logits = jnp.einsum(f"btkgd,{kv}->bkgts", qg, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * scale
+    logits = soft_cap(logits, logits_soft_cap)
     if mask is not None:
         # An additive bias rather than a select: the select's backward materialises a zeros
         # tensor of the logits' size per layer; adding a constant passes the gradient as is.
@@ -289,7 +323,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
         bias = jnp.where(mask, 0.0, MASK_VALUE).astype(jnp.float32)
         logits = logits + bias[:, :, None]  # bias: [B, 1, 1, T, S]
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum(f"bkgts,{kv}->btkgd", probs, v).astype(q.dtype)
     return out.reshape(b, t, h, hd)
 
 

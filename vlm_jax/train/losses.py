@@ -43,7 +43,8 @@ def _first_argmax(logits: jax.Array, row_max: jax.Array) -> jax.Array:
 
 def next_token_sums_from_hidden(hidden: jax.Array, head: jax.Array, vocab_axis: int,
                                 target_ids: jax.Array, loss_mask: jax.Array,
-                                chunk_size: int = 128) -> tuple[jax.Array, jax.Array, jax.Array]:
+                                chunk_size: int = 128, soft_cap: float = 0.0
+                                ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`next_token_sums(logits, ...)` with logits = the LM head applied to `hidden`, computed only
     where `loss_mask` is non-zero and never materialised whole.
 
@@ -54,7 +55,8 @@ def next_token_sums_from_hidden(hidden: jax.Array, head: jax.Array, vocab_axis: 
     follows the data: packed rows, any image count, any prompt masking). Each chunk computes
     logits [B, C, V] in f32, the loss, the argmax, and at once the gradients of the loss sum
     w.r.t. the chunk's hidden states and the head ("fused linear cross entropy"), so the backward
-    pass only scales them and no [*, V] tensor outlives its chunk.
+    pass only scales them and no [*, V] tensor outlives its chunk. `soft_cap` > 0: the logits are
+    cap * tanh(hidden @ head / cap) (Gemma 2's final soft-cap), differentiated through the tanh.
     """
     batch, length, _ = hidden.shape
     has_loss = loss_mask != 0
@@ -70,10 +72,11 @@ def next_token_sums_from_hidden(hidden: jax.Array, head: jax.Array, vocab_axis: 
     chunks_needed = (most_loss_tokens + chunk_size - 1) // chunk_size
     head_vd = head if vocab_axis == 0 else head.T
     return _fused_head_ce(sort_pad(hidden), head_vd.astype(hidden.dtype), sort_pad(target_ids),
-                          sort_pad(loss_mask.astype(jnp.float32)), chunks_needed, chunk_size)
+                          sort_pad(loss_mask.astype(jnp.float32)), chunks_needed, chunk_size,
+                          float(soft_cap or 0.0))
 
 
-def _fused_head_ce_forward(hidden, head, target_ids, weights, chunks_needed, chunk_size):
+def _fused_head_ce_forward(hidden, head, target_ids, weights, chunks_needed, chunk_size, soft_cap):
     """(loss sum, correct sum, token sum) and their gradients w.r.t. hidden and head (see above).
     hidden [B, Tp, D], head [V, D], target_ids i32[B, Tp], weights f32[B, Tp]."""
     batch, _, width = hidden.shape
@@ -85,6 +88,9 @@ def _fused_head_ce_forward(hidden, head, target_ids, weights, chunks_needed, chu
         tgt = jax.lax.dynamic_slice_in_dim(target_ids, start, chunk_size, axis=1)    # [B, C]
         w = jax.lax.dynamic_slice_in_dim(weights, start, chunk_size, axis=1)         # [B, C]
         logits = jnp.einsum("bcd,vd->bcv", h, head, preferred_element_type=jnp.float32)
+        if soft_cap:
+            capped = jnp.tanh(logits / soft_cap)
+            logits = soft_cap * capped
         row_max = jnp.max(logits, axis=-1)
         shifted = logits - row_max[..., None]
         log_norm = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))                        # [B, C]
@@ -94,7 +100,10 @@ def _fused_head_ce_forward(hidden, head, target_ids, weights, chunks_needed, chu
         # d(sum w * nll)/d logits = w * (softmax - onehot)
         vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
         probs = jnp.exp(shifted - log_norm[..., None])
-        grad_logits = (w[..., None] * (probs - (vocab == tgt[..., None]))).astype(hidden.dtype)
+        grad_logits = w[..., None] * (probs - (vocab == tgt[..., None]))
+        if soft_cap:  # d(cap * tanh(z / cap)) / dz = 1 - tanh^2
+            grad_logits = grad_logits * (1.0 - jnp.square(capped))
+        grad_logits = grad_logits.astype(hidden.dtype)
         grad_h = jnp.einsum("bcv,vd->bcd", grad_logits, head, preferred_element_type=jnp.float32)
         grad_head = grad_head + jnp.einsum("bcv,bcd->vd", grad_logits, h,
                                            preferred_element_type=jnp.float32)
@@ -109,16 +118,18 @@ def _fused_head_ce_forward(hidden, head, target_ids, weights, chunks_needed, chu
     return (loss_sum, correct_sum, jnp.sum(weights)), (grad_hidden, grad_head.astype(head.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _fused_head_ce(hidden, head, target_ids, weights, chunks_needed, chunk_size):
-    return _fused_head_ce_forward(hidden, head, target_ids, weights, chunks_needed, chunk_size)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _fused_head_ce(hidden, head, target_ids, weights, chunks_needed, chunk_size, soft_cap):
+    return _fused_head_ce_forward(hidden, head, target_ids, weights, chunks_needed, chunk_size,
+                                  soft_cap)[0]
 
 
-def _fused_head_ce_fwd(hidden, head, target_ids, weights, chunks_needed, chunk_size):
-    return _fused_head_ce_forward(hidden, head, target_ids, weights, chunks_needed, chunk_size)
+def _fused_head_ce_fwd(hidden, head, target_ids, weights, chunks_needed, chunk_size, soft_cap):
+    return _fused_head_ce_forward(hidden, head, target_ids, weights, chunks_needed, chunk_size,
+                                  soft_cap)
 
 
-def _fused_head_ce_bwd(chunk_size, grads, cotangents):
+def _fused_head_ce_bwd(chunk_size, soft_cap, grads, cotangents):
     grad_hidden, grad_head = grads
     loss_cotangent = cotangents[0]
     # Only the loss sum is differentiable (the correct count and the mask sum are counts).

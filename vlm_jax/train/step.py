@@ -192,7 +192,8 @@ def _next_token_sums(plan: TrainPlan, params: dict, batch: dict):
                               batch["mask_ar"], batch.get("segment_ids"), method=VLM.hidden_states)
     head, vocab_axis = lm_head_weight(params["llm"], plan.model_config.llm)
     return losses.next_token_sums_from_hidden(hidden, head, vocab_axis, batch["target_ids"],
-                                              batch["loss_mask"])
+                                              batch["loss_mask"],
+                                              soft_cap=plan.model_config.llm.final_logit_softcap)
 
 
 def _contrastive_images(batch: dict) -> jax.Array:
