@@ -81,16 +81,34 @@ class HFTiny:
     VOCAB = 96
 
     def text(self, family: str, tie: bool, vocab: int = VOCAB, **overrides):
+        """A tiny HF text config of our `family` (models/families/); the newer families have
+        their particular features switched on at a size a test can see: Qwen3's head_dim apart
+        from hidden/heads, Gemma 2 / 3's sliding window (8 tokens) and soft-caps, SmolLM3's NoPE
+        layer (every 2nd)."""
         import transformers
         common = dict(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
                       max_position_embeddings=256)
-        if family == "gemma":
-            common.update(head_dim=16, hidden_act="gelu_pytorch_tanh",
-                          hidden_activation="gelu_pytorch_tanh")
+        gemma = dict(head_dim=16, hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh")
+        extra = {
+            "llama": {}, "qwen2": {}, "gemma": gemma,
+            "qwen3": dict(head_dim=16),
+            "gemma2": dict(gemma, query_pre_attn_scalar=24, sliding_window=8,
+                           attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
+            "gemma3": dict(gemma, query_pre_attn_scalar=24, sliding_window=8,
+                           layer_types=["sliding_attention", "full_attention"],
+                           rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                               "rope_theta": 1e6},
+                                            "sliding_attention": {"rope_type": "default",
+                                                                  "rope_theta": 1e4}}),
+            "smollm3": dict(no_rope_layer_interval=2),
+        }[family]
         config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-                        "gemma": transformers.GemmaConfig}[family]
-        return config_class(**{**common, **overrides})
+                        "gemma": transformers.GemmaConfig, "qwen3": transformers.Qwen3Config,
+                        "gemma2": transformers.Gemma2Config,
+                        "gemma3": transformers.Gemma3TextConfig,
+                        "smollm3": transformers.SmolLM3Config}[family]
+        return config_class(**{**common, **extra, **overrides})
 
     def vision(self, image_size: int = 32, patch: int = 8, layers: int = 3, **overrides):
         import transformers

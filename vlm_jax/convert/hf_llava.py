@@ -74,6 +74,10 @@ def config_from_hf(hf: dict) -> VLMConfig:
     if "tie_word_embeddings" in hf:  # the top-level flag is the one LLaVA honours
         text_hf["tie_word_embeddings"] = hf["tie_word_embeddings"]
     llm = hf_llm.decoder_config_from_hf(text_hf)
+    if llm.final_logit_softcap and not families.get(llm.family).llava_applies_final_softcap:
+        # LlavaForConditionalGeneration applies its own lm_head to the text model's hidden states,
+        # without the text config's final soft-cap: the import computes what that class computes.
+        llm = dataclasses.replace(llm, final_logit_softcap=0.0)
     config = VLMConfig(
         vision=vision,
         projector=ProjectorConfig(type="mlp2x_gelu", act=HF_ACTS[act],

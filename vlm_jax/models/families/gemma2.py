@@ -29,7 +29,10 @@ def softcaps_from_hf(d, attn_default, final_default):
 
 def softcaps_to_hf(cfg):
     return {"hidden_activation": base.OUR_ACTIVATIONS[cfg.mlp_act],
-            "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
+            # HF types it int (256, 144); a fractional value stays a float
+            "query_pre_attn_scalar": (int(cfg.query_pre_attn_scalar)
+                                      if float(cfg.query_pre_attn_scalar).is_integer()
+                                      else cfg.query_pre_attn_scalar),
             "attn_logit_softcapping": cfg.attn_logit_softcap or None,
             "final_logit_softcapping": cfg.final_logit_softcap or None,
             "sliding_window": cfg.sliding_window or None, "layer_types": list(cfg.layer_types),
