@@ -8,8 +8,9 @@ published architectures (nothing is downloaded); the weights come from an import
     vlm-jax train --config configs/llava_so400m_llama3_8b.py:target=v5p-64,init=runs/align,\\
 data=llava_v1_5_mix665k.json,images=llava_images --workdir gs://BUCKET/runs/instruct
 
-`llm=gemma2b|llama3_8b|qwen2_7b` picks the LLM (the configs/llava_so400m_<llm>.py files fix
-it); `target=v5p-64|8xh100` picks the mesh, the per-process batch and the micro-batches.
+`llm=gemma2b|llama3_8b|qwen2_7b|qwen3_8b|gemma2_2b|gemma3_4b|smollm3_3b` picks the LLM (the
+configs/llava_so400m_<llm>.py files fix it); `target=v5p-64|8xh100` picks the mesh, the
+per-process batch and the micro-batches.
 Each (llm, target) pair is proven to fit by `vlm-jax plan` (numbers and commands:
 docs/scaling.md). `init=` loads the import (or the align run) and checks every shape against
 this model section; the tokenizer is read from the same directory.
@@ -29,8 +30,14 @@ SO400M = dict(image_size=384, patch_size=14, width=1152, depth=27, num_heads=16,
               layer_norm_eps=1e-6, feature_layer=-2, use_head=True, posemb="learn")
 
 # The instruction-tuned LLMs as `import-hf` reads their config.json. vocab_size includes the
-# <image> token import-hf adds: Gemma's and Llama-3's tables grow by one row for it, Qwen2's
-# padded table already has room (id 151646).
+# <image> token import-hf adds (at id len(tokenizer), when the tokenizer has no "<image>"):
+# the tables of Gemma 1 / 2 (256000 rows, tokenizer 256000), Llama-3 and SmolLM3 (128256 rows,
+# tokenizer 128256) grow by one row for it; Qwen2's, Qwen3's and Gemma 3's padded tables already
+# have room (Qwen2: id 151646 of 152064; Qwen3: 151669 of 151936, after its 26 special tokens
+# up to </think> = 151668; Gemma 3: 262145 of 262208, after <image_soft_token> = 262144).
+# Training checks the id against the tokenizer (model.image_token_id), so a tokenizer that
+# differs is an error, not a silent mis-splice. The structural fields a family fixes
+# (models/families/) are written out for reading; a value contradicting the family is an error.
 LLMS = {
     "gemma2b": (dict(family="gemma", vocab_size=256001, hidden_size=2048, num_layers=18,
                      num_heads=8, num_kv_heads=1, head_dim=256, mlp_dim=16384, norm_eps=1e-6,
@@ -47,6 +54,45 @@ LLMS = {
                       rope_theta=1000000.0, qkv_bias=True, mlp_act="silu", norm_plus_one=False,
                       embed_scale=False, tie_embeddings=False, max_position_embeddings=32768),
                  151646, "qwen2"),
+    # Qwen/Qwen3-8B: Qwen2 without q/k/v biases, RMSNorm over each head of q and k.
+    "qwen3_8b": (dict(family="qwen3", vocab_size=151936, hidden_size=4096, num_layers=36,
+                      num_heads=32, num_kv_heads=8, head_dim=128, mlp_dim=12288, norm_eps=1e-6,
+                      rope_theta=1000000.0, qkv_bias=False, qk_norm=True, mlp_act="silu",
+                      norm_plus_one=False, embed_scale=False, tie_embeddings=False,
+                      max_position_embeddings=40960),
+                 151669, "chatml"),
+    # google/gemma-2-2b-it (PaliGemma 2's text side): sandwich norms, soft-caps 50 / 30, a
+    # 4096-token window on layers 0, 2, 4, ... . HF LLaVA does not apply the final soft-cap, so
+    # `export-hf --format auto` writes this model in the custom format, not as LLaVA.
+    "gemma2_2b": (dict(family="gemma2", vocab_size=256001, hidden_size=2304, num_layers=26,
+                       num_heads=8, num_kv_heads=4, head_dim=256, mlp_dim=9216, norm_eps=1e-6,
+                       rope_theta=10000.0, qkv_bias=False, mlp_act="gelu_tanh",
+                       norm_plus_one=True, embed_scale=True, post_norms=True,
+                       attn_logit_softcap=50.0, final_logit_softcap=30.0,
+                       query_pre_attn_scalar=256.0, sliding_window=4096, tie_embeddings=True,
+                       max_position_embeddings=8192),
+                  256000, "gemma"),
+    # The language model of google/gemma-3-4b-it (model_type gemma3_text): q/k norms, a
+    # 1024-token window (RoPE base 10k) on 5 of every 6 layers, the 6th global (RoPE base 1M,
+    # linear scaling x8), no soft-caps. import-hf --text takes a text-only Gemma3ForCausalLM
+    # directory, not the multimodal Gemma3ForConditionalGeneration one.
+    "gemma3_4b": (dict(family="gemma3", vocab_size=262208, hidden_size=2560, num_layers=34,
+                       num_heads=8, num_kv_heads=4, head_dim=256, mlp_dim=10240, norm_eps=1e-6,
+                       rope_theta=1000000.0, rope_scaling_type="linear", rope_scaling_factor=8.0,
+                       rope_local_theta=10000.0, qkv_bias=False, mlp_act="gelu_tanh",
+                       norm_plus_one=True, embed_scale=True, qk_norm=True, post_norms=True,
+                       attn_logit_softcap=0.0, final_logit_softcap=0.0,
+                       query_pre_attn_scalar=256.0, sliding_window=1024, tie_embeddings=True,
+                       max_position_embeddings=131072),
+                  262145, "gemma"),
+    # HuggingFaceTB/SmolLM3-3B: Llama architecture, no RoPE on layers 3, 7, 11, ... (the
+    # family's every-4th default), tied embeddings.
+    "smollm3_3b": (dict(family="smollm3", vocab_size=128257, hidden_size=2048, num_layers=36,
+                        num_heads=16, num_kv_heads=4, head_dim=128, mlp_dim=11008,
+                        norm_eps=1e-6, rope_theta=5000000.0, qkv_bias=False, mlp_act="silu",
+                        norm_plus_one=False, embed_scale=False, tie_embeddings=True,
+                        max_position_embeddings=65536),
+                   128256, "chatml"),
 }
 
 # target -> mesh, processes (hosts), micro-batches of the global batch 128

@@ -10,14 +10,17 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from vlm_jax.config import from_dict  # noqa: E402
 from vlm_jax.convert import hf_llm  # noqa: E402
-from vlm_jax.models import layers  # noqa: E402
+from vlm_jax.models import families, layers  # noqa: E402
+from vlm_jax.models.vlm import VLMConfig  # noqa: E402
 from vlm_jax.models.decoder import Decoder, DecoderConfig, decoder_config  # noqa: E402
 
 HF_CLASSES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
 }
 TINY = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=64)
@@ -74,6 +77,10 @@ PARITY_CASES = {
     "qwen2_gqa_bias_left_pad": ("qwen2", dict(num_key_value_heads=2, rope_parameters={
         "rope_type": "default", "rope_theta": 1e6}), "left", False),
     "gemma_head_dim_geglu_right_pad": ("gemma", dict(num_key_value_heads=2, head_dim=16), "right", True),
+    # Why / a family is one file: mistral.py + its name in families.NAMES (nothing else) gives a
+    # decoder whose every layer slides (window 4 < the 9 tokens here, so the window cuts).
+    "mistral_sliding_window_every_layer": ("mistral", dict(num_key_value_heads=2, head_dim=16,
+                                                           sliding_window=4), "right", False),
 }
 
 
@@ -163,7 +170,7 @@ def test_config_from_hf_accepts_4x_rope_spelling():
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("model_type", "mistral", "model_type"),
+    ("model_type", "mixtral", "model_type"),
     ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}, "rope_type"),
     ("hidden_act", "relu", "hidden_act"),
     ("attn_logit_softcapping", 50.0, "attn_logit_softcapping"),
@@ -204,13 +211,56 @@ def test_family_defaults_and_config_validation():
     assert decoder_config("qwen2").qkv_bias and not decoder_config("llama").qkv_bias
     assert hash(gemma) == hash(decoder_config("gemma", hidden_size=64))
     with pytest.raises(ValueError, match="family"):
-        decoder_config("mistral")
+        decoder_config("mixtral")
     with pytest.raises(ValueError, match="num_kv_heads"):
         decoder_config("llama", num_heads=4, num_kv_heads=3)
     with pytest.raises(ValueError, match="unknown config key.*decoder.rope_scaling"):
         decoder_config("llama", rope_scaling={"factor": 8})
     with pytest.raises(ValueError, match="qkv_bias"):
         hf_llm.decoder_config_to_hf(dataclasses.replace(decoder_config("llama"), qkv_bias=True))
+
+
+def test_a_family_named_in_a_config_section_is_that_family():
+    """Why / `model.llm = dict(family="gemma", ...)` went through from_dict and built a Llama
+    labelled gemma (no 1+w norms, no sqrt(d) scale, SwiGLU, untied): every path that builds a
+    DecoderConfig now takes the family's structural values, and a contradiction is an error
+    naming the field and the family."""
+    section = dict(family="gemma", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                   num_kv_heads=1, head_dim=8, mlp_dim=48)
+    llm = from_dict(VLMConfig, {"llm": section}, where="model").llm
+    assert (llm.norm_plus_one, llm.embed_scale, llm.mlp_act, llm.tie_embeddings) == (
+        True, True, "gelu_tanh", True)
+    assert llm == decoder_config("gemma", **{k: v for k, v in section.items() if k != "family"})
+    with pytest.raises(ValueError, match=r"norm_plus_one=False contradicts family='gemma'"):
+        from_dict(VLMConfig, {"llm": dict(section, norm_plus_one=False)}, where="model")
+    with pytest.raises(ValueError, match=r"qk_norm=False contradicts family='qwen3'"):
+        decoder_config("qwen3", qk_norm=False)
+    # A field the family leaves free may differ: an untied Gemma, a tied Llama.
+    assert not decoder_config("gemma", tie_embeddings=False).tie_embeddings
+    # A saved config (every field written out) reloads to the same config.
+    gemma2 = decoder_config("gemma2", num_layers=4)
+    assert from_dict(DecoderConfig, dataclasses.asdict(gemma2)) == gemma2
+    assert gemma2.layer_types == ("sliding_attention", "full_attention") * 2
+
+
+def test_every_family_is_one_complete_module():
+    """Each registered family gives every structural value, a chat template we have, and HF
+    names that map back to it; nope_layers / sliding layers only where the family has them."""
+    from vlm_jax.data.templates import TEMPLATES
+    from vlm_jax.models.families.base import STRUCTURAL
+    for name in families.NAMES:
+        family = families.get(name)
+        assert set(STRUCTURAL) <= set(family.defaults) and family.template in TEMPLATES
+        assert families.for_hf_model_type(family.hf_model_type) is family
+        cfg = decoder_config(name, num_layers=4, hidden_size=32, num_heads=4, num_kv_heads=2,
+                             head_dim=8, mlp_dim=48, vocab_size=64)
+        assert hf_llm.decoder_config_from_hf(hf_llm.decoder_config_to_hf(cfg)) == cfg, name
+    with pytest.raises(ValueError, match="nope_layers"):
+        decoder_config("llama", nope_layers=(1,))
+    with pytest.raises(ValueError, match="layer_types"):
+        decoder_config("llama", layer_types=("sliding_attention",) * 8)
+    with pytest.raises(ValueError, match="attention_backend"):
+        decoder_config("gemma2", attention_backend="tpu_flash")
 
 
 def _tiny_cfg(**overrides) -> DecoderConfig:

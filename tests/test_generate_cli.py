@@ -218,5 +218,8 @@ def test_a_template_other_than_the_trained_one_or_a_family_default_is_said(root,
     assert "--template plain" in note and "minimal" in note
     assert score_notes("--checkpoint", str(root / "trained"), "--template", "minimal") == []
     [note] = score_notes("--checkpoint", str(root / "imported"))
-    assert "no chat template" in note and "using vicuna" in note and "llama" in note
+    # Why / a model decoded with another template than the family trains with: an import
+    # defaults to its family's template (models/families/llama.py: llama3), the one
+    # configs/llava15_siglip.py trains llama models with, not LLaVA-1.5's vicuna.
+    assert "no chat template" in note and "using llama3" in note and "llama" in note
     assert score_notes("--checkpoint", str(root / "imported"), "--template", "minimal") == []

@@ -124,7 +124,7 @@ def test_targets_are_answers_and_end_of_turn(name):
                                        "<bos>", "<eos>")
     targets = [text for text, is_target in pieces if is_target]
     end_of_turn = {"llama2": " <eos>", "llama3": "<|eot_id|>", "qwen2": "<|im_end|>",
-                   "gemma": "<end_of_turn>", "vicuna": "<eos>",
+                   "chatml": "<|im_end|>", "gemma": "<end_of_turn>", "vicuna": "<eos>",
                    "minimal": "<eos>"}[name]
     assert len(targets) == 2
     for target, answer in zip(targets, ["red", "2"]):
@@ -159,7 +159,7 @@ def test_bad_conversations_raise():
     with pytest.raises(TemplateError, match="exactly one caption"):
         get_template("plain").render(CONVERSATION)
     with pytest.raises(ValueError, match="supported: .*llama3"):
-        get_template("chatml")
+        get_template("chatml2")
 
 
 # ---------------------------------------------------------------------- the templates' own jinja

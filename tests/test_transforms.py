@@ -33,7 +33,7 @@ CONVERSATION = [
     {"role": "assistant", "content": ANSWERS[1]},
 ]
 END_OF_TURN = {"llama2": "<eos>", "llama3": "<|eot_id|>", "qwen2": "<|im_end|>",
-               "gemma": "<end_of_turn>", "vicuna": "<eos>"}
+               "chatml": "<|im_end|>", "gemma": "<end_of_turn>", "vicuna": "<eos>"}
 IMAGE_SIZE = 16
 
 

@@ -117,10 +117,10 @@ def test_placeholder_mismatch_is_a_clear_error(hf_tiny, tmp_path):
 def test_import_refuses_unsupported_and_mismatched(hf_tiny, tmp_path, capsys):
     _, hf_dir = _hf_llava(hf_tiny, tmp_path, "llama")
     config = json.load(open(os.path.join(hf_dir, "config.json")))
-    config["text_config"]["model_type"] = "mistral"
+    config["text_config"]["model_type"] = "mixtral"
     json.dump(config, open(os.path.join(hf_dir, "config.json"), "w"))
     assert cli_main(["import-hf", "--hf-dir", hf_dir, "--out", str(tmp_path / "x")]) == 2
-    assert "mistral" in capsys.readouterr().err
+    assert "mixtral" in capsys.readouterr().err
 
     _, hf_dir = _hf_llava(hf_tiny, tmp_path, "qwen2")
     config = json.load(open(os.path.join(hf_dir, "config.json")))

@@ -13,7 +13,8 @@ LLaVA-expressible, `llava_blocker`, else custom):
   custom  any composition, as transformers remote code (`hf_custom.py`): the directory carries
           its modeling, configuration and processing files; `AutoModelForImageTextToText` /
           `AutoProcessor.from_pretrained(out, trust_remote_code=True)` load it.
-`part="vision"` writes the encoder alone as a `SiglipVisionModel`.
+`part="vision"` writes the encoder alone as a `SiglipVisionModel`; `part="llm"` the decoder alone
+as its family's *ForCausalLM (config.json and model.safetensors as `save_pretrained` writes them).
 
 The export is written into a temporary directory beside `out`, loaded there in transformers and
 compared with our model on a probe input, both in f32 whatever the model was trained in (a
@@ -54,7 +55,7 @@ from vlm_jax.models.siglip import SiglipVisionTower
 from vlm_jax.models.vlm import VLMConfig, architecture_only
 
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
-PARTS = ("vlm", "vision")
+PARTS = ("vlm", "vision", "llm")
 FORMATS = ("auto", "llava", "custom")
 # Same weights on both sides and f32 compute: only the order of float operations differs.
 F32_TOLERANCE = 1e-4
@@ -129,7 +130,7 @@ def export_params(config: VLMConfig, params: Any, tokenizer, out: str, dtype: st
     model_dir.check_output_dir(out, [], overwrite)
     config = architecture_only(config)  # the self-check compares f32 with f32
     # Decided from the config alone: a refused format writes nothing, reads no weight.
-    fmt = None if part == "vision" else resolve_format(config, format)
+    fmt = resolve_format(config, format) if part == "vlm" else None
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.export-",
@@ -199,9 +200,9 @@ def _check_options(dtype: str, part: str, format: str) -> None:
         raise InputError(f"--part {part!r}; supported: {PARTS}")
     if format not in FORMATS:
         raise InputError(f"--format {format!r}; supported: {FORMATS}")
-    if part == "vision" and format != "auto":
-        raise InputError(f"--format {format} is for --part vlm; --part vision always writes a "
-                         f"SiglipVisionModel")
+    if part != "vlm" and format != "auto":
+        what = "a SiglipVisionModel" if part == "vision" else "the LLM's *ForCausalLM"
+        raise InputError(f"--format {format} is for --part vlm; --part {part} always writes {what}")
 
 
 def resolve_format(config: VLMConfig, requested: str) -> str:

@@ -13,7 +13,7 @@ import importlib
 from vlm_jax.errors import ConfigError, ConversionError
 from vlm_jax.models.families.base import Family
 
-NAMES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "smollm3")
+NAMES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "smollm3", "mistral")
 
 FAMILIES: dict[str, Family] = {
     name: importlib.import_module(f"{__name__}.{name}").FAMILY for name in NAMES}
