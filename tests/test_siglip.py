@@ -266,3 +266,38 @@ def test_compile_time_does_not_grow_with_depth():
     assert "stablehlo.while" in deep
     assert deep.count("\n") == shallow.count("\n")
     assert deep.count("stablehlo.dot_general") == shallow.count("stablehlo.dot_general") > 0
+
+
+@pytest.mark.parity
+def test_siglip2_fixed_resolution_checkpoint_imports_and_matches(tmp_path):
+    """Why / SigLIP 2's fixed-resolution checkpoints (google/siglip2-*-patch16-224 ... -512) are
+    `model_type: siglip` in HF: the same towers with 64 text positions, a Gemma-sized vocabulary
+    and tanh-GELU. One shaped like them (shrunk) imports with `import-hf --hf-dir` and gives HF's
+    contrastive logits. (The variable-resolution NaFlex tower, model_type siglip2, is not
+    supported: import-hf refuses that model_type.)"""
+    from vlm_jax.cli import main as cli_main
+    from vlm_jax.model_dir import load_model
+    torch.manual_seed(3)
+    text = dict(HF_TEXT, vocab_size=300, max_position_embeddings=64, hidden_act="gelu_pytorch_tanh")
+    vision = dict(HF_VISION, image_size=64, patch_size=16, hidden_act="gelu_pytorch_tanh")
+    hf_model = transformers.SiglipModel(transformers.SiglipConfig(text_config=text,
+                                                                  vision_config=vision)).eval()
+    _randomize_(hf_model, 4)
+    hf_model.save_pretrained(tmp_path / "siglip2")
+    assert cli_main(["import-hf", "--hf-dir", str(tmp_path / "siglip2"),
+                     "--out", str(tmp_path / "ours")]) == 0
+    config, params, _ = load_model(str(tmp_path / "ours"))
+    assert config.text_tower.max_len == 64 and config.vision.patch_size == 16
+    images = _images(8, height=64, width=64, batch=2)
+    ids = np.random.default_rng(9).integers(0, 300, (3, 64))
+    with torch.no_grad():
+        want = hf_model(input_ids=torch.from_numpy(ids), pixel_values=_nchw(images))
+    params = jax.tree.map(np.asarray, params)
+    image_embeds = _apply(siglip.SiglipVisionTower(config.vision),
+                          {"params": params["vision_tower"]}, jnp.asarray(images), method="pool")
+    text_embeds = _apply(siglip.SiglipTextTower(config.text_tower), {"params": params["text_tower"]},
+                         jnp.asarray(ids, jnp.int32))
+    logits = siglip.contrastive_logits(image_embeds, text_embeds,
+                                       jnp.asarray(params["contrastive"]["logit_scale"]),
+                                       jnp.asarray(params["contrastive"]["logit_bias"]))
+    np.testing.assert_allclose(np.asarray(logits), want.logits_per_image.numpy(), atol=ATOL)

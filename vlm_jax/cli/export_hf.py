@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the written weights")
     p.add_argument("--part", default="vlm", choices=PARTS,
                    help="vlm: the whole VLM (see --format); vision: the encoder alone as "
-                        "SiglipVisionModel")
+                        "SiglipVisionModel; llm: the decoder alone as its family's *ForCausalLM")
     p.add_argument("--format", default="auto", choices=FORMATS,
                    help="--part vlm: llava = LlavaForConditionalGeneration (mlp2x_gelu projector "
                         "only); custom = remote code any composition fits (load with "

@@ -45,7 +45,7 @@ import numpy as np
 
 from vlm_jax import model_dir
 from vlm_jax.api import LoadedModel
-from vlm_jax.convert import hf_custom, hf_io, hf_llava, hf_processor, hf_siglip
+from vlm_jax.convert import hf_custom, hf_io, hf_llava, hf_llm, hf_processor, hf_siglip
 from vlm_jax.convert.hf_processor import ChatSettings
 from vlm_jax.data.images import preprocess_image
 from vlm_jax.errors import ConversionError, ExportMismatch, InputError
@@ -153,6 +153,11 @@ def _write_and_check(config: VLMConfig, params: Any, tokenizer, out: str, dtype:
         state_dict = hf_siglip.vision_params_to_hf(params["vision_tower"], config.vision, prefix="")
         hf_config = dict(hf_siglip.vision_config_to_hf(config.vision),
                          architectures=["SiglipVisionModel"])
+    elif part == "llm":
+        if config.llm is None:
+            raise ConversionError("--part llm: this model has no LLM")
+        state_dict = hf_llm.decoder_params_to_hf(params["llm"], config.llm)
+        hf_config = hf_llm.decoder_config_to_hf(config.llm)
     elif fmt == "llava":
         hf_config = hf_llava.config_to_hf(config)
         state_dict = to_disk_keys(hf_llava.params_to_hf(params, config))
@@ -168,11 +173,16 @@ def _write_and_check(config: VLMConfig, params: Any, tokenizer, out: str, dtype:
         hf_processor.write_processor(out, config, tokenizer, chat, fmt)
         hf_processor.write_generation_config(out, tokenizer, chat)
         has_processor = True
+    elif part == "llm" and tokenizer is not None:  # the LLM's own tokenizer, no processor
+        tokenizer.save(out)
+        hf_processor.write_generation_config(out, tokenizer, chat)
     result = ExportResult(out, part, dtype, float("nan"), F32_TOLERANCE, None, None, has_processor,
                           chat.pad_to_square, format=fmt)
     if check:
         if part == "vision":
             result = check_vision_export(result, config, params, tokenizer)
+        elif part == "llm":
+            result = check_llm_export(result, config, params)
         elif fmt == "llava":
             result = check_llava_export(result, config, params, tokenizer, chat)
         else:
@@ -211,7 +221,8 @@ def resolve_format(config: VLMConfig, requested: str) -> str:
     missing = [p for p in ("vision", "projector", "llm") if getattr(config, p) is None]
     if missing:
         raise ConversionError(f"a VLM export needs a vision tower, projector and LLM; this model "
-                              f"lacks {', '.join(missing)} (use --part vision for the encoder alone)")
+                              f"lacks {', '.join(missing)} (use --part vision for the encoder alone, "
+                              f"--part llm for the decoder alone)")
     blocker = llava_blocker(config)
     if requested == "auto":
         return "llava" if blocker is None else "custom"
@@ -231,6 +242,10 @@ def llava_blocker(config: VLMConfig) -> str | None:
         if getattr(proj, field):
             return (f"model.projector.{field}=True cannot be exported to HF LLaVA: its projector "
                     f"has no {what} before the first Linear")
+    try:  # what LLaVA's config cannot express (e.g. a final soft-cap its lm_head does not apply)
+        hf_llava.config_to_hf(config)
+    except ConversionError as e:
+        return str(e)
     return None
 
 
@@ -430,6 +445,30 @@ def check_vision_export(result: ExportResult, config: VLMConfig, params: Any,
     return _compare(result, flat(exact), flat(f32), flat(theirs), "SigLIP vision outputs")
 
 
+def check_llm_export(result: ExportResult, config: VLMConfig, params: Any) -> ExportResult:
+    """Load `result.out` as AutoModelForCausalLM (f32): the family's own class, no missing or
+    unexpected tensors, and the logits of random ids equal to ours."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf_model, info = AutoModelForCausalLM.from_pretrained(result.out, dtype=torch.float32,
+                                                          output_loading_info=True)
+    _check_loading_info(info, result.out)
+    want = hf_llm.decoder_config_to_hf(config.llm)["architectures"][0]
+    if type(hf_model).__name__ != want:
+        raise ExportMismatch(f"AutoModelForCausalLM loads {result.out} as "
+                             f"{type(hf_model).__name__}, not {want}")
+    ids = np.random.default_rng(0).integers(0, config.llm.vocab_size, (1, 16))
+    with torch.no_grad():
+        theirs = hf_model.eval()(input_ids=torch.tensor(ids)).logits.numpy()
+    llm_only = dataclasses.replace(config, vision=None, projector=None, text_tower=None)
+    llm_params = {"llm": params["llm"]}
+    ours_exact = LoadedModel(llm_only, _rounded(llm_params, result.dtype), None).logits(ids)
+    ours_f32 = (ours_exact if result.dtype == "float32"
+                else LoadedModel(llm_only, llm_params, None).logits(ids))
+    return _compare(result, ours_exact, ours_f32, theirs, "causal-LM logits")
+
+
 def _check_loading_info(info: dict, out: str) -> None:
     problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
                 if info.get(k)}
@@ -441,7 +480,7 @@ def describe(result: ExportResult) -> str:
     """One line for the CLI: what was written and how well it matched."""
     kind = {"llava": "LlavaForConditionalGeneration",
             "custom": f"{hf_custom.ARCHITECTURE}, load with trust_remote_code=True",
-            None: "SiglipVisionModel"}[result.format]
+            None: "SiglipVisionModel" if result.part == "vision" else "*ForCausalLM"}[result.format]
     line = (f"wrote {result.out} ({kind}, {result.dtype} weights); self-check, f32 compute "
             f"on both sides: max |diff| {result.max_abs_diff:.3g} <= {result.tolerance:g} vs "
             f"transformers")

@@ -1,0 +1,18 @@
+"""LLaVA-1.5 `instruct` on SigLIP-So400m/14-384 + Gemma-2-2B (google/gemma-2-2b-it): the
+PaliGemma 2 pairing (So400m + a Gemma 2 decoder), trained LLaVA-style.
+
+configs/llava_so400m.py with llm=gemma2_2b; its arguments (target=v5p-64|8xh100, init=, data=,
+images=, ...) pass through. Fit check (numbers in docs/scaling.md):
+
+    vlm-jax plan --config configs/llava_so400m_gemma2_2b.py:target=v5p-64 --mesh data=1,fsdp=32 \\
+        --devices tpu_v5p
+"""
+import os
+
+from vlm_jax.config import load_module
+
+_BASE = load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "llava_so400m.py"))
+
+
+def get_config(arg=None):
+    return _BASE.get_config("llm=gemma2_2b" + ("," + arg if arg else ""))
