@@ -180,3 +180,16 @@ def test_a_projector_without_a_formula_gives_unknown_flops_not_an_error(monkeypa
     lm = VLMConfig(llm=llm)
     assert flops.missing_flop_formula(lm, "lm") is None
     assert flops.train_step_flops(lm, "lm", 4, 32).total > 0
+
+
+def test_sliding_layers_count_their_window_of_keys():
+    """Why / Gemma 2 / 3 attend over a window on their sliding layers: the model FLOPs of those
+    layers' attention cover `sliding_window` keys per query, the full layers the whole row."""
+    def attention(family, **fields):
+        llm = decoder_config(family, vocab_size=64, hidden_size=32, num_layers=4, num_heads=4,
+                             num_kv_heads=2, head_dim=8, mlp_dim=48, **fields)
+        return flops.train_step_flops(VLMConfig(llm=llm), "lm", 2, seq_len=100).decoder_attention
+    full = attention("gemma2", sliding_window=0)
+    assert full == attention("gemma")
+    assert attention("gemma2", sliding_window=30) == full * (2 * 30 + 2 * 100) // (4 * 100)
+    assert attention("gemma2", sliding_window=500) == full

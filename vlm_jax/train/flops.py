@@ -235,8 +235,11 @@ def _next_token_flops(model, batch_size, seq_len, num_images, trainable, vision_
     flops["decoder"] = factor("llm") * 2 * tokens * llm.num_layers * decoder_layer_weights(llm)
     flops["lm_head"] = factor("llm") * 2 * head_tokens * llm.vocab_size * llm.hidden_size
     attention_factor = 3 if (parts["llm"] or upstream["llm"]) else 1
-    flops["decoder_attention"] = (attention_factor * 4 * batch_size * llm.num_layers
-                                  * seq_len * seq_len * llm.num_heads * llm.head_dim)
+    # Keys per query: the whole row (the dense convention), or a sliding layer's window.
+    keys = sum(min(seq_len, llm.sliding_window) if kind == "sliding_attention" else seq_len
+               for kind in llm.layer_types)
+    flops["decoder_attention"] = (attention_factor * 4 * batch_size * keys * seq_len
+                                  * llm.num_heads * llm.head_dim)
     return StepFlops(**flops)
 
 
