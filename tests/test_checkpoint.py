@@ -231,3 +231,18 @@ def test_resume_with_other_log_and_checkpoint_settings_is_allowed():
     other = _run_config(["log.every_steps=1", "checkpoint.every_steps=3", "train.seed=1"],
                         num_devices=8)
     assert checkpoint.check_compatible(run.to_dict(), other.to_dict(), "here") == []
+
+
+def test_a_checkpoint_that_predates_new_decoder_fields_still_resumes():
+    """Why / a run checkpointed before the family switches existed (no layer_types, qk_norm, ...
+    in its saved config) resumes: absent fields take the family's value, as they had then; a
+    real difference is still refused."""
+    run = _run_config(num_devices=8)
+    saved = run.to_dict()
+    for field in ("layer_types", "qk_norm", "post_norms", "sliding_window", "nope_layers",
+                  "query_pre_attn_scalar", "rope_scaling_type"):
+        del saved["model"]["llm"][field]
+    assert checkpoint.check_compatible(saved, run.to_dict(), "here") == []
+    saved["model"]["llm"]["num_layers"] += 1
+    with pytest.raises(checkpoint.IncompatibleCheckpoint, match="model.llm.num_layers"):
+        checkpoint.check_compatible(saved, run.to_dict(), "here")

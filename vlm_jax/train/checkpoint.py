@@ -32,8 +32,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vlm_jax.errors import CheckpointError
-from vlm_jax.models.vlm import RUN_SETTINGS
+from vlm_jax.config import from_dict, to_dict
+from vlm_jax.errors import CheckpointError, ConfigError
+from vlm_jax.models.vlm import RUN_SETTINGS, VLMConfig
 from vlm_jax.train import phases
 from vlm_jax.train.step import TrainState
 
@@ -239,7 +240,12 @@ def check_compatible(saved: dict, current: dict, where: str,
     (unless `allow_schedule_change`) under another learning-rate schedule or run length
     (`SCHEDULE_FIELDS`). Returns the schedule changes let through, as "field saved -> new"."""
     def model_fields(config):
-        flat = _flatten_dict(config["model"])
+        model = config["model"]
+        try:  # fields a checkpoint predates take their (family's) value, as when it was written
+            model = to_dict(from_dict(VLMConfig, model, where="model"))
+        except ConfigError:
+            pass  # compared as written: the difference is then named below
+        flat = _flatten_dict(model)
         return {k: v for k, v in flat.items() if k.split(".")[-1] not in RUN_SETTINGS}
     saved_model, model = model_fields(saved), model_fields(current)
     differing = sorted(k for k in saved_model.keys() | model.keys()
