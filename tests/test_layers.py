@@ -74,3 +74,97 @@ def test_tpu_flash_backend_matches_dense_path_in_interpret_mode():
     np.testing.assert_allclose(np.asarray(flash_grad)[real], np.asarray(dense_grad)[real], atol=1e-4)
     np.testing.assert_allclose(np.asarray(flash_full),
                                np.asarray(layers.dot_product_attention(q, q, q, None)), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- sliding window
+
+def _numpy_window_mask(mask_ar, segment_ids, positions, window):
+    """numpy: the mask of `_numpy_mask`, limited to keys 0 <= q_pos - k_pos < window."""
+    base = _numpy_mask(mask_ar, segment_ids)
+    t = len(mask_ar)
+    out = base.copy()
+    for i in range(t):
+        for j in range(t):
+            out[i, j] = base[i, j] and 0 <= positions[i] - positions[j] < window
+    return out
+
+
+def test_sliding_window_mask_keeps_exactly_the_window_within_causal_packed_segments():
+    """Why: Gemma 2 / 3's sliding layers must see exactly the keys HF's `kv_idx > q_idx -
+    sliding_window` keeps (the query itself and window - 1 keys behind it), also with the
+    window as a traced per-layer value (the scanned LayerSpec); window 0 (a full-attention
+    layer of the same model) must leave the mask untouched; positions restart in each packed
+    segment, so the window counts from the segment's start and never reaches across it."""
+    import jax
+
+    seg = np.array([[1] * 9 + [2] * 5 + [0] * 2])          # two packed segments + padding
+    positions = np.array([list(range(9)) + list(range(5)) + [0, 0]])
+    mask_ar = np.ones_like(seg)
+    causal = layers.make_attention_mask(jnp.asarray(mask_ar), jnp.asarray(seg))
+    for window in (1, 3, 8):
+        want = _numpy_window_mask(mask_ar[0], seg[0], positions[0], window)
+        got = layers.sliding_window_mask(causal, jnp.asarray(positions), jnp.asarray(positions),
+                                         np.int32(window))
+        np.testing.assert_array_equal(np.asarray(got)[0, 0], want, err_msg=f"window {window}")
+        traced = jax.jit(layers.sliding_window_mask)(causal, positions, positions,
+                                                     jnp.int32(window))
+        np.testing.assert_array_equal(np.asarray(traced)[0, 0], want, err_msg=f"traced {window}")
+        assert np.asarray(got)[0, 0].sum(-1).max() == min(window, 9)
+    got = np.asarray(layers.sliding_window_mask(causal, jnp.asarray(positions),
+                                                jnp.asarray(positions), np.int32(3)))[0, 0]
+    assert got[8, 6] and not got[8, 5]                      # 8 - 6 = 2 < 3 <= 8 - 5
+    assert got[11, 9] and got[11, 11] and not got[11, :9].any()   # segment 2 starts again
+    assert not got[9:, :9].any() and not got[:9, 9:].any() and not got[:, 14:].any()
+    # window 0: unchanged (a static zero returns the very mask; a traced zero the same values)
+    assert layers.sliding_window_mask(causal, positions, positions, np.int32(0)) is causal
+    traced = jax.jit(layers.sliding_window_mask)(causal, positions, positions, jnp.int32(0))
+    np.testing.assert_array_equal(np.asarray(traced), np.asarray(causal))
+
+
+def test_sliding_window_mask_for_one_decode_query_against_cache_slots():
+    """Why: a decode step has one query per row at position index[b] and keys that are cache
+    slots 0 .. S-1 (key positions [1, S]); rows at different positions keep different slots."""
+    slots = 12
+    index = np.array([3, 10])
+    visible = np.arange(slots)[None, :] <= index[:, None]
+    mask = jnp.asarray(visible[:, None, None, :])
+    got = np.asarray(layers.sliding_window_mask(mask, jnp.asarray(index[:, None]),
+                                                jnp.arange(slots)[None, :], np.int32(4)))
+    want = (np.arange(slots)[None, :] <= index[:, None]) & (index[:, None] - np.arange(slots) < 4)
+    np.testing.assert_array_equal(got[:, 0, 0], want)
+    assert got[0, 0, 0].tolist() == [True] * 4 + [False] * 8
+    assert np.flatnonzero(got[1, 0, 0]).tolist() == [7, 8, 9, 10]
+
+
+def test_tpu_flash_backend_with_a_sliding_window_is_refused_naming_attention_backend():
+    """Why: the TPU flash kernel takes causal segments only; a sliding-window model on it would
+    silently attend over the whole context. The config refuses it up front, naming the field,
+    and the mask path refuses a SegmentMask (what that backend builds) as well."""
+    import pytest
+
+    from vlm_jax.errors import ConfigError
+    from vlm_jax.models.decoder import DecoderConfig
+
+    for family in ("gemma2", "gemma3"):
+        with pytest.raises(ConfigError, match="attention_backend"):
+            DecoderConfig(family=family, attention_backend="tpu_flash")
+        DecoderConfig(family=family, attention_backend="xla")   # the dense path is fine
+    seg = jnp.ones((1, 6), jnp.int32)
+    mask = layers.attention_mask_for("tpu_flash", jnp.ones((1, 6), jnp.int32), seg)
+    assert isinstance(mask, layers.SegmentMask)
+    positions = jnp.arange(6)[None]
+    with pytest.raises(ConfigError, match="attention_backend"):
+        layers.sliding_window_mask(mask, positions, positions, np.int32(4))
+
+
+def test_soft_cap_bounds_values_and_is_identity_near_zero():
+    """Why: Gemma 2's cap * tanh(x / cap) must keep every logit inside (-cap, cap), keep the
+    order (greedy decoding's argmax), be ~x for |x| << cap, and do nothing for cap 0 / None."""
+    x = jnp.asarray(np.concatenate([np.linspace(-1e4, 1e4, 101), [-1e-3, 0.0, 1e-3]]), jnp.float32)
+    capped = np.asarray(layers.soft_cap(x, 5.0))
+    assert np.all(np.abs(capped) <= 5.0)
+    assert np.all(np.diff(capped[:101]) >= 0)
+    np.testing.assert_allclose(capped[-3:], [-1e-3, 0.0, 1e-3], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(layers.soft_cap(jnp.asarray([2.0]), 50.0)),
+                               [50.0 * np.tanh(2.0 / 50.0)], rtol=1e-6)
+    assert layers.soft_cap(x, 0.0) is x and layers.soft_cap(x, None) is x

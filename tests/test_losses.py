@@ -135,3 +135,48 @@ def test_fused_head_cross_entropy_matches_full_logits_on_a_sharded_mesh(vocab_ax
         got_grads = jax.jit(jax.grad(lambda *a: 3.0 * fused(*a)[0], argnums=(0, 1)))(h, head)
     for w, g in zip(want_grads, got_grads):
         np.testing.assert_allclose(np.asarray(g), 3.0 * np.asarray(w), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("vocab_axis", [0, 1])
+def test_fused_head_cross_entropy_with_soft_cap_matches_autodiff_reference(vocab_axis):
+    """Why: with Gemma 2's final soft-cap the fused CE writes its gradient by hand through
+    cap * tanh(z / cap) (the 1 - tanh^2 factor, on both the hidden and the head gradient).
+    Loss, correct count and both gradients must equal plain jax autodiff of
+    cap * tanh(hidden @ head^T / cap) -> masked cross entropy, with logits well past the cap
+    (tanh saturated) and near zero, fractional weights, a row without loss tokens, chunks."""
+    rng = np.random.default_rng(3)
+    b, t, d, v, cap = 4, 11, 8, 19, 3.0
+    hidden = rng.standard_normal((b, t, d)).astype(np.float32)
+    hidden[0] *= 4.0                        # |logits| up to ~10 cap: saturated tanh
+    hidden[1] *= 0.05                       # |logits| << cap: almost no capping
+    head_vd = (rng.standard_normal((v, d)) * 0.7).astype(np.float32)
+    head = head_vd if vocab_axis == 0 else np.ascontiguousarray(head_vd.T)
+    targets = rng.integers(0, v, (b, t)).astype(np.int32)
+    mask = np.zeros((b, t), np.float32)
+    mask[0, 1:] = 1
+    mask[1, [2, 5, 9]] = 1
+    mask[2, 4:] = 0.5                       # row 3 has no loss token at all
+
+    def reference(hidden, head):
+        w = head if vocab_axis == 0 else head.T
+        logits = cap * jnp.tanh(jnp.einsum("btd,vd->btv", hidden, w) / cap)
+        target = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+        nll = jax.nn.logsumexp(logits, -1) - target
+        correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+        return jnp.sum(nll * mask), jnp.sum(correct * mask), jnp.sum(mask)
+
+    def fused(hidden, head):
+        return losses.next_token_sums_from_hidden(hidden, head, vocab_axis, targets, mask,
+                                                  chunk_size=4, soft_cap=cap)
+
+    want, got = jax.jit(reference)(hidden, head), jax.jit(fused)(hidden, head)
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(float(g), float(w), rtol=1e-5)
+    without_cap = losses.next_token_sums_from_hidden(hidden, head, vocab_axis, targets, mask)[0]
+    assert abs(float(without_cap) - float(want[0])) > 1.0   # the cap really matters here
+    want_grads = jax.jit(jax.grad(lambda *a: reference(*a)[0], argnums=(0, 1)))(hidden, head)
+    got_grads = jax.jit(jax.grad(lambda *a: 2.0 * fused(*a)[0], argnums=(0, 1)))(hidden, head)
+    for name, w, g in zip(("hidden", "head"), want_grads, got_grads):
+        np.testing.assert_allclose(np.asarray(g), 2.0 * np.asarray(w), rtol=1e-5, atol=1e-5,
+                                   err_msg=name)
+    assert np.abs(np.asarray(want_grads[0][3])).max() == 0.0   # no loss token, no gradient

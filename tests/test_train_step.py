@@ -164,3 +164,73 @@ def test_schedules_and_decay_mask_from_a_config_dict():
                     "projector": {"fc1": {"kernel": True, "bias": False}}}
     custom = optimizer_config({"weight_decay_rules": [["projector/.*", False]]})
     assert weight_decay_mask(params, custom)["projector"]["fc1"]["kernel"] is False
+
+
+FAMILY_LLMS = {
+    # small caps, so that they bite at this init's logit scale
+    "gemma2": dict(attn_logit_softcap=2.0, final_logit_softcap=1.5),
+    "gemma3": dict(final_logit_softcap=1.5),   # + q/k norms, local / global RoPE bases
+}
+
+
+def _packed_text_batch(batch_size=4, length=16):
+    """Rows of two packed segments (10 + 6 tokens, positions restarting), both longer than the
+    window of 4, with uneven loss masks."""
+    rng = np.random.default_rng(1)
+    ids = rng.integers(1, 64, (batch_size, length)).astype(np.int32)
+    segment_ids = np.repeat([[1] * 10 + [2] * 6], batch_size, axis=0).astype(np.int32)
+    positions = np.concatenate([np.arange(10), np.arange(6)])[None].repeat(batch_size, 0)
+    loss_mask = (rng.random((batch_size, length)) < 0.7).astype(np.float32)
+    loss_mask[:, [9, 15]] = 0.0                        # a segment's last token has no target
+    return dict(input_ids=ids, target_ids=np.roll(ids, -1, 1), loss_mask=loss_mask,
+                positions=positions.astype(np.int32), mask_ar=np.ones_like(ids),
+                segment_ids=segment_ids)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_LLMS))
+def test_one_step_on_sliding_softcapped_families_lowers_the_loss(family):
+    """Why: the train step must differentiate Gemma 2 / 3's soft-caps (attention logits; final
+    logits through the fused CE), sliding windows over the scanned LayerSpecs (here on packed
+    rows, positions restarting per segment), sandwich norms and q/k norms. Its loss equals the
+    model's own forward (final soft-cap included) on the same params, every trainable leaf gets
+    a gradient (weight decay off: a leaf only moves if its gradient is non-zero), and one step
+    lowers the loss on the batch it saw. Text only (phase lm): the vision tower is not what this
+    is about, and compiling it would double the test's time."""
+    from vlm_jax.models.families.base import FULL, SLIDING
+    from vlm_jax.models.vlm import VLM
+    from vlm_jax.train import losses
+
+    llm = decoder_config(family, vocab_size=64, hidden_size=16, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8, mlp_dim=32, sliding_window=4,
+                         layer_types=(SLIDING, FULL), **FAMILY_LLMS[family])
+    model_config = VLMConfig(llm=llm)
+    mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
+    optimizer = OptimizerConfig(learning_rate=1e-2, schedule="constant", warmup_steps=0,
+                                total_steps=10, weight_decay=0.0, grad_clip_norm=1.0)
+    plan = plan_training(model_config, TrainStepConfig(phase=phases.PhaseConfig("lm"),
+                                                       optimizer=optimizer), mesh)
+    train_step = make_train_step(plan)
+    state = create_train_state(plan, jax.random.key(0))
+    batch = _packed_text_batch()
+
+    before = jax.tree.map(np.asarray, state.trainable)
+    forward = jax.jit(lambda params, b: VLM(model_config).apply(
+        {"params": params}, b["input_ids"], None, b["positions"], b["mask_ar"], b["segment_ids"]))
+    logits = forward(param_groups.merge_trees(before, jax.tree.map(np.asarray, state.frozen)),
+                     batch)
+    assert float(np.abs(np.asarray(logits)).max()) <= llm.final_logit_softcap
+    want_loss, _ = losses.next_token_loss(logits, batch["target_ids"], batch["loss_mask"])
+
+    state, first = train_step(state, sharding.global_batch(batch, plan.mesh))
+    assert first["is_finite"] == 1.0
+    np.testing.assert_allclose(float(first["loss"]), float(want_loss), rtol=1e-5)
+    after = param_groups.flatten(jax.tree.map(np.asarray, state.trainable))
+    unchanged = [path for path, value in param_groups.flatten(before).items()
+                 if np.array_equal(value, after[path])]
+    assert not unchanged, f"no gradient reached {unchanged}"
+    for name in ("post_attention_norm", "post_mlp_norm") + (
+            ("attention/q_norm", "attention/k_norm") if family == "gemma3" else ()):
+        assert any(f"layers/{name}/" in path for path in after), name
+
+    _, second = train_step(state, sharding.global_batch(batch, plan.mesh))
+    assert second["loss"] < first["loss"], (float(first["loss"]), float(second["loss"]))

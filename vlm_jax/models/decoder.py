@@ -154,9 +154,11 @@ class DecoderConfig:
               f"() for family={self.family!r} (layers without RoPE: family smollm3)")
         check(all(0 <= i < self.num_layers for i in self.nope_layers), "nope_layers",
               f"layer indices in [0, {self.num_layers})")
-        check(not (self.sliding_window and self.attention_backend == "tpu_flash"), "attention_backend",
-              "not 'tpu_flash' with a sliding window (the kernel takes causal segments only): "
-              "use 'xla' or 'auto'")
+        if self.attention_backend == "tpu_flash":  # the kernel takes causal segments only
+            for unsupported, what in ((self.has_sliding_layers,
+                                       f"sliding-window layers (sliding_window={self.sliding_window})"),
+                                      (self.attn_logit_softcap, f"attn_logit_softcap={self.attn_logit_softcap}")):
+                check(not unsupported, "attention_backend", f"not 'tpu_flash' with {what}: use 'xla' or 'auto'")
         check(self.rope_scaling_type in (None,) + ROPE_SCALING_TYPES, "rope_scaling_type",
               str((None,) + ROPE_SCALING_TYPES))
         llama3 = (self.rope_low_freq_factor, self.rope_high_freq_factor,
