@@ -176,6 +176,7 @@ def test_config_from_hf_accepts_4x_rope_spelling():
     ("attn_logit_softcapping", 50.0, "attn_logit_softcapping"),
     ("layer_types", ["full_attention", "sliding_attention"], "layer_types"),
     ("attention_bias", True, "attention_bias"),
+    ("num_local_experts", 8, "num_local_experts.*mixture of experts"),
 ])
 def test_config_from_hf_rejects_unsupported(field, value, match):
     d = {**TINY, "model_type": "llama", field: value}

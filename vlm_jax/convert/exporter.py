@@ -164,6 +164,8 @@ def _write_and_check(config: VLMConfig, params: Any, tokenizer, out: str, dtype:
     else:
         hf_config = hf_custom.config_to_hf(config)
         state_dict = hf_custom.params_to_hf(params, config)
+    if part != "vision":
+        hf_config = _with_token_ids(hf_config, chat, tokenizer)
     hf_config = _with_dtype(hf_config, dtype)
     hf_io.write_hf_dir(out, hf_config, _in_export_dtype(state_dict, config, dtype))
     if fmt == "custom":
@@ -221,8 +223,8 @@ def resolve_format(config: VLMConfig, requested: str) -> str:
     missing = [p for p in ("vision", "projector", "llm") if getattr(config, p) is None]
     if missing:
         raise ConversionError(f"a VLM export needs a vision tower, projector and LLM; this model "
-                              f"lacks {', '.join(missing)} (use --part vision for the encoder alone, "
-                              f"--part llm for the decoder alone)")
+                              f"lacks {', '.join(missing)} (use --part vision for the encoder "
+                              f"alone, --part llm for the decoder alone)")
     blocker = llava_blocker(config)
     if requested == "auto":
         return "llava" if blocker is None else "custom"
@@ -247,6 +249,20 @@ def llava_blocker(config: VLMConfig) -> str | None:
     except ConversionError as e:
         return str(e)
     return None
+
+
+def _with_token_ids(hf_config: dict, chat: ChatSettings, tokenizer) -> dict:
+    """The text config's bos / eos / pad ids: the imported LLM's (its generation config keeps
+    them), else the tokenizer's, else None; never left to the HF class defaults, which belong to
+    another vocabulary (SmolLM3's pad id 128004 does not even build with a smaller one)."""
+    generation = chat.generation_config or {}
+    ids = {}
+    for field, role in (("bos_token_id", "bos_id"), ("eos_token_id", "eos_id"),
+                        ("pad_token_id", "pad_id")):
+        ids[field] = generation.get(field, getattr(tokenizer, role, None))
+    if "text_config" in hf_config:
+        return dict(hf_config, text_config=dict(hf_config["text_config"], **ids))
+    return dict(hf_config, **ids)
 
 
 def _with_dtype(hf_config: dict, dtype: str) -> dict:
