@@ -38,7 +38,7 @@ from jax.experimental import multihost_utils
 from vlm_jax.config import from_dict, to_dict
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import CheckpointError, InputError
-from vlm_jax.models.vlm import VLMConfig, architecture_only, init_params, run_settings
+from vlm_jax.models.vlm import VLMConfig, architecture_only, param_shapes, run_settings
 
 FORMAT = "vlm_jax.model/1"
 DATA_SETTINGS = ("template", "pad_to_square")  # the keys of config.json's "data" section
@@ -204,7 +204,7 @@ def load_model(directory: str, shardings: Any = None, load_tokenizer: bool = Tru
 
     config = load_config(directory)
     path = epath.Path(directory).absolute() if "://" not in str(directory) else epath.Path(directory)
-    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    abstract = param_shapes(config)
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)

@@ -24,7 +24,7 @@ from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import ConversionError
 from vlm_jax.models import families
 from vlm_jax.models.projector import ProjectorConfig
-from vlm_jax.models.vlm import VLMConfig, init_params
+from vlm_jax.models.vlm import VLMConfig, init_params, param_shapes
 
 LLM_TYPES = families.HF_MODEL_TYPES
 SIGLIP_TYPES = ("siglip", "siglip_vision_model")
@@ -147,7 +147,8 @@ def import_hf(out: str, hf_dir: str | None = None, vision_dir: str | None = None
         image_id, llm, llm_params = _ensure_image_token(tokenizer, llm, llm_params, seed)
         config = VLMConfig(vision=vision, projector=ProjectorConfig(type=projector), llm=llm,
                            image_token_id=image_id)
-        fresh = init_params(config, jax.random.key(seed))
+        # One compiled init (run op by op, each of its ops would compile on its own: seconds).
+        fresh = jax.jit(lambda rng: init_params(config, rng))(jax.random.key(seed))
         params = {"vision_tower": vision_params, "projector": fresh["projector"], "llm": llm_params}
     params = _as_float32_like(params, config, seed)
     model_dir.save_model(out, config, params, tokenizer,
@@ -157,7 +158,7 @@ def import_hf(out: str, hf_dir: str | None = None, vision_dir: str | None = None
 
 def _as_float32_like(params: dict, config: VLMConfig, seed: int) -> dict:
     """Cast to the param dtype and check every tensor against the shapes our model expects."""
-    expected = jax.eval_shape(lambda: init_params(config, jax.random.key(seed)))
+    expected = param_shapes(config)
     flat_expected = dict(jax.tree_util.tree_leaves_with_path(expected))
     flat_got = dict(jax.tree_util.tree_leaves_with_path(params))
     missing = sorted(jax.tree_util.keystr(k) for k in set(flat_expected) - set(flat_got))

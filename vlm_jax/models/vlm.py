@@ -15,6 +15,7 @@ image feature of that row, so images may sit anywhere in the text, several per e
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -225,6 +226,14 @@ def init_params(config: VLMConfig, rng: jax.Array, boxed: bool = False):
     """Fresh params for `config` (boxed=True keeps nn.LogicallyPartitioned for sharding)."""
     params = VLM(config).init(rng, **dummy_inputs(config), method=VLM.init_all)["params"]
     return params if boxed else nn.unbox(params)
+
+
+@functools.lru_cache(maxsize=32)
+def param_shapes(config: VLMConfig) -> dict:
+    """The jax.ShapeDtypeStruct tree of `init_params(config, ...)`, traced once per config
+    (tracing the init costs about half a second; loads, imports and plans ask for it often).
+    Shared between callers: build new trees from it, never edit it."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
 
 
 def check_image_placeholders(input_ids: np.ndarray, num_images: np.ndarray | int,

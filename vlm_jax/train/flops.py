@@ -43,7 +43,7 @@ from typing import Any, Callable, Collection, Mapping
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models.vlm import VLMConfig, init_params
+from vlm_jax.models.vlm import VLMConfig, param_shapes
 from vlm_jax.train import phases
 from vlm_jax.train.phases import PhaseConfig
 
@@ -171,7 +171,7 @@ def trainable_groups(lr_multipliers: Mapping[str, Any]) -> frozenset[str]:
 
 def phase_trainable_groups(model: VLMConfig, phase) -> frozenset[str]:
     """`trainable_groups` of `phase` (a PhaseConfig) on `model`'s params (shapes only)."""
-    abstract = jax.eval_shape(lambda r: init_params(model, r), jax.random.key(0))
+    abstract = param_shapes(model)
     if phase.lora is not None:
         abstract = {**abstract, phases.LORA_KEY: {"llm": {}}}
     groups = trainable_groups(phases.lr_multipliers(abstract, phase))

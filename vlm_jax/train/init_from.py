@@ -11,7 +11,7 @@ import jax
 
 from vlm_jax import model_dir, sharding
 from vlm_jax.errors import ConfigError
-from vlm_jax.models.vlm import VLMConfig, init_params
+from vlm_jax.models.vlm import VLMConfig, init_params, param_shapes
 from vlm_jax.train import param_groups
 
 
@@ -20,7 +20,7 @@ def _init_from_dir(run) -> str:
 
 
 def _abstract_params(config: VLMConfig) -> dict:
-    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    return param_shapes(config)
 
 
 def _taken_paths(run, source_config: VLMConfig) -> list[str]:
