@@ -216,6 +216,32 @@ def test_bf16_export_loads_and_stays_close(hf_tiny, tmp_path, capsys):
     assert np.abs(got[real] - want[real]).max() < 0.05 * max(1.0, np.abs(want).max())
 
 
+def test_large_exports_are_sharded_with_an_index_and_import_back(hf_tiny, tmp_path, capsys):
+    """Why / a 7B export in one safetensors file is not what the ecosystem expects: above
+    --max-shard-size the weights go to model-0000i-of-0000n.safetensors with an index that
+    transformers loads, and import-hf reads the shards back to the same params."""
+    import json
+    import jax
+    from vlm_jax.model_dir import load_model
+    _, hf_dir = _hf_llava(hf_tiny, tmp_path, "llama", tie=False)
+    ckpt = _import(hf_dir, tmp_path / "ckpt")
+    out = _export(ckpt, tmp_path / "sharded", "--max-shard-size", "40KB")
+    with open(os.path.join(out, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and not os.path.exists(os.path.join(out, "model.safetensors"))
+    assert all(os.path.getsize(os.path.join(out, n)) <= 40_000 + 2**16 for n in shards)
+    _load_exported(out)  # no missing / unexpected keys
+    _, before, _ = load_model(ckpt)
+    _, after, _ = load_model(_import(out, tmp_path / "again"))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), before, after)
+    capsys.readouterr()
+    assert cli_main(["export-hf", "--checkpoint", ckpt, "--out", str(tmp_path / "x"),
+                     "--max-shard-size", "lots"]) == 2
+    assert "--max-shard-size 'lots'" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x")
+
+
 @pytest.mark.parity
 def test_self_check_fails_loudly_on_a_wrong_tensor(hf_tiny, tmp_path, capsys, monkeypatch):
     """A converter bug (linear_2 written untransposed: same shape, wrong layout) loads in

@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--part vlm: llava = LlavaForConditionalGeneration (mlp2x_gelu projector "
                         "only); custom = remote code any composition fits (load with "
                         "trust_remote_code=True); auto = llava where it fits, else custom")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="largest safetensors file (e.g. 5GB, 500MB, 2GiB); bigger weights are "
+                        "written as shards with a model.safetensors.index.json (default 5GB, as "
+                        "transformers' save_pretrained)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out (only once the new export passed its check)")
     return p
@@ -35,7 +39,8 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = export_hf(args.checkpoint, args.out, dtype=args.dtype, part=args.part,
-                           overwrite=args.overwrite, format=args.format)
+                           overwrite=args.overwrite, format=args.format,
+                           max_shard_size=args.max_shard_size)
     except ExportMismatch as e:
         raise ExportMismatch(f"{e}; nothing was written to {args.out}") from None
     print(describe(result))

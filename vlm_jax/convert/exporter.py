@@ -107,9 +107,11 @@ def to_disk_keys(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def export_hf(checkpoint_path: str, out: str, dtype: str = "float32", part: str = "vlm",
-              check: bool = True, overwrite: bool = False, format: str = "auto") -> ExportResult:
-    """Export a model directory (or a finished workdir) to `out`; checks itself unless told not."""
-    _check_options(dtype, part, format)
+              check: bool = True, overwrite: bool = False, format: str = "auto",
+              max_shard_size: str | int = hf_io.DEFAULT_SHARD_SIZE) -> ExportResult:
+    """Export a model directory (or a finished workdir) to `out`; checks itself unless told not.
+    Weights above `max_shard_size` are written as safetensors shards with an index."""
+    _check_options(dtype, part, format, max_shard_size)
     source = model_dir.resolve_model_dir(checkpoint_path, "--checkpoint")
     model_dir.check_output_dir(out, [source], overwrite)
     config, params, tokenizer = model_dir.load_model(source)
@@ -118,15 +120,17 @@ def export_hf(checkpoint_path: str, out: str, dtype: str = "float32", part: str 
     chat = ChatSettings(data["template"], data["pad_to_square"],
                         model_dir.load_generation_config(source))
     return export_params(config, params, tokenizer, out, dtype=dtype, part=part, check=check,
-                         chat=chat, overwrite=overwrite, format=format)
+                         chat=chat, overwrite=overwrite, format=format,
+                         max_shard_size=max_shard_size)
 
 
 def export_params(config: VLMConfig, params: Any, tokenizer, out: str, dtype: str = "float32",
                   part: str = "vlm", check: bool = True, chat: ChatSettings = ChatSettings(),
-                  overwrite: bool = False, format: str = "auto") -> ExportResult:
+                  overwrite: bool = False, format: str = "auto",
+                  max_shard_size: str | int = hf_io.DEFAULT_SHARD_SIZE) -> ExportResult:
     """Write `params` (plain nested dict, LoRA already merged) as a HF directory, then check it.
     The files go to a temporary directory first and reach `out` only once the check passed."""
-    _check_options(dtype, part, format)
+    _check_options(dtype, part, format, max_shard_size)
     model_dir.check_output_dir(out, [], overwrite)
     config = architecture_only(config)  # the self-check compares f32 with f32
     # Decided from the config alone: a refused format writes nothing, reads no weight.
@@ -137,7 +141,7 @@ def export_params(config: VLMConfig, params: Any, tokenizer, out: str, dtype: st
                                dir=parent)
     try:
         result = _write_and_check(config, params, tokenizer, staging, dtype, part, fmt, check,
-                                  chat)
+                                  chat, max_shard_size)
         model_dir.move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -146,7 +150,8 @@ def export_params(config: VLMConfig, params: Any, tokenizer, out: str, dtype: st
 
 
 def _write_and_check(config: VLMConfig, params: Any, tokenizer, out: str, dtype: str, part: str,
-                     fmt: str | None, check: bool, chat: ChatSettings) -> ExportResult:
+                     fmt: str | None, check: bool, chat: ChatSettings,
+                     max_shard_size: str | int = hf_io.DEFAULT_SHARD_SIZE) -> ExportResult:
     if part == "vision":
         if config.vision is None:
             raise ConversionError("--part vision: this model has no vision tower")
@@ -167,7 +172,7 @@ def _write_and_check(config: VLMConfig, params: Any, tokenizer, out: str, dtype:
     if part != "vision":
         hf_config = _with_token_ids(hf_config, chat, tokenizer)
     hf_config = _with_dtype(hf_config, dtype)
-    hf_io.write_hf_dir(out, hf_config, _in_export_dtype(state_dict, config, dtype))
+    hf_io.write_hf_dir(out, hf_config, _in_export_dtype(state_dict, config, dtype), max_shard_size)
     if fmt == "custom":
         hf_custom.write_code(out)
     has_processor = False
@@ -205,7 +210,9 @@ def _in_export_dtype(state_dict: dict[str, np.ndarray], config: VLMConfig, dtype
     return {k: np.asarray(v, np.float32).astype(written_dtype(k)) for k, v in state_dict.items()}
 
 
-def _check_options(dtype: str, part: str, format: str) -> None:
+def _check_options(dtype: str, part: str, format: str,
+                   max_shard_size: str | int = hf_io.DEFAULT_SHARD_SIZE) -> None:
+    hf_io.parse_size(max_shard_size)
     if dtype not in EXPORT_DTYPES:
         raise InputError(f"--dtype {dtype!r}; supported: {tuple(EXPORT_DTYPES)}")
     if part not in PARTS:
