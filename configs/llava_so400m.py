@@ -63,7 +63,7 @@ LLMS = {
                  151669, "chatml"),
     # google/gemma-2-2b-it (PaliGemma 2's text side): sandwich norms, soft-caps 50 / 30, a
     # 4096-token window on layers 0, 2, 4, ... . HF LLaVA does not apply the final soft-cap:
-    # `export-hf --format custom` keeps it (`--format llava` refuses the model).
+    # `export-hf` (auto) writes the custom format, which keeps it; `--format llava` refuses.
     "gemma2_2b": (dict(family="gemma2", vocab_size=256001, hidden_size=2304, num_layers=26,
                        num_heads=8, num_kv_heads=4, head_dim=256, mlp_dim=9216, norm_eps=1e-6,
                        rope_theta=10000.0, qkv_bias=False, mlp_act="gelu_tanh",

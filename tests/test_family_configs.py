@@ -9,12 +9,13 @@ gemma3_4b, smollm3_3b, each with its configs/llava_so400m_<llm>.py wrapper):
   * its model section, with only the sizes shrunk to those of a tiny composed import (tiny
     SigLIP with head + a tiny HF LLM of the family, through `vlm-jax import-hf`), passes
     `init=`'s check param for param: the recipe's structure (q/k norms, sandwich norms, biases,
-    tied head, vision head) is the import's;
-  * `vlm-jax plan` compiles one shrunk recipe per family on the 8 fake CPU devices (fsdp=8, the
-    8xh100 layout) and says FITS.
+    tied head, vision head) is the import's.
 
-The full-size fit checks are in docs/scaling.md (minutes of compile, not a unit test)."""
+`vlm-jax plan` is not run here: even a shrunk recipe's train step takes ~8 s to compile on 2
+cores (the four imports take ~19 s already). The full-size fit checks, with their commands,
+are in docs/scaling.md."""
 import json
+import os
 
 import pytest
 import torch
@@ -28,7 +29,8 @@ from vlm_jax.models import families
 from vlm_jax.models.decoder import decoder_config
 from vlm_jax.train import run_config as config_lib
 
-BASE = load_module("configs/llava_so400m.py")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = load_module(os.path.join(REPO, "configs", "llava_so400m.py"))
 NEW = {"qwen3_8b": "qwen3", "gemma2_2b": "gemma2", "gemma3_4b": "gemma3", "smollm3_3b": "smollm3"}
 TARGETS = {"v5p-64": (32, 8), "8xh100": (8, 1)}
 
@@ -71,7 +73,7 @@ SWITCHES = ("family", "qkv_bias", "mlp_act", "norm_plus_one", "embed_scale", "ti
 
 
 def _config(llm, arg=""):
-    return f"configs/llava_so400m_{llm}.py" + (f":{arg}" if arg else "")
+    return os.path.join(REPO, "configs", f"llava_so400m_{llm}.py") + (f":{arg}" if arg else "")
 
 
 @pytest.mark.parametrize("llm", sorted(BASE.LLMS))
@@ -112,6 +114,10 @@ def test_new_llm_is_the_published_config_and_round_trips_through_transformers(ll
     if llm == "gemma3_4b":
         full = [i for i, t in enumerate(hf_config.layer_types) if t == "full_attention"]
         assert full == [5, 11, 17, 23, 29] and hf_config.sliding_window == 1024
+        rope = hf_config.rope_parameters
+        assert (rope["full_attention"]["rope_type"], rope["full_attention"]["factor"]) == (
+            "linear", 8.0)
+        assert rope["sliding_attention"]["rope_theta"] == 10000.0
     if llm == "smollm3_3b":
         assert [i for i, flag in enumerate(hf_config.no_rope_layers) if not flag] == list(
             range(3, 36, 4))
@@ -125,7 +131,7 @@ def imports(hf_tiny, tmp_path_factory):
     tiny HF LLM of the family (tied as the recipe is), through `vlm-jax import-hf`."""
     tmp = tmp_path_factory.mktemp("family_configs")
     torch.manual_seed(0)
-    transformers.SiglipVisionModel(hf_tiny.vision(vision_use_head=True)).save_pretrained(
+    transformers.SiglipVisionModel(hf_tiny.vision(layers=2, vision_use_head=True)).save_pretrained(
         tmp / "siglip")
     vocab = {w: i for i, w in enumerate(["<unk>", "<|im_start|>", "<|im_end|>", "<start_of_turn>",
                                          "<end_of_turn>", "a", "b"])}
@@ -134,7 +140,10 @@ def imports(hf_tiny, tmp_path_factory):
     out = {}
     for llm, family in NEW.items():
         tie = BASE.LLMS[llm][0]["tie_embeddings"]
-        model = transformers.AutoModelForCausalLM.from_config(hf_tiny.text(family, tie=tie))
+        # (SmolLM3Config's default pad id 128004 is outside the tiny table)
+        config = hf_tiny.text(family, tie=tie, pad_token_id=None, bos_token_id=None,
+                              eos_token_id=None)
+        model = transformers.AutoModelForCausalLM.from_config(config)
         model.save_pretrained(tmp / llm)
         tok.save(str(tmp / llm / "tokenizer.json"))
         assert cli_main(["import-hf", "--vision", str(tmp / "siglip"), "--text", str(tmp / llm),
@@ -165,15 +174,3 @@ def test_recipe_shrunk_to_a_tiny_import_matches_it_param_for_param(imports, llm)
     assert run.model.vision.feature_layer == saved["vision"]["feature_layer"] == -2
     assert run.tokenizer.path == str(directory)
 
-
-def test_plan_compiles_each_shrunk_recipe_on_fake_devices(imports, tmp_path):
-    for llm in sorted(NEW):
-        out = tmp_path / f"{llm}.json"
-        code = cli_main(["plan", "--config", _config(llm, "target=8xh100,seq_len=64"),
-                         "--mesh", "data=1,fsdp=8", "--devices", "h100", "--json", str(out),
-                         *(f"--config.{o}" for o in _shrunk(imports[llm])),
-                         "--config.train.micro_batches=1", "--config.data.batch_size=8"])
-        report = json.loads(out.read_text())
-        assert code == 0 and report["fits"], (llm, report["verdict"])
-        assert report["num_devices"] == 8 and report["phase"] == "instruct"
-        assert report["remat_policy"] == "full" and report["compute_dtype"] == "bfloat16"
