@@ -3,6 +3,7 @@ input_norm / pos_embed, the resampler, linear; vision features from any layer) e
 transformers remote code that loads with no missing or unexpected keys, computes our logits and
 greedy answers (transformers' generate with its KV cache), and loads in a Python that has neither
 vlm_jax nor jax."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -24,7 +25,7 @@ from vlm_jax.data.tokenizer import Tokenizer as OurTokenizer
 from vlm_jax.errors import ConversionError
 from vlm_jax.inference.generate import greedy_generate
 from vlm_jax.models.projector import ProjectorConfig
-from vlm_jax.models.vlm import init_params
+from vlm_jax.models.vlm import architecture_only, init_params
 
 VOCAB = 32
 IMAGE_TOKEN_ID = VOCAB - 1
@@ -162,6 +163,26 @@ def _check_parity(ckpt, out):
 def test_default_composition_exports_as_custom_with_parity(default_export):
     ckpt, out = default_export
     assert _check_parity(ckpt, out) <= 1e-4
+    _assert_imports_back(ckpt, out)
+
+
+def _assert_imports_back(ckpt, out):
+    """Why / a custom export could not be read back: `import-hf --hf-dir` of it gives the same
+    config and bit-identical params (so an exported model can come home, e.g. to fine-tune). A
+    fixed sin-cos position table comes back as HF SigLIP's learned one (the same values)."""
+    back = os.path.join(os.path.dirname(out), "imported_back")
+    assert cli_main(["import-hf", "--hf-dir", out, "--out", back]) == 0
+    config, params, _ = model_dir.load_model(ckpt)
+    config_back, params_back, tokenizer = model_dir.load_model(back)
+    expected = architecture_only(config)
+    if expected.vision.posemb != "learn":
+        expected = dataclasses.replace(
+            expected, vision=dataclasses.replace(expected.vision, posemb="learn"))
+        params_back["vision_tower"] = dict(params_back["vision_tower"])
+        params_back["vision_tower"].pop("pos_embedding")
+    assert config_back == expected and tokenizer is not None
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 params, params_back)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c != "pixel_shuffle-llama"])
@@ -171,6 +192,7 @@ def test_other_compositions_export_as_custom_with_parity(tiny_vlm_config, tmp_pa
     said = capsys.readouterr().out
     assert hf_custom.ARCHITECTURE in said and "the same greedy answer (" in said, said
     assert _check_parity(ckpt, out) <= 1e-4
+    _assert_imports_back(ckpt, out)
 
 
 # Runs in a fresh interpreter that cannot import vlm_jax, jax or flax.

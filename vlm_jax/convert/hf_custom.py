@@ -1,4 +1,5 @@
-"""Our VLM -> a self-contained transformers directory (remote code) for what HF LLaVA cannot hold.
+"""Our VLM <-> a self-contained transformers directory (remote code) for what HF LLaVA cannot hold
+(`import-hf --hf-dir` reads such a directory back: `config_from_hf`, `params_from_hf`).
 
 Any projector (linear, mlp2x_gelu, pixel_shuffle with input_norm / pos_embed, resampler), any
 decoder family, any vision feature layer. The directory carries its own code, copied from
@@ -22,6 +23,7 @@ Tensor names (model.safetensors), HF Linear weights [out, in] as everywhere in c
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from collections.abc import Mapping
@@ -29,8 +31,10 @@ from collections.abc import Mapping
 import numpy as np
 
 from vlm_jax.convert import hf_llava, hf_llm, hf_siglip
+from vlm_jax.convert.hf_io import check_keys
 from vlm_jax.errors import ConversionError
-from vlm_jax.models.vlm import VLMConfig
+from vlm_jax.models.projector import ProjectorConfig
+from vlm_jax.models.vlm import VLMConfig, param_shapes
 
 CODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "custom_hf")
 CODE_FILES = ("configuration_vlm_jax.py", "modeling_vlm_jax.py", "processing_vlm_jax.py")
@@ -83,32 +87,136 @@ def params_to_hf(params: dict, config: VLMConfig) -> dict[str, np.ndarray]:
     return sd
 
 
-def projector_params_to_hf(params: dict, config: VLMConfig) -> dict[str, np.ndarray]:
+def _projector_entries(config: VLMConfig) -> list[tuple]:
+    """The projector's tensors as (kind, our path, HF name, options): "linear" (kernel [*in, *out]
+    <-> weight [out, in], + bias), "norm" (scale / bias <-> weight / bias), "array" (as is).
+    Both directions walk this one list."""
     proj = config.projector
-    sd: dict[str, np.ndarray] = {}
+    entries: list[tuple] = []
     if proj.input_norm:
-        sd.update(_layernorm(params, "input_norm", "input_norm"))
+        entries.append(("norm", "input_norm", "input_norm", {}))
     if proj.type == "resampler":
-        sd.update(_linear(params, "media_proj", "media_proj", bias=True))
-        sd[PROJECTOR_PREFIX + "queries"] = _array(params, "queries")
+        entries.append(("linear", "media_proj", "media_proj", dict(bias=True)))
+        entries.append(("array", "queries", "queries", {}))
         for i in range(proj.resampler_depth):
             ours, theirs = f"block_{i}", f"blocks.{i}"
             for norm in ("ln_latents", "ln_media", "ln_mlp"):
-                sd.update(_layernorm(params, f"{ours}/{norm}", f"{theirs}.{norm}"))
+                entries.append(("norm", f"{ours}/{norm}", f"{theirs}.{norm}", {}))
             for name in ("q", "k", "v"):  # kernels [D, H, hd], no bias
-                sd.update(_linear(params, f"{ours}/{name}", f"{theirs}.{name}", bias=False))
-            sd.update(_linear(params, f"{ours}/o", f"{theirs}.o", bias=False, num_in=2))
+                entries.append(("linear", f"{ours}/{name}", f"{theirs}.{name}", dict(bias=False)))
+            entries.append(("linear", f"{ours}/o", f"{theirs}.o", dict(bias=False, num_in=2)))
             for layer in ("linear_1", "linear_2"):
-                sd.update(_linear(params, f"{ours}/mlp/{layer}", f"{theirs}.mlp.{layer}",
-                                  bias=True))
-        sd.update(_layernorm(params, "ln_out", "ln_out"))
-        return sd
+                entries.append(("linear", f"{ours}/mlp/{layer}", f"{theirs}.mlp.{layer}",
+                                dict(bias=True)))
+        entries.append(("norm", "ln_out", "ln_out", {}))
+        return entries
     if proj.pos_embed:
-        sd[PROJECTOR_PREFIX + "pos_embed"] = _array(params, "pos_embed")
+        entries.append(("array", "pos_embed", "pos_embed", {}))
     layers = {"linear": 1, "mlp2x_gelu": 2, "pixel_shuffle": proj.mlp_depth}[proj.type]
     for i in range(1, layers + 1):
-        sd.update(_linear(params, f"mlp/linear_{i}", f"mlp.linear_{i}", bias=proj.bias))
+        entries.append(("linear", f"mlp/linear_{i}", f"mlp.linear_{i}", dict(bias=proj.bias)))
+    return entries
+
+
+def projector_params_to_hf(params: dict, config: VLMConfig) -> dict[str, np.ndarray]:
+    sd: dict[str, np.ndarray] = {}
+    for kind, ours, theirs, options in _projector_entries(config):
+        if kind == "linear":
+            sd.update(_linear(params, ours, theirs, **options))
+        elif kind == "norm":
+            sd.update(_layernorm(params, ours, theirs))
+        else:
+            sd[PROJECTOR_PREFIX + theirs] = _array(params, ours)
     return sd
+
+
+def projector_params_from_hf(sd: Mapping[str, np.ndarray], config: VLMConfig) -> dict:
+    """Inverse of `projector_params_to_hf`: shapes from the model `config` describes."""
+    shapes = param_shapes(config)["projector"]
+    params: dict = {}
+
+    def put(path: str, value: np.ndarray) -> None:
+        node, keys = params, path.split("/")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        want = _shape_at(shapes, path)
+        if value.size != int(np.prod(want)):
+            raise ConversionError(f"{PROJECTOR_PREFIX}{path}: {value.shape} does not fit the "
+                                  f"projector's {tuple(want)}")
+        node[keys[-1]] = np.ascontiguousarray(value.reshape(want))
+
+    def take(name: str) -> np.ndarray:
+        key = PROJECTOR_PREFIX + name
+        if key not in sd:
+            raise ConversionError(f"tensor {key!r} is missing (config.json's projector fields "
+                                  f"say the model has it)")
+        return np.asarray(sd[key])
+
+    for kind, ours, theirs, options in _projector_entries(config):
+        if kind == "linear":
+            weight = take(f"{theirs}.weight")  # [out, in]
+            put(f"{ours}/kernel", weight.T)
+            if options.get("bias"):
+                put(f"{ours}/bias", take(f"{theirs}.bias"))
+        elif kind == "norm":
+            put(f"{ours}/scale", take(f"{theirs}.weight"))
+            put(f"{ours}/bias", take(f"{theirs}.bias"))
+        else:
+            put(ours, take(theirs))
+    return params
+
+
+def _shape_at(tree: Mapping, path: str) -> tuple[int, ...]:
+    node = tree
+    for key in path.split("/"):
+        node = node[key]
+    return tuple(node.shape)
+
+
+def config_from_hf(hf: Mapping) -> VLMConfig:
+    """Our VLMConfig from a custom export's config.json (`config_to_hf`'s inverse)."""
+    if hf.get("model_type") != "vlm_jax":
+        raise ConversionError(f"model_type={hf.get('model_type')!r}: expected 'vlm_jax'")
+    text = dict(hf["text_config"])
+    if "tie_word_embeddings" in hf:
+        text["tie_word_embeddings"] = hf["tie_word_embeddings"]
+    llm = hf_llm.decoder_config_from_hf(text)
+    act = hf.get("projector_hidden_act", "gelu")
+    if act not in hf_llava.HF_ACTS:
+        raise ConversionError(f"projector_hidden_act={act!r}; supported: {sorted(hf_llava.HF_ACTS)}")
+    hidden = int(hf.get("projector_hidden_dim") or 0)
+    projector = ProjectorConfig(
+        type=hf["projector_type"], act=hf_llava.HF_ACTS[act], bias=bool(hf["projector_bias"]),
+        input_norm=bool(hf.get("projector_input_norm")), pos_embed=bool(hf.get("projector_pos_embed")),
+        mlp_depth=int(hf.get("projector_mlp_depth", 2)),
+        hidden_dim=0 if hidden == llm.hidden_size else hidden,
+        pixel_shuffle_factor=int(hf.get("pixel_shuffle_factor", 2)),
+        num_queries=int(hf.get("resampler_num_queries", 64)),
+        resampler_depth=int(hf.get("resampler_depth", 2)),
+        resampler_heads=int(hf.get("resampler_heads", 8)),
+        resampler_mlp_ratio=int(hf.get("resampler_mlp_ratio", 4)))
+    vision = dataclasses.replace(hf_siglip.vision_config_from_hf(hf["vision_config"]),
+                                 feature_layer=int(hf["vision_feature_layer"]))
+    config = VLMConfig(vision=vision, projector=projector, llm=llm,
+                       image_token_id=int(hf["image_token_id"]),
+                       vision_feature_select=hf.get("vision_feature_select_strategy", "full"))
+    seq = hf.get("image_seq_length")
+    if seq is not None and seq != config.tokens_per_image:
+        raise ConversionError(f"image_seq_length={seq} but the vision tower and projector give "
+                              f"{config.tokens_per_image} tokens per image")
+    return config
+
+
+def params_from_hf(sd: Mapping[str, np.ndarray], config: VLMConfig) -> dict:
+    """Our param tree from a custom export's state dict; refuses missing or unexpected tensors."""
+    params = {
+        "vision_tower": hf_siglip.vision_params_from_hf(sd, config.vision, prefix=VISION_PREFIX),
+        "projector": projector_params_from_hf(sd, config),
+        "llm": hf_llm.decoder_params_from_hf(sd, config.llm, prefix=LLM_PREFIX,
+                                             lm_head_key=LM_HEAD_KEY),
+    }
+    check_keys(dict(sd), set(params_to_hf(params, config)), "vlm_jax custom export")
+    return params
 
 
 def _array(params: dict, path: str) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 Accepted inputs:
   --hf-dir DIR                      a whole LlavaForConditionalGeneration (SigLIP vision tower),
+                                    an Idefics3ForConditionalGeneration (Idefics3 / SmolVLM,
+                                    hf_idefics3.py),
                                     a SiglipModel, a SiglipVisionModel, or a *ForCausalLM of
                                     any family in models/families/
   --vision DIR --text DIR           compose a SigLIP tower and an LLM with a fresh projector
@@ -19,7 +21,8 @@ import jax
 import numpy as np
 
 from vlm_jax import model_dir
-from vlm_jax.convert import hf_io, hf_llava, hf_llm, hf_siglip
+from vlm_jax.convert import (hf_custom, hf_idefics3, hf_io, hf_llava, hf_llm, hf_paligemma,
+                             hf_siglip)
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import ConversionError
 from vlm_jax.models import families
@@ -109,16 +112,30 @@ def import_hf(out: str, hf_dir: str | None = None, vision_dir: str | None = None
         hf = hf_io.read_config(hf_dir)
         kind = hf.get("model_type")
         tokenizer = _find_tokenizer(hf_dir)
-        if kind == "llava":
-            config = hf_llava.config_from_hf(hf)
+        if kind in ("llava", "paligemma"):
+            layout = hf_llava if kind == "llava" else hf_paligemma
+            config = layout.config_from_hf(hf)
             if feature_layer is not None:
                 config = dataclasses.replace(
                     config, vision=dataclasses.replace(config.vision, feature_layer=feature_layer))
-            params = hf_llava.params_from_hf(hf_io.read_state_dict(hf_dir), config)
+            params = layout.params_from_hf(hf_io.read_state_dict(hf_dir), config)
             if tokenizer is not None and tokenizer.token_to_id(IMAGE_TOKEN) not in (None, config.image_token_id):
                 raise ConversionError(f"{hf_dir}: tokenizer maps {IMAGE_TOKEN} to "
                                       f"{tokenizer.token_to_id(IMAGE_TOKEN)} but image_token_index is "
                                       f"{config.image_token_id}")
+        elif kind == hf_idefics3.MODEL_TYPE:  # Idefics3 / SmolVLM
+            config = hf_idefics3.config_from_hf(hf)
+            if feature_layer is not None:
+                config = dataclasses.replace(
+                    config, vision=dataclasses.replace(config.vision, feature_layer=feature_layer))
+            params = hf_idefics3.params_from_hf(hf_io.read_state_dict(hf_dir), config)
+            if tokenizer is not None and tokenizer.token_to_id(IMAGE_TOKEN) not in (None, config.image_token_id):
+                raise ConversionError(f"{hf_dir}: tokenizer maps {IMAGE_TOKEN} to "
+                                      f"{tokenizer.token_to_id(IMAGE_TOKEN)} but image_token_id is "
+                                      f"{config.image_token_id}")
+        elif kind == "vlm_jax":  # our own custom-format export, read back
+            config = hf_custom.config_from_hf(hf)
+            params = hf_custom.params_from_hf(hf_io.read_state_dict(hf_dir), config)
         elif kind == "siglip":
             sd = hf_io.read_state_dict(hf_dir)
             vision = hf_siglip.vision_config_from_hf(hf["vision_config"])
@@ -135,7 +152,8 @@ def import_hf(out: str, hf_dir: str | None = None, vision_dir: str | None = None
             config, params = VLMConfig(llm=llm), {"llm": llm_params}
         else:
             raise ConversionError(f"{hf_dir}: model_type={kind!r} is not supported; supported: "
-                                  f"llava, {', '.join(SIGLIP_TYPES + LLM_TYPES)}")
+                                  f"llava, paligemma, idefics3, vlm_jax (our custom export), "
+                                  f"{', '.join(SIGLIP_TYPES + LLM_TYPES)}")
     else:
         if not (vision_dir and text_dir):
             raise ConversionError("composing needs both --vision DIR and --text DIR (or use --hf-dir)")
