@@ -24,8 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "SiglipVisionModel; llm: the decoder alone as its family's *ForCausalLM")
     p.add_argument("--format", default="auto", choices=FORMATS,
                    help="--part vlm: llava = LlavaForConditionalGeneration (mlp2x_gelu projector "
-                        "only); custom = remote code any composition fits (load with "
-                        "trust_remote_code=True); auto = llava where it fits, else custom")
+                        "only); idefics3 = Idefics3ForConditionalGeneration (Idefics3 / SmolVLM: "
+                        "pixel_shuffle, mlp_depth=1, bias=False, vision feature_post_norm, "
+                        "llama); custom = remote code any composition fits (load with "
+                        "trust_remote_code=True); auto = llava (or idefics3) where it fits, else "
+                        "custom")
     p.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors file (e.g. 5GB, 500MB, 2GiB); bigger weights are "
                         "written as shards with a model.safetensors.index.json (default 5GB, as "

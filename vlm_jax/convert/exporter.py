@@ -45,7 +45,8 @@ import numpy as np
 
 from vlm_jax import model_dir
 from vlm_jax.api import LoadedModel
-from vlm_jax.convert import hf_custom, hf_io, hf_llava, hf_llm, hf_processor, hf_siglip
+from vlm_jax.convert import (hf_custom, hf_idefics3, hf_io, hf_llava, hf_llm, hf_paligemma,
+                             hf_processor, hf_siglip)
 from vlm_jax.convert.hf_processor import ChatSettings
 from vlm_jax.data.images import preprocess_image
 from vlm_jax.errors import ConversionError, ExportMismatch, InputError
@@ -56,7 +57,7 @@ from vlm_jax.models.vlm import VLMConfig, architecture_only
 
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 PARTS = ("vlm", "vision", "llm")
-FORMATS = ("auto", "llava", "custom")
+FORMATS = ("auto", "llava", "paligemma", "idefics3", "custom")
 # Same weights on both sides and f32 compute: only the order of float operations differs.
 F32_TOLERANCE = 1e-4
 # bf16 keeps 8 significant bits: each weight moves by up to 2^-9 (0.2%) relative. Through a few
@@ -166,6 +167,12 @@ def _write_and_check(config: VLMConfig, params: Any, tokenizer, out: str, dtype:
     elif fmt == "llava":
         hf_config = hf_llava.config_to_hf(config)
         state_dict = to_disk_keys(hf_llava.params_to_hf(params, config))
+    elif fmt == "paligemma":
+        hf_config = hf_paligemma.config_to_hf(config)
+        state_dict = to_disk_keys(hf_paligemma.params_to_hf(params, config))
+    elif fmt == "idefics3":
+        hf_config = hf_idefics3.config_to_hf(config)
+        state_dict = hf_idefics3.params_to_hf(params, config)
     else:
         hf_config = hf_custom.config_to_hf(config)
         state_dict = hf_custom.params_to_hf(params, config)
@@ -176,7 +183,10 @@ def _write_and_check(config: VLMConfig, params: Any, tokenizer, out: str, dtype:
     if fmt == "custom":
         hf_custom.write_code(out)
     has_processor = False
-    if part == "vlm" and tokenizer is not None:
+    if fmt in ("paligemma", "idefics3") and tokenizer is not None:  # tokenizer only: no processor yet
+        tokenizer.save(out)
+        hf_processor.write_generation_config(out, tokenizer, chat)
+    elif part == "vlm" and tokenizer is not None:
         hf_processor.write_processor(out, config, tokenizer, chat, fmt)
         hf_processor.write_generation_config(out, tokenizer, chat)
         has_processor = True
@@ -192,6 +202,10 @@ def _write_and_check(config: VLMConfig, params: Any, tokenizer, out: str, dtype:
             result = check_llm_export(result, config, params)
         elif fmt == "llava":
             result = check_llava_export(result, config, params, tokenizer, chat)
+        elif fmt == "paligemma":
+            result = check_paligemma_export(result, config, params)
+        elif fmt == "idefics3":
+            result = check_idefics3_export(result, config, params)
         else:
             result = check_custom_export(result, config, params, tokenizer, chat)
     return result
@@ -232,9 +246,20 @@ def resolve_format(config: VLMConfig, requested: str) -> str:
         raise ConversionError(f"a VLM export needs a vision tower, projector and LLM; this model "
                               f"lacks {', '.join(missing)} (use --part vision for the encoder "
                               f"alone, --part llm for the decoder alone)")
+    paligemma_blocker = hf_paligemma.blocker(config)
+    if requested == "paligemma" and paligemma_blocker is not None:
+        raise ConversionError(f"--format paligemma: {paligemma_blocker} (--format custom or auto "
+                              f"exports it)")
     blocker = llava_blocker(config)
     if requested == "auto":
+        if paligemma_blocker is None:  # only a PaliGemma import (feature_post_norm) gets here
+            return "paligemma"
+        if blocker is not None and hf_idefics3.blocker(config) is None:
+            return "idefics3"
         return "llava" if blocker is None else "custom"
+    if requested == "idefics3" and hf_idefics3.blocker(config) is not None:
+        raise ConversionError(f"--format idefics3: {hf_idefics3.blocker(config)} (--format custom "
+                              f"or auto exports it)")
     if requested == "llava" and blocker is not None:
         raise ConversionError(f"--format llava: {blocker} (--format custom or auto exports it)")
     return requested
@@ -360,6 +385,26 @@ def check_llava_export(result: ExportResult, config: VLMConfig, params: Any,
     hf_model, info = LlavaForConditionalGeneration.from_pretrained(
         result.out, dtype=torch.float32, output_loading_info=True)
     return check_vlm(result, hf_model, info, config, params, tokenizer, chat, "LLaVA logits")
+
+
+def check_paligemma_export(result: ExportResult, config: VLMConfig, params: Any) -> ExportResult:
+    """Load `result.out` as PaliGemmaForConditionalGeneration (f32, eager) and compare its logits
+    with ours on a probe row with a bidirectional prefix (token_type_ids) and a causal suffix."""
+    exact = _rounded(params, result.dtype)
+    info, ours_exact, ours_f32, theirs = hf_paligemma.probe_logits(
+        result.out, config, exact, exact if result.dtype == "float32" else params)
+    _check_loading_info(info, result.out)
+    return _compare(result, ours_exact, ours_f32, theirs, "PaliGemma logits")
+
+
+def check_idefics3_export(result: ExportResult, config: VLMConfig, params: Any) -> ExportResult:
+    """Load `result.out` as Idefics3ForConditionalGeneration (f32, eager) and compare its logits
+    with ours on random ids around one single-tile image ([1, 1, 3, S, S], pixel mask all ones)."""
+    exact = _rounded(params, result.dtype)
+    info, ours_exact, ours_f32, theirs = hf_idefics3.probe_logits(
+        result.out, config, exact, exact if result.dtype == "float32" else params)
+    _check_loading_info(info, result.out)
+    return _compare(result, ours_exact, ours_f32, theirs, "Idefics3 logits")
 
 
 def check_custom_export(result: ExportResult, config: VLMConfig, params: Any,
@@ -502,6 +547,8 @@ def _check_loading_info(info: dict, out: str) -> None:
 def describe(result: ExportResult) -> str:
     """One line for the CLI: what was written and how well it matched."""
     kind = {"llava": "LlavaForConditionalGeneration",
+            "paligemma": hf_paligemma.ARCHITECTURE,
+            "idefics3": hf_idefics3.ARCHITECTURE,
             "custom": f"{hf_custom.ARCHITECTURE}, load with trust_remote_code=True",
             None: "SiglipVisionModel" if result.part == "vision" else "*ForCausalLM"}[result.format]
     line = (f"wrote {result.out} ({kind}, {result.dtype} weights); self-check, f32 compute "
@@ -515,6 +562,8 @@ def describe(result: ExportResult) -> str:
                  f"processor's chat template and generate")
     elif result.part == "vlm" and result.processor:
         line += "; answers not compared (no trained chat template: an untrained import)"
-    if result.part == "vlm" and not result.processor:
+    if result.format == "paligemma":
+        line += "; tokenizer files only (no PaliGemmaProcessor written yet)"
+    elif result.part == "vlm" and not result.processor:
         line += "; no tokenizer in the checkpoint: no tokenizer/processor files written"
     return line

@@ -61,6 +61,7 @@ def config_to_hf(config: VLMConfig) -> dict:
         "image_token_id": config.image_token_id,
         "image_seq_length": config.tokens_per_image,
         "vision_feature_layer": config.vision.feature_layer,
+        "vision_feature_post_norm": config.vision.feature_post_norm,
         "vision_feature_select_strategy": config.vision_feature_select,
         "projector_type": proj.type,
         "projector_hidden_act": hf_llava.OUR_ACTS[proj.act],
@@ -196,7 +197,8 @@ def config_from_hf(hf: Mapping) -> VLMConfig:
         resampler_heads=int(hf.get("resampler_heads", 8)),
         resampler_mlp_ratio=int(hf.get("resampler_mlp_ratio", 4)))
     vision = dataclasses.replace(hf_siglip.vision_config_from_hf(hf["vision_config"]),
-                                 feature_layer=int(hf["vision_feature_layer"]))
+                                 feature_layer=int(hf["vision_feature_layer"]),
+                                 feature_post_norm=bool(hf.get("vision_feature_post_norm")))
     config = VLMConfig(vision=vision, projector=projector, llm=llm,
                        image_token_id=int(hf["image_token_id"]),
                        vision_feature_select=hf.get("vision_feature_select_strategy", "full"))

@@ -99,6 +99,9 @@ def config_to_hf(config: VLMConfig) -> dict:
     if proj.type != "mlp2x_gelu":
         raise ConversionError(f"projector type {proj.type!r} cannot be expressed as a HF LLaVA projector "
                               f"(LLaVA has Linear -> act -> Linear only)")
+    if config.vision.feature_post_norm:
+        raise ConversionError("model.vision.feature_post_norm=True cannot be expressed in HF LLaVA, "
+                              "which reads the vision hidden states before post_layernorm")
     family = families.get(config.llm.family)
     if config.llm.final_logit_softcap and not family.llava_applies_final_softcap:
         raise ConversionError(

@@ -225,13 +225,20 @@ def sliding_window_mask(mask: jax.Array, query_positions: jax.Array, key_positio
     """`mask` bool[B, 1, T, S] further limited to keys less than `window` positions behind the
     query (HF's `kv_idx > q_idx - sliding_window`); window 0 leaves it as it is (a full-attention
     layer of a model whose other layers slide). Positions restart in every packed segment, so the
-    window never reaches across one. query_positions i32[B, T], key_positions i32[B|1, S]."""
+    window never reaches across one. query_positions i32[B, T], key_positions i32[B|1, S].
+
+    A bidirectional block (a prefix-LM's image + prompt, mask_ar zeros) is never cut: pairs of
+    one block (the symmetric part of a square mask) stay visible at any distance, as in HF's
+    PaliGemma 2 / Gemma 3, whose sliding masks are (causal & window) | same block. A causal
+    mask's symmetric part is its diagonal, which the window keeps anyway."""
     if isinstance(mask, SegmentMask):
         raise ConfigError("attention_backend='tpu_flash' cannot apply a sliding window")
     if isinstance(window, (int, np.integer)) and window == 0:
         return mask
     distance = query_positions[:, None, :, None] - key_positions[:, None, None, :]
     inside = distance < window
+    if mask.shape[-1] == mask.shape[-2]:  # T queries over their own T keys (not a cache step)
+        inside = inside | (mask & jnp.swapaxes(mask, -1, -2))
     return mask & (inside | (window == 0))
 
 

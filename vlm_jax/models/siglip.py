@@ -58,6 +58,9 @@ class VisionConfig:
     # i = output of encoder layer i, negative counts from the end (-1 = last layer, before
     # post_layernorm: what LLaVA reads; LLaVA-1.5 uses -2).
     feature_layer: int = -1
+    # LayerNorm the tokens at feature_layer with post_layernorm: at the last layer, HF's
+    # `last_hidden_state`, which PaliGemma's projector reads (LLaVA reads the un-normed ones).
+    feature_post_norm: bool = False
     use_head: bool = True          # MAP attention-pooling head (HF `vision_use_head`)
     posemb: str = "learn"          # "learn" (HF) or "sincos2d" (fixed, no parameter)
     dtype: str = "float32"
@@ -329,7 +332,8 @@ class SiglipVisionTower(nn.Module):
         if self.is_initializing():
             # Create every parameter (later layers, post-LN, head) so export and `pool` find them.
             self.encode_embedded(x)
-        return self._run_encoder(x, cfg.feature_depth)
+        x = self._run_encoder(x, cfg.feature_depth)
+        return self.post_layernorm(x) if cfg.feature_post_norm else x
 
     def encode_embedded(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         x = self.post_layernorm(self._run_encoder(x, self.config.depth))

@@ -17,7 +17,7 @@ class VlmJaxConfig(PretrainedConfig):
     sub_configs = {"vision_config": SiglipVisionConfig, "text_config": AutoConfig}
 
     def __init__(self, vision_config=None, text_config=None, image_token_id=0,
-                 image_seq_length=1, vision_feature_layer=-1,
+                 image_seq_length=1, vision_feature_layer=-1, vision_feature_post_norm=False,
                  vision_feature_select_strategy="full", projector_type="mlp2x_gelu",
                  projector_hidden_act="gelu", projector_bias=True, projector_input_norm=False,
                  projector_pos_embed=False, projector_mlp_depth=2, projector_hidden_dim=None,
@@ -39,6 +39,9 @@ class VlmJaxConfig(PretrainedConfig):
         # An index into SiglipVisionModel's hidden_states: 0 = patch + position embeddings,
         # i = output of encoder layer i, -1 = the last layer (before post_layernorm).
         self.vision_feature_layer = vision_feature_layer
+        # True: those tokens pass through the tower's post_layernorm (PaliGemma / Idefics3 read
+        # the normed last layer).
+        self.vision_feature_post_norm = vision_feature_post_norm
         # "default" drops the first vision token (CLIP's CLS), "full" keeps every patch.
         self.vision_feature_select_strategy = vision_feature_select_strategy
         self.projector_type = projector_type

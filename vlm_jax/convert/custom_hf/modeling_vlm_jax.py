@@ -190,6 +190,8 @@ class VlmJaxForConditionalGeneration(VlmJaxPreTrainedModel, GenerationMixin):
         """pixel_values [num_images, 3, S, S] -> image tokens [num_images, image_seq_length, D]."""
         outputs = self.vision_tower(pixel_values=pixel_values, output_hidden_states=True)
         features = outputs.hidden_states[self.config.vision_feature_layer]
+        if getattr(self.config, "vision_feature_post_norm", False):
+            features = self.vision_tower.post_layernorm(features)
         if self.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]
         return self.projector(features)
