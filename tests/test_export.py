@@ -394,3 +394,18 @@ def test_the_self_check_compares_greedy_answers_through_the_chat_template(tiny_v
     assert cli_main(["export-hf", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf2")]) == 3
     assert "chat template gives prompt ids" in capsys.readouterr().err
     assert not (tmp_path / "hf2").exists()
+
+
+def test_a_prefix_lm_model_is_not_exported_as_a_causal_one(tiny_vlm_config, tmp_path, capsys):
+    """Why / a model trained with data.prefix_lm=True (prompts attend both ways) exported as
+    LLaVA or the custom format (both causal) would answer differently without a word: only
+    PaliGemma expresses it, so another format is refused before any weight is read."""
+    config = tiny_vlm_config(vocab_size=32)
+    params = jax.jit(lambda key: init_params(config, key))(jax.random.key(0))
+    ckpt = tmp_path / "prefix_lm"
+    model_dir.save_model(str(ckpt), config, params, None, data={"prefix_lm": True})
+    capsys.readouterr()
+    assert cli_main(["export-hf", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "prefix-LM" in err and "--format paligemma" in err
+    assert not os.path.exists(tmp_path / "x")

@@ -335,3 +335,12 @@ def test_eval_loss_is_the_train_step_loss_on_the_same_batch(tmp_path, arg, overr
         assert sums["count"] == metrics["num_loss_tokens"]
         assert sums["correct"] / sums["count"] == pytest.approx(metrics["token_accuracy"],
                                                                 rel=1e-5, abs=1e-6)
+
+
+def test_a_prefix_lm_run_records_it_in_its_model_directory(tmp_path):
+    """Why / a model trained with bidirectional prompts (data.prefix_lm) was decoded causally by
+    generate / score and exported as a causal model: the model directory now records it, and
+    everything downstream reads it from there (api.load, generate, score, eval, export-hf)."""
+    train(_config(["data.prefix_lm=True", "train.steps=2", "checkpoint.every_steps=2"]),
+          str(tmp_path))
+    assert model_dir.load_data_settings(str(tmp_path / "model"))["prefix_lm"] is True

@@ -124,6 +124,32 @@ def test_prefix_lm_logits_match_transformers(imported):
     assert float(np.abs(causal - want).max()) > 1e-2
 
 
+def test_the_import_records_prefix_lm_and_score_repeats_it(imported):
+    """Why / a prefix-LM model decoded causally answers differently: the import records
+    `prefix_lm` in the model directory, `vlm_jax.load` carries it, and `score` (as `vlm-jax
+    score` / `generate` pass it) gives the suffix the log-probs transformers gives with
+    token_type_ids marking the prompt."""
+    from vlm_jax import model_dir
+    from vlm_jax.inference.generate import score
+    assert model_dir.load_data_settings(imported.ckpt)["prefix_lm"]
+    model = vlm_jax.load(imported.ckpt)
+    assert model.prefix_lm
+    input_ids, token_types, pixels = _inputs(np.random.default_rng(3))
+    row, cut = input_ids[0], int((token_types[0] == 0).sum())
+    with torch.no_grad():
+        logits = imported.hf_model(input_ids=torch.tensor(row[None]),
+                                   pixel_values=torch.tensor(pixels[:1]),
+                                   token_type_ids=torch.tensor(token_types[:1])).logits
+    want = torch.log_softmax(logits[0, cut - 1:-1], -1).gather(
+        -1, torch.tensor(row[cut:, None])).numpy()[:, 0]
+    images = pixels[:1].transpose(0, 2, 3, 1)[:, None]
+    got = score(model.config, model.params, row[:cut].tolist(), row[cut:].tolist(), images,
+                prefix_lm=True)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    causal = score(model.config, model.params, row[:cut].tolist(), row[cut:].tolist(), images)
+    assert float(np.abs(causal - want).max()) > 1e-3
+
+
 def test_without_token_type_ids_it_is_causal(imported):
     """Why: transformers' PaliGemma without token_type_ids is a causal LM (eager); our API's
     `logits` (causal) must match it, so the exporter's probes and users' causal calls agree."""

@@ -16,13 +16,14 @@ from vlm_jax.models.vlm import VLM, VLMConfig, check_image_placeholders, with_ru
 @dataclasses.dataclass
 class LoadedModel:
     """A model directory in memory: `config`, `params`, `tokenizer` (None if it had none), and
-    what training fed it: `template` (chat template name, None when unknown) and
-    `pad_to_square` (image preprocessing)."""
+    what training fed it: `template` (chat template name, None when unknown),
+    `pad_to_square` (image preprocessing) and `prefix_lm` (prompts attend bidirectionally)."""
     config: VLMConfig
     params: Any
     tokenizer: Any
     template: str | None = None
     pad_to_square: bool = False
+    prefix_lm: bool = False
 
     def __post_init__(self):
         self.model = VLM(self.config)
@@ -82,4 +83,5 @@ def load(checkpoint: str, dtype: str | None = None) -> LoadedModel:
     config, params, tokenizer = model_dir.load_model(checkpoint)
     config = with_run_settings(config, dtype=dtype)
     data = model_dir.load_data_settings(checkpoint)
-    return LoadedModel(config, params, tokenizer, data["template"], data["pad_to_square"])
+    return LoadedModel(config, params, tokenizer, data["template"], data["pad_to_square"],
+                       data["prefix_lm"])

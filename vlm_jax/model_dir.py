@@ -41,7 +41,7 @@ from vlm_jax.errors import CheckpointError, InputError
 from vlm_jax.models.vlm import VLMConfig, architecture_only, param_shapes, run_settings
 
 FORMAT = "vlm_jax.model/1"
-DATA_SETTINGS = ("template", "pad_to_square")  # the keys of config.json's "data" section
+DATA_SETTINGS = ("template", "pad_to_square", "prefix_lm")  # the keys of config.json's "data"
 GENERATION_CONFIG = "generation_config.json"
 
 
@@ -170,10 +170,12 @@ def load_config(directory: str) -> VLMConfig:
 
 
 def load_data_settings(directory: str) -> dict:
-    """{"template": name or None, "pad_to_square": bool}: what the model was trained on (an
-    import or an older directory records nothing: template None, no padding)."""
+    """{"template": name or None, "pad_to_square": bool, "prefix_lm": bool}: what the model was
+    trained on (an import or an older directory records nothing: template None, no padding,
+    causal prompts; a PaliGemma import records prefix_lm)."""
     data = _read_meta(directory).get("data") or {}
-    return {"template": data.get("template"), "pad_to_square": bool(data.get("pad_to_square"))}
+    return {"template": data.get("template"), "pad_to_square": bool(data.get("pad_to_square")),
+            "prefix_lm": bool(data.get("prefix_lm"))}
 
 
 def load_trained_with(directory: str) -> dict:

@@ -113,7 +113,7 @@ def run(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         raise DataError(f"no usable examples in the evaluation data (skipped: {dict(skipped)})")
     if task == "vqa":
         result = evaluate_vqa(model_config, params, tokenizer, examples, args, template,
-                              data.prefix_lm)
+                              data.prefix_lm or trained["prefix_lm"])
     elif task == "caption":
         result = evaluate_captions(model_config, params, tokenizer, examples, args)
     else:

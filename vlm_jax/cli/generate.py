@@ -78,7 +78,9 @@ def main(argv: list[str]) -> int:
     answers = batched_generate(
         model.config, model.params, prompts, [image_input(model, r) for r in requests],
         args.batch_size, args.max_new_tokens, sampling, stop_token_ids(tokenizer, template),
-        [tokenizer.encode(s) for s in args.stop])
+        [tokenizer.encode(s) for s in args.stop],
+        # A prefix-LM model (PaliGemma, data.prefix_lm) saw its whole prompt bidirectionally.
+        prefix_lengths=[len(ids) for ids in prompts] if model.prefix_lm else None)
     for request, ids in zip(requests, answers):
         text = trim_at_stop_strings(tokenizer.decode(ids), args.stop)
         print(json.dumps({"prompt": request.prompt, "image": request.image,

@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
         raise InputError("--completion encodes to no tokens")
     check_length(model, request, len(prompt), len(completion), "--completion's tokens")
     logprobs = score(model.config, model.params, prompt.tolist(), completion,
-                     image_input(model, request)[None])
+                     image_input(model, request)[None], prefix_lm=model.prefix_lm)
     print(json.dumps({"tokens": completion,
                       "pieces": [model.tokenizer.decode([i], skip_special_tokens=False)
                                  for i in completion],

@@ -115,9 +115,16 @@ def export_hf(checkpoint_path: str, out: str, dtype: str = "float32", part: str 
     _check_options(dtype, part, format, max_shard_size)
     source = model_dir.resolve_model_dir(checkpoint_path, "--checkpoint")
     model_dir.check_output_dir(out, [source], overwrite)
+    data = model_dir.load_data_settings(source)
+    if data["prefix_lm"] and part == "vlm" and \
+            resolve_format(architecture_only(model_dir.load_config(source)), format) != "paligemma":
+        raise ConversionError(
+            f"{source} attends bidirectionally over image + prompt (prefix-LM: trained with "
+            f"data.prefix_lm=True, or a PaliGemma import); only --format paligemma expresses "
+            f"that, and this model is not PaliGemma-shaped (--format {format} would export a "
+            f"causal model that answers differently)")
     config, params, tokenizer = model_dir.load_model(source)
     params = model_dir.numpy_params(params)
-    data = model_dir.load_data_settings(source)
     chat = ChatSettings(data["template"], data["pad_to_square"],
                         model_dir.load_generation_config(source))
     return export_params(config, params, tokenizer, out, dtype=dtype, part=part, check=check,

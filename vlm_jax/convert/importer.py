@@ -169,7 +169,9 @@ def import_hf(out: str, hf_dir: str | None = None, vision_dir: str | None = None
         fresh = jax.jit(lambda rng: init_params(config, rng))(jax.random.key(seed))
         params = {"vision_tower": vision_params, "projector": fresh["projector"], "llm": llm_params}
     params = _as_float32_like(params, config, seed)
-    model_dir.save_model(out, config, params, tokenizer,
+    # PaliGemma attends bidirectionally over image + prompt: generate / score / eval repeat it.
+    data = {"prefix_lm": True} if hf_dir is not None and kind == "paligemma" else None
+    model_dir.save_model(out, config, params, tokenizer, data=data,
                          generation_config=_generation_config(hf_dir or text_dir))
     return config
 

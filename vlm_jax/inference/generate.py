@@ -279,32 +279,37 @@ def _final_logits(decoder: Decoder, x: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- scoring
 
 def token_logprobs(model_config: VLMConfig, params: dict, input_ids: np.ndarray,
-                   images: np.ndarray | None) -> np.ndarray:
-    """f32[B, T - 1]: log p(input_ids[:, t + 1] | input_ids[:, :t + 1], images), causal forward."""
+                   images: np.ndarray | None, prefix_length: int = 0) -> np.ndarray:
+    """f32[B, T - 1]: log p(input_ids[:, t + 1] | input_ids[:, :t + 1], images), causal forward
+    (the first `prefix_length` tokens attending to each other both ways: a prefix-LM model)."""
     input_ids = np.asarray(input_ids, np.int32)
     if input_ids.ndim != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must be [B, T] with T >= 2, got {input_ids.shape}")
+    mask_ar = (np.arange(input_ids.shape[1]) >= prefix_length).astype(np.int32)
     return np.asarray(_token_logprobs(model_config, params, jnp.asarray(input_ids),
-                                      None if images is None else jnp.asarray(images, jnp.float32)))
+                                      None if images is None else jnp.asarray(images, jnp.float32),
+                                      jnp.asarray(np.broadcast_to(mask_ar, input_ids.shape))))
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _token_logprobs(model_config, params, ids, images):
+def _token_logprobs(model_config, params, ids, images, mask_ar):
     batch, width = ids.shape
     positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (batch, width))
-    logits = VLM(model_config).apply({"params": params}, ids, images, positions,
-                                     jnp.ones((batch, width), jnp.int32))
+    logits = VLM(model_config).apply({"params": params}, ids, images, positions, mask_ar)
     logprobs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(logprobs, ids[:, 1:, None], axis=-1)[..., 0]
 
 
 def score(model_config: VLMConfig, params: dict, prompt_ids: Sequence[int],
-          completion_ids: Sequence[int], images: np.ndarray | None) -> np.ndarray:
+          completion_ids: Sequence[int], images: np.ndarray | None,
+          prefix_lm: bool = False) -> np.ndarray:
     """f32[C]: log-probability of each completion token given the prompt (and images
-    f32[1, M, H, W, 3] or None) and the completion tokens before it."""
+    f32[1, M, H, W, 3] or None) and the completion tokens before it; `prefix_lm`: the prompt
+    attends to itself both ways, as a prefix-LM model was trained."""
     prompt_ids, completion_ids = list(prompt_ids), list(completion_ids)
     if not prompt_ids or not completion_ids:
         raise ValueError("score needs a non-empty prompt and a non-empty completion")
     ids = np.asarray([prompt_ids + completion_ids], np.int32)
-    logprobs = token_logprobs(model_config, params, ids, images)[0]
+    logprobs = token_logprobs(model_config, params, ids, images,
+                              len(prompt_ids) if prefix_lm else 0)[0]
     return logprobs[len(prompt_ids) - 1:]

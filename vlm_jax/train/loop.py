@@ -321,10 +321,12 @@ class _Trainer:
                 "checkpoint": f"{self.checkpointer.directory}/{step}"}
 
     def _trained_data_settings(self) -> dict:
-        """What inference must repeat: the prompts' chat template and the image preprocessing."""
+        """What inference must repeat: the prompts' chat template, the image preprocessing and
+        whether prompts attend bidirectionally (prefix-LM)."""
         data = self.cfg.data
         template = {"align": "plain", "instruct": data.template}.get(data.task)  # align: captions
-        return {"template": template, "pad_to_square": data.pad_to_square}
+        return {"template": template, "pad_to_square": data.pad_to_square,
+                "prefix_lm": data.prefix_lm}
 
     def _inherited_generation_config(self) -> dict | None:
         """The HF generation config of the model this run started from (an import keeps its
