@@ -18,7 +18,8 @@ skips the vision layer after `feature_layer` and computes logits only at loss po
 `executed_flops` reports what it runs.
 
 Our model runs with remat policy `dots_no_batch` (`--remat`): the backward recomputes norms,
-RoPE, activations and attention from the saved weight-matmul outputs. On CPU that is faster than
+RoPE, activations and attention from the saved weight-matmul outputs (saved since stop 24; before,
+the policy kept no more than `full`, see benchmarks/README.md). On CPU that is faster than
 keeping everything: XLA:CPU allocates each step's temporaries as one block, which glibc maps
 fresh from the kernel every step (one page fault per 4 KiB: 2.5 GB -> 625k faults with `none`),
 and it halves peak memory. `--allocator tuned` keeps freed memory mapped instead (see

@@ -10,11 +10,10 @@ import os
 
 import jax
 import pytest
-import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from configs.shapes import config as recipe
+from configs.shapes.eval_exported import transformers_answers
 from vlm_jax import model_dir
 from vlm_jax.cli import main as cli_main
 from vlm_jax.config import from_dict
@@ -53,18 +52,7 @@ def test_the_exported_default_answers_held_out_questions_as_vlm_jax_generate(tmp
                      "--max-new-tokens", str(MAX_NEW_TOKENS)]) == 0
     ours = [json.loads(line)["completion"] for line in capsys.readouterr().out.splitlines()]
 
-    model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True,
-                                                        dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
-    theirs = []
-    for item in items:
-        messages = [{"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": item.question}]}]
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = processor(text=prompt, images=Image.fromarray(item.image), return_tensors="pt")
-        with torch.no_grad():
-            generated = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
-        theirs.append(processor.decode(generated[0, inputs["input_ids"].shape[1]:],
-                                       skip_special_tokens=True))
+    # What `python -m configs.shapes.eval_exported` runs on the trained default (README table).
+    theirs = transformers_answers(out, items, MAX_NEW_TOKENS)
     assert len(ours) == len(items) == NUM_PER_TYPE * len(recipe.QUESTION_TYPES)
     assert [t.strip() for t in theirs] == [o.strip() for o in ours]

@@ -1,4 +1,5 @@
 """Mask builder and attention against numpy references."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -46,7 +47,6 @@ def test_attention_gqa_matches_numpy():
 def test_tpu_flash_backend_matches_dense_path_in_interpret_mode():
     """The Pallas TPU kernel (run by the Pallas interpreter on CPU) == the XLA path, for causal
     packed masks with GQA and for the bidirectional (no mask) case, values and gradients."""
-    import jax
     from jax.experimental.pallas import tpu as pltpu
 
     rng = np.random.default_rng(0)
@@ -95,8 +95,6 @@ def test_sliding_window_mask_keeps_exactly_the_window_within_causal_packed_segme
     window as a traced per-layer value (the scanned LayerSpec); window 0 (a full-attention
     layer of the same model) must leave the mask untouched; positions restart in each packed
     segment, so the window counts from the segment's start and never reaches across it."""
-    import jax
-
     seg = np.array([[1] * 9 + [2] * 5 + [0] * 2])          # two packed segments + padding
     positions = np.array([list(range(9)) + list(range(5)) + [0, 0]])
     mask_ar = np.ones_like(seg)
@@ -168,3 +166,37 @@ def test_soft_cap_bounds_values_and_is_identity_near_zero():
     np.testing.assert_allclose(np.asarray(layers.soft_cap(jnp.asarray([2.0]), 50.0)),
                                [50.0 * np.tanh(2.0 / 50.0)], rtol=1e-6)
     assert layers.soft_cap(x, 0.0) is x and layers.soft_cap(x, None) is x
+
+
+def _saved_residual_elements(policy: str) -> int:
+    """Elements the backward pass of a tiny scanned decoder keeps, as jax reports them
+    (`jax.ad_checkpoint.print_saved_residuals`, the public form of the residual list)."""
+    import contextlib
+    import io
+    import re
+
+    import flax.linen as nn
+
+    from vlm_jax.models.decoder import Decoder, decoder_config
+    cfg = decoder_config("llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8, mlp_dim=48, remat_policy=policy)
+    mask = layers.make_attention_mask(jnp.ones((1, 16), jnp.int32))
+    x, pos = jnp.ones((1, 16, 32)), jnp.broadcast_to(jnp.arange(16), (1, 16))
+    params = nn.meta.unbox(Decoder(cfg).init(jax.random.key(0), x, pos, mask))["params"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        jax.ad_checkpoint.print_saved_residuals(
+            lambda p: Decoder(cfg).apply({"params": p}, x, pos, mask).sum(), params)
+    shapes = re.findall(r"\b(?:f32|i32|bool)\[([\d,]*)\]", printed.getvalue())
+    return sum(int(np.prod([int(d) for d in s.split(",") if d])) for s in shapes)
+
+
+def test_remat_policies_keep_different_residuals():
+    """Why / `dots_no_batch` was byte for byte `full`: Dense's custom VJP hid its matmul from
+    jax's checkpoint_dots* policies. Its output is now named, so each policy keeps what it says:
+    none > dots (every matmul) > dots_no_batch (weight matmuls, attention recomputed) > full
+    (block inputs only); dots_saveable is dots under jax's name."""
+    kept = {p: _saved_residual_elements(p) for p in ("none", "dots", "dots_saveable",
+                                                     "dots_no_batch", "full")}
+    assert kept["none"] > kept["dots"] > kept["dots_no_batch"] > kept["full"], kept
+    assert kept["dots_saveable"] == kept["dots"]

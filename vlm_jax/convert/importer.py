@@ -112,8 +112,9 @@ def import_hf(out: str, hf_dir: str | None = None, vision_dir: str | None = None
         hf = hf_io.read_config(hf_dir)
         kind = hf.get("model_type")
         tokenizer = _find_tokenizer(hf_dir)
-        if kind in ("llava", "paligemma"):
-            layout = hf_llava if kind == "llava" else hf_paligemma
+        layouts = {"llava": hf_llava, "paligemma": hf_paligemma, hf_idefics3.MODEL_TYPE: hf_idefics3}
+        if kind in layouts:  # LLaVA, PaliGemma, Idefics3 / SmolVLM
+            layout = layouts[kind]
             config = layout.config_from_hf(hf)
             if feature_layer is not None:
                 config = dataclasses.replace(
@@ -121,18 +122,8 @@ def import_hf(out: str, hf_dir: str | None = None, vision_dir: str | None = None
             params = layout.params_from_hf(hf_io.read_state_dict(hf_dir), config)
             if tokenizer is not None and tokenizer.token_to_id(IMAGE_TOKEN) not in (None, config.image_token_id):
                 raise ConversionError(f"{hf_dir}: tokenizer maps {IMAGE_TOKEN} to "
-                                      f"{tokenizer.token_to_id(IMAGE_TOKEN)} but image_token_index is "
-                                      f"{config.image_token_id}")
-        elif kind == hf_idefics3.MODEL_TYPE:  # Idefics3 / SmolVLM
-            config = hf_idefics3.config_from_hf(hf)
-            if feature_layer is not None:
-                config = dataclasses.replace(
-                    config, vision=dataclasses.replace(config.vision, feature_layer=feature_layer))
-            params = hf_idefics3.params_from_hf(hf_io.read_state_dict(hf_dir), config)
-            if tokenizer is not None and tokenizer.token_to_id(IMAGE_TOKEN) not in (None, config.image_token_id):
-                raise ConversionError(f"{hf_dir}: tokenizer maps {IMAGE_TOKEN} to "
-                                      f"{tokenizer.token_to_id(IMAGE_TOKEN)} but image_token_id is "
-                                      f"{config.image_token_id}")
+                                      f"{tokenizer.token_to_id(IMAGE_TOKEN)} but config.json's "
+                                      f"image token id is {config.image_token_id}")
         elif kind == "vlm_jax":  # our own custom-format export, read back
             config = hf_custom.config_from_hf(hf)
             params = hf_custom.params_from_hf(hf_io.read_state_dict(hf_dir), config)

@@ -201,29 +201,20 @@ def _chatml(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
     return _chatml_turns(messages)
 
 
+_CHATML_TURNS_JINJA = r"""
+{%- for message in messages -%}
+    {{- '<|im_start|>' ~ message['role'] ~ '\n' ~ render_content(message['content'])
+        ~ '<|im_end|>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|im_start|>assistant\n' -}}
+{%- endif -%}
+"""
+_CHATML_JINJA = _JINJA_PRELUDE + _CHATML_TURNS_JINJA
 _QWEN2_JINJA = _JINJA_PRELUDE + r"""
 {%- if not has_system -%}
     {{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' -}}
-{%- endif -%}
-{%- for message in messages -%}
-    {{- '<|im_start|>' ~ message['role'] ~ '\n' ~ render_content(message['content'])
-        ~ '<|im_end|>\n' -}}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{- '<|im_start|>assistant\n' -}}
-{%- endif -%}
-"""
-
-
-_CHATML_JINJA = _JINJA_PRELUDE + r"""
-{%- for message in messages -%}
-    {{- '<|im_start|>' ~ message['role'] ~ '\n' ~ render_content(message['content'])
-        ~ '<|im_end|>\n' -}}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{- '<|im_start|>assistant\n' -}}
-{%- endif -%}
-"""
+{%- endif -%}""" + _CHATML_TURNS_JINJA
 
 
 def _gemma(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:

@@ -24,6 +24,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from vlm_jax.errors import ConfigError
 
@@ -112,7 +113,8 @@ class Dense(nn.Module):
         kernel = sharded_param(self, "kernel", init, shape, self.kernel_axes, self.param_dtype)
         x = x.astype(self.dtype)
         kernel = kernel.astype(self.dtype)
-        y = dense_matmul(x, kernel, n_in)
+        # Named for the remat policies: the custom VJP hides the dot from checkpoint_dots*.
+        y = checkpoint_name(dense_matmul(x, kernel, n_in), DENSE_OUTPUT)
         if self.use_bias:
             bias_axes = tuple(self.kernel_axes)[n_in:]
             bias = sharded_param(self, "bias", nn.initializers.zeros, self.out_shape, bias_axes,
@@ -362,11 +364,21 @@ def _tpu_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: 
 
 # ----------------------------------------------------------------------------- remat / scan
 
+DENSE_OUTPUT = "dense_output"  # checkpoint_name of every Dense layer's matmul output
+_SAVE_DENSE = jax.checkpoint_policies.save_only_these_names(DENSE_OUTPUT)
+_DOTS = jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.checkpoint_dots, _SAVE_DENSE)
+# What the backward pass keeps of each block's forward (the rest is recomputed):
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation: keep every activation
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "full": jax.checkpoint_policies.nothing_saveable,  # only the block's input
+    # every matmul output: the projections (Dense, named: its custom VJP hides the dot from
+    # checkpoint_dots) and the attention scores / outputs; "dots_saveable" is jax's name for it
+    "dots": _DOTS,
+    "dots_saveable": _DOTS,
+    # the weight matmuls only (no batch dims): projections and MLPs saved, attention recomputed
+    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims, _SAVE_DENSE),
 }
 
 
