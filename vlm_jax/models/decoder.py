@@ -146,8 +146,10 @@ class DecoderConfig:
         for field in ("attn_logit_softcap", "final_logit_softcap", "rope_local_theta", "sliding_window"):
             check(getattr(self, field) >= 0, field, "a number >= 0 (0 = none)")
         check(self.query_pre_attn_scalar > 0, "query_pre_attn_scalar", "a positive number")
-        check(len(self.layer_types) == self.num_layers and set(self.layer_types) <= set(LAYER_TYPES),
-              "layer_types", f"one of {LAYER_TYPES} per layer ({self.num_layers})")
+        check(set(self.layer_types) <= set(LAYER_TYPES), "layer_types", f"entries of {LAYER_TYPES}")
+        check(len(self.layer_types) == self.num_layers, "layer_types",
+              f"one entry per layer: {len(self.layer_types)} given for num_layers={self.num_layers} "
+              f"(leave layer_types unset, None, for the family's pattern)")
         check(self.sliding_window > 0 or SLIDING not in self.layer_types, "layer_types",
               "full_attention only while sliding_window=0")
         check(not self.nope_layers or family.nope_layers is not None, "nope_layers",
