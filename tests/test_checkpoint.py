@@ -246,3 +246,28 @@ def test_a_checkpoint_that_predates_new_decoder_fields_still_resumes():
     saved["model"]["llm"]["num_layers"] += 1
     with pytest.raises(checkpoint.IncompatibleCheckpoint, match="model.llm.num_layers"):
         checkpoint.check_compatible(saved, run.to_dict(), "here")
+
+
+def test_asyncio_reports_of_abandoned_orbax_reads_are_dropped_and_nothing_else():
+    """Why / under load a damaged checkpoint's one-line refusal came with a traceback: asyncio
+    logs "Task exception was never retrieved" for the orbax reads a failed restore abandons.
+    Exactly those records are dropped; any other asyncio error is still logged."""
+    import logging
+    import sys
+
+    scope = {}
+    exec(compile("def read():\n    raise Exception('Encountered error while reading')\n",
+                 os.path.join(os.sep, "site-packages", "orbax", "serialization.py"), "exec"), scope)
+
+    def record(fn, msg="Task exception was never retrieved\nfuture: <Task finished>"):
+        try:
+            fn()
+        except Exception:
+            return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None,
+                                     sys.exc_info())
+
+    def ours():
+        raise ValueError("not orbax")
+    assert checkpoint._drop_abandoned_orbax_task(record(scope["read"])) is False
+    assert checkpoint._drop_abandoned_orbax_task(record(ours)) is True
+    assert checkpoint._drop_abandoned_orbax_task(record(scope["read"], "another error")) is True

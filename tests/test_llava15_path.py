@@ -136,7 +136,7 @@ def test_llava15_recipe_align_instruct_export_generate(hf_tiny, tmp_path, family
     saved = json.loads((tmp_path / "instruct" / "model" / "config.json").read_text())
     assert saved["model"]["dtype"] is None and saved["trained_with"]["dtype"] == "bfloat16"
     assert saved["data"] == {"template": {"qwen2": "qwen2", "llama": "llama3"}[family],
-                             "pad_to_square": True}
+                             "pad_to_square": True, "prefix_lm": False}
 
     # the import kept the LLM's own chat template and generation config
     from vlm_jax.data.tokenizer import Tokenizer as OurTokenizer

@@ -215,6 +215,21 @@ def _quiet_abandoned_reads() -> None:
         previous(unraisable)
     hook.vlm_jax_quiet_reads = True
     sys.unraisablehook = hook
+    # The same abandoned reads as asyncio tasks: "Task exception was never retrieved" with the
+    # read error's traceback, logged when the task is collected (seen under load only).
+    logging.getLogger("asyncio").addFilter(_drop_abandoned_orbax_task)
+
+
+def _drop_abandoned_orbax_task(record: logging.LogRecord) -> bool:
+    """False (drop) for asyncio's report of an orbax task whose exception nobody retrieved."""
+    if not str(record.msg).startswith("Task exception was never retrieved") or not record.exc_info:
+        return True
+    trace = record.exc_info[2]
+    while trace is not None:
+        if f"{os.sep}orbax{os.sep}" in trace.tb_frame.f_code.co_filename:
+            return False
+        trace = trace.tb_next
+    return True
 
 
 def _first_line(error: BaseException) -> str:
