@@ -50,25 +50,19 @@ def model_configs(smoke: bool) -> dict:
         return VLMConfig(vision=VisionConfig(**vision, use_head=False), projector=projector,
                          llm=llm, image_token_id=llm.vocab_size - 1)
 
-    out = {}
-    if os.path.exists(BENCH_S):
+    out = {}  # smoke: bench_s's layout at tiny shapes below (no ../shared needed)
+    if not smoke and os.path.exists(BENCH_S):
         from train_throughput import bench_model_config
         with open(BENCH_S) as f:
             bench = json.load(f)
-        config = bench_model_config(bench, "float32")
-        if smoke:
-            config = dataclasses.replace(
-                config, vision=dataclasses.replace(config.vision, image_size=32, patch_size=16,
-                                                   width=32, depth=2, num_heads=2, mlp_dim=64),
-                llm=dataclasses.replace(config.llm, vocab_size=128, hidden_size=32, num_layers=2,
-                                        num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64,
-                                        layer_types=None, nope_layers=None),
-                image_token_id=127)
-        out["bench_s"] = (config, 2 if smoke else bench["batch_size"], 16 if smoke else bench["text_len"])
+        out["bench_s"] = (bench_model_config(bench, "float32"), bench["batch_size"],
+                          bench["text_len"])
     if smoke:
         tiny_vision = dict(image_size=32, patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64)
         tiny_llm = dict(vocab_size=128, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                         head_dim=16, mlp_dim=64)
+        out["bench_s"] = (vlm(dict(tiny_vision, patch_size=16), ProjectorConfig("mlp2x_gelu"),
+                              decoder_config("llama", tie_embeddings=True, **tiny_llm)), 2, 16)
         out["nanovlm"] = (vlm(tiny_vision, ProjectorConfig("pixel_shuffle", mlp_depth=1),
                               decoder_config("llama", tie_embeddings=True, **tiny_llm)), 2, 16)
         out["2b"] = (vlm(tiny_vision, ProjectorConfig("mlp2x_gelu"),
