@@ -249,18 +249,23 @@ def _all_processes_agree(ok: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
+def _typed_model(model: dict) -> dict:
+    """A saved model section with the fields it predates filled in (the family's values, as
+    when it was written); one that no longer builds is compared as written, so the difference
+    is named field by field rather than raised here."""
+    try:
+        return to_dict(from_dict(VLMConfig, model, where="model"))
+    except ConfigError:
+        return model
+
+
 def check_compatible(saved: dict, current: dict, where: str,
                      allow_schedule_change: bool = False) -> list[str]:
     """Refuse to resume from a checkpoint written for another model or another phase, or
     (unless `allow_schedule_change`) under another learning-rate schedule or run length
     (`SCHEDULE_FIELDS`). Returns the schedule changes let through, as "field saved -> new"."""
     def model_fields(config):
-        model = config["model"]
-        try:  # fields a checkpoint predates take their (family's) value, as when it was written
-            model = to_dict(from_dict(VLMConfig, model, where="model"))
-        except ConfigError:
-            pass  # compared as written: the difference is then named below
-        flat = _flatten_dict(model)
+        flat = _flatten_dict(_typed_model(config["model"]))
         return {k: v for k, v in flat.items() if k.split(".")[-1] not in RUN_SETTINGS}
     saved_model, model = model_fields(saved), model_fields(current)
     differing = sorted(k for k in saved_model.keys() | model.keys()
