@@ -22,8 +22,9 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LOCATION = re.compile(r"^\d+ (\{file_name_id|\{file_location_id|\")")  # the file / frame tables
-_STRIP = (re.compile(r", metadata=\{[^}]*\}"), re.compile(r",? ?stack_frame_id=\d+"),
-          re.compile(r"(?<=[A-Za-z_])(\w*)\.\d+\b"))  # metadata, frame refs, name suffixes (add.12)
+_STRIP = ((re.compile(r", metadata=\{[^}]*\}"), ""),            # source metadata
+          (re.compile(r",? ?stack_frame_id=\d+"), ""),             # frame references
+          (re.compile(r"(?<=[A-Za-z_])(\w*)\.\d+\b"), r"\1"))     # name suffixes: add.12 -> add
 
 
 def canonical_hlo(bench_path: str, batch: int) -> str:
@@ -66,8 +67,8 @@ def canonical_hlo(bench_path: str, batch: int) -> str:
         gen._generate = real
     lines = [line for line in compiled["text"].splitlines() if not _LOCATION.match(line)]
     text = "\n".join(lines)
-    for pattern in _STRIP:
-        text = pattern.sub(lambda m: m.group(1) if m.groups() else "", text)
+    for pattern, replacement in _STRIP:
+        text = pattern.sub(replacement, text)
     return text
 
 
@@ -90,6 +91,11 @@ def main() -> int:
         for b in args.batch:
             print(canonical_hlo(args.config, b))
         return 0
+    if not os.path.isfile(args.config):
+        parser.error(f"--config {args.config}: no such file (the bench JSON, ../shared/bench/)")
+    if subprocess.run(["git", "-C", ROOT, "rev-parse", "-q", "--verify", f"{args.against}^{{commit}}"],
+                      capture_output=True).returncode:
+        parser.error(f"--against {args.against}: not a commit of {ROOT}")
     tmp = tempfile.mkdtemp()
     before = os.path.join(tmp, "before")
     subprocess.run(["git", "-C", ROOT, "worktree", "add", "-f", "-q", before, args.against], check=True)
