@@ -318,7 +318,9 @@ def test_resize_vocab_keeps_old_logits_and_starts_new_rows_at_mean():
     pad, pos = _mask_and_positions("none", 1, 6)
     before = _our_logits(cfg, params, ids, pad, pos)
     after = _our_logits(new_cfg, grown, ids, pad, pos)
-    np.testing.assert_array_equal(after[..., :cfg.vocab_size], before)
+    # Same numbers up to float rounding: XLA may tile the logit matmul differently for a wider
+    # vocab (CI's Intel CPU did, 2e-7 apart), so bit equality is not a property of the resize.
+    np.testing.assert_allclose(after[..., :cfg.vocab_size], before, rtol=1e-6, atol=1e-6)
 
     noisy, _ = hf_llm.resize_vocab(params, cfg, cfg.vocab_size + 2, rng=jax.random.key(1))
     new_rows = noisy["embed"]["embedding"][-2:]
