@@ -33,7 +33,9 @@ def _save_tokenizer(directory):
                                         + [f"w{i}" for i in range(VOCAB - 5)])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens([AddedToken("<image>", special=True, normalized=False)])
+    # as in Gemma's tokenizer, BOS / EOS / PAD are special tokens (one id wherever they appear)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in ("<pad>", "<eos>", "<bos>", "<image>")])
     tok.save(os.path.join(directory, "tokenizer.json"))
 
 
@@ -168,7 +170,10 @@ def test_export_round_trip_is_bit_exact_and_checks_itself(imported, tmp_path, ca
     self-check (PaliGemma logits with a bidirectional prefix) must pass."""
     out = tmp_path / "exported"
     assert cli_main(["export-hf", "--checkpoint", imported.ckpt, "--out", str(out)]) == 0
-    assert "PaliGemmaForConditionalGeneration" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "PaliGemmaForConditionalGeneration" in said
+    # its processor gave our prompt ids and pixels, and generate our greedy answer (prefix-LM)
+    assert "the same greedy answer" in said, said
     want = load_file(os.path.join(imported.hf_dir, "model.safetensors"))
     got = load_file(os.path.join(out, "model.safetensors"))
     assert sorted(got) == sorted(want)
@@ -210,3 +215,45 @@ def test_paligemma_refuses_what_it_cannot_hold_naming_the_field(imported, tiny_v
         llava_shaped.vision, feature_post_norm=True))
     with pytest.raises(ConversionError, match="feature_post_norm=True"):
         exporter.resolve_format(post_norm_llava, "llava")
+
+
+def test_the_exported_processor_writes_what_vlm_jax_generate_reads(imported, tmp_path):
+    """Why: a transformers user drives the export through AutoProcessor: it must be a
+    PaliGemmaProcessor whose ids (images, BOS, prompt, newline; token_type_ids all prefix) are
+    our "paligemma" template's prompt, and whose suffix is our learned answer + EOS."""
+    from transformers import AutoProcessor
+    from vlm_jax.data.templates import get_template
+    from vlm_jax.inference.prompts import prompt_ids
+    from PIL import Image
+
+    out = tmp_path / "exported"
+    assert cli_main(["export-hf", "--checkpoint", imported.ckpt, "--out", str(out)]) == 0
+    processor = AutoProcessor.from_pretrained(out)
+    assert type(processor).__name__ == "PaliGemmaProcessor"
+    assert processor.image_seq_length == TOKENS_PER_IMAGE
+    image = Image.fromarray(np.zeros((40, 50, 3), np.uint8))
+    tokenizer = vlm_jax.load(imported.ckpt).tokenizer
+    want = prompt_ids(tokenizer, "w1 w2", "paligemma", TOKENS_PER_IMAGE).tolist()
+    for text in ("w1 w2", "<image>w1 w2"):  # without <image> the processor puts it first
+        batch = processor(images=image, text=text, return_tensors="np")
+        assert batch["input_ids"][0].tolist() == want
+        assert not batch["token_type_ids"].any()
+    assert want[TOKENS_PER_IMAGE] == tokenizer.bos_id  # (this word-level tokenizer drops "\n")
+    batch = processor(images=image, text="w1 w2", suffix="w3", return_tensors="np")
+    pieces = get_template("paligemma").render(
+        [{"role": "user", "content": "<image>\nw1 w2"}, {"role": "assistant", "content": "w3"}],
+        tokenizer.bos_token, tokenizer.eos_token)
+    assert batch["input_ids"][0].tolist()[len(want):] == tokenizer.encode(pieces[1][0])
+    assert batch["token_type_ids"][0].tolist() == [0] * len(want) + [1] * 2
+
+
+def test_a_paligemma_shape_with_another_template_exports_tokenizer_only_and_says_why():
+    """Why: PaliGemmaProcessor writes one layout; a model trained on another template (or with
+    padded images) must not get a processor that feeds it other inputs."""
+    from vlm_jax.convert.hf_processor import ChatSettings, processor_blocker
+    assert processor_blocker("paligemma", ChatSettings("paligemma")) is None
+    assert "data.template='gemma'" in processor_blocker("paligemma", ChatSettings("gemma"))
+    assert "data.pad_to_square=True" in processor_blocker(
+        "paligemma", ChatSettings("paligemma", pad_to_square=True))
+    assert "import it again" in processor_blocker("paligemma", ChatSettings(None))
+    assert processor_blocker("llava", ChatSettings("gemma", pad_to_square=True)) is None

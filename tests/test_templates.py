@@ -118,7 +118,7 @@ def test_vicuna_matches_llava(messages):
         messages, "<s>", "</s>")
 
 
-@pytest.mark.parametrize("name", sorted(set(TEMPLATES) - {"plain"}))
+@pytest.mark.parametrize("name", sorted(set(TEMPLATES) - {"plain", "paligemma"}))
 def test_targets_are_answers_and_end_of_turn(name):
     pieces = get_template(name).render(WITH_SYSTEM if name != "gemma" else CONVERSATION,
                                        "<bos>", "<eos>")
@@ -148,6 +148,22 @@ def test_minimal_is_questions_then_answers():
                       (" 2<eos>", True)]
     with_system = get_template("minimal").text(WITH_SYSTEM, "<bos>", "<eos>")
     assert with_system.startswith(f"<bos>{SYSTEM}\n<image>\n")
+
+
+def test_paligemma_is_images_bos_prefix_newline_then_suffix():
+    """transformers' PaliGemmaProcessor: images first wherever the prompt has them, BOS, the
+    prefix and "\n" (bidirectional under prefix_lm), then the suffix and EOS (learned)."""
+    template = get_template("paligemma")
+    messages = [{"role": "user", "content": "Which colour? <image>\n<image>"},
+                {"role": "assistant", "content": "red"}]
+    assert template.render(messages, "<bos>", "<eos>") == [
+        ("<image><image><bos>Which colour? \n", False), ("red<eos>", True)]
+    assert template.render(SINGLE_TURN[:1] + [{"role": "assistant", "content": ""}], "<bos>",
+                           "<eos>") == [("<image><bos>What color is the circle?\n", False),
+                                        ("<eos>", True)]
+    for refused in (CONVERSATION, [{"role": "system", "content": SYSTEM}] + SINGLE_TURN):
+        with pytest.raises(TemplateError, match="one user turn and its answer"):
+            template.render(refused, "<bos>", "<eos>")
 
 
 def test_bad_conversations_raise():
@@ -223,7 +239,8 @@ def test_jinja_renders_our_text(name, case):
     try:
         expected = template.text(ours, "<bos>", "<eos>")
     except TemplateError:  # plain takes one caption: the jinja refuses the same conversations
-        with pytest.raises(jinja2.exceptions.TemplateError, match="exactly one caption"):
+        # plain takes one caption, paligemma one question: the jinja refuses the same
+        with pytest.raises(jinja2.exceptions.TemplateError, match="exactly one caption|one user turn"):
             _render_jinja(template, theirs, add_generation_prompt=False)
         return
     assert _render_jinja(template, theirs, add_generation_prompt=False) == expected
@@ -238,7 +255,8 @@ def test_jinja_generation_prompt_is_our_prompt(name, case):
     try:
         expected = _our_prompt(template, ours)
     except TemplateError:
-        with pytest.raises(jinja2.exceptions.TemplateError, match="exactly one caption"):
+        # plain takes one caption, paligemma one question: the jinja refuses the same
+        with pytest.raises(jinja2.exceptions.TemplateError, match="exactly one caption|one user turn"):
             _render_jinja(template, theirs, add_generation_prompt=True)
         return
     assert _render_jinja(template, theirs, add_generation_prompt=True) == expected

@@ -90,7 +90,8 @@ class ExportResult:
     processor: bool            # whether tokenizer + processor files were written
     pad_to_square: bool = False  # the processor pads images to a square first
     answer_tokens: int | None = None  # greedy answer compared with transformers' (None: not)
-    format: str | None = None  # part "vlm": "llava" or "custom"
+    format: str | None = None  # part "vlm": "llava", "paligemma", "idefics3" or "custom"
+    no_processor: str | None = None  # why only tokenizer files were written, if so
 
 
 def to_disk_keys(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -190,8 +191,11 @@ def _write_and_check(config: VLMConfig, params: Any, tokenizer, out: str, dtype:
     if fmt == "custom":
         hf_custom.write_code(out)
     has_processor = False
-    if fmt in ("paligemma", "idefics3") and tokenizer is not None:  # tokenizer only: no processor yet
-        tokenizer.save(out)
+    no_processor = hf_processor.processor_blocker(fmt, chat) if fmt else None
+    if fmt == "idefics3":
+        no_processor = "no Idefics3Processor written yet"
+    if part == "vlm" and tokenizer is not None and no_processor is not None:
+        tokenizer.save(out)  # tokenizer files only; `describe` says why
         hf_processor.write_generation_config(out, tokenizer, chat)
     elif part == "vlm" and tokenizer is not None:
         hf_processor.write_processor(out, config, tokenizer, chat, fmt)
@@ -201,7 +205,8 @@ def _write_and_check(config: VLMConfig, params: Any, tokenizer, out: str, dtype:
         tokenizer.save(out)
         hf_processor.write_generation_config(out, tokenizer, chat)
     result = ExportResult(out, part, dtype, float("nan"), F32_TOLERANCE, None, None, has_processor,
-                          chat.pad_to_square, format=fmt)
+                          chat.pad_to_square, format=fmt,
+                          no_processor=no_processor if tokenizer is not None else None)
     if check:
         if part == "vision":
             result = check_vision_export(result, config, params, tokenizer)
@@ -210,7 +215,7 @@ def _write_and_check(config: VLMConfig, params: Any, tokenizer, out: str, dtype:
         elif fmt == "llava":
             result = check_llava_export(result, config, params, tokenizer, chat)
         elif fmt == "paligemma":
-            result = check_paligemma_export(result, config, params)
+            result = check_paligemma_export(result, config, params, tokenizer, chat)
         elif fmt == "idefics3":
             result = check_idefics3_export(result, config, params)
         else:
@@ -394,23 +399,40 @@ def check_llava_export(result: ExportResult, config: VLMConfig, params: Any,
     return check_vlm(result, hf_model, info, config, params, tokenizer, chat, "LLaVA logits")
 
 
-def check_paligemma_export(result: ExportResult, config: VLMConfig, params: Any) -> ExportResult:
-    """Load `result.out` as PaliGemmaForConditionalGeneration (f32, eager) and compare its logits
-    with ours on a probe row with a bidirectional prefix (token_type_ids) and a causal suffix."""
+def _load_eager(cls_name: str, out: str):
+    """`out` loaded by transformers' class `cls_name` in f32 with eager attention (its exact
+    masks: PaliGemma's bidirectional prefix), after checking no tensor is missing or extra."""
+    import torch
+    import transformers
+
+    hf_model, info = getattr(transformers, cls_name).from_pretrained(
+        out, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+    _check_loading_info(info, out)
+    return hf_model.eval()
+
+
+def check_paligemma_export(result: ExportResult, config: VLMConfig, params: Any, tokenizer=None,
+                           chat: ChatSettings = ChatSettings()) -> ExportResult:
+    """Load `result.out` as PaliGemmaForConditionalGeneration and compare its logits with ours on
+    a probe row with a bidirectional prefix (token_type_ids) and a causal suffix; with its
+    processor, also the prompt, pixels and greedy answer (`check_answers`, prefix-LM)."""
+    hf_model = _load_eager(hf_paligemma.ARCHITECTURE, result.out)
     exact = _rounded(params, result.dtype)
-    info, ours_exact, ours_f32, theirs = hf_paligemma.probe_logits(
-        result.out, config, exact, exact if result.dtype == "float32" else params)
-    _check_loading_info(info, result.out)
-    return _compare(result, ours_exact, ours_f32, theirs, "PaliGemma logits")
+    ours_exact, ours_f32, theirs = hf_paligemma.probe_logits(
+        hf_model, config, exact, exact if result.dtype == "float32" else params)
+    result = _compare(result, ours_exact, ours_f32, theirs, "PaliGemma logits")
+    if result.processor:
+        result = check_answers(result, config, exact, tokenizer, chat, hf_model, prefix_lm=True)
+    return result
 
 
 def check_idefics3_export(result: ExportResult, config: VLMConfig, params: Any) -> ExportResult:
-    """Load `result.out` as Idefics3ForConditionalGeneration (f32, eager) and compare its logits
-    with ours on random ids around one single-tile image ([1, 1, 3, S, S], pixel mask all ones)."""
+    """Load `result.out` as Idefics3ForConditionalGeneration and compare its logits with ours on
+    random ids around one single-tile image ([1, 1, 3, S, S], pixel mask all ones)."""
+    hf_model = _load_eager(hf_idefics3.ARCHITECTURE, result.out)
     exact = _rounded(params, result.dtype)
-    info, ours_exact, ours_f32, theirs = hf_idefics3.probe_logits(
-        result.out, config, exact, exact if result.dtype == "float32" else params)
-    _check_loading_info(info, result.out)
+    ours_exact, ours_f32, theirs = hf_idefics3.probe_logits(
+        hf_model, config, exact, exact if result.dtype == "float32" else params)
     return _compare(result, ours_exact, ours_f32, theirs, "Idefics3 logits")
 
 
@@ -453,10 +475,12 @@ def check_vlm(result: ExportResult, hf_model, info: dict, config: VLMConfig, par
 
 
 def check_answers(result: ExportResult, config: VLMConfig, params: Any, tokenizer,
-                  chat: ChatSettings, hf_model) -> ExportResult:
+                  chat: ChatSettings, hf_model, prefix_lm: bool = False) -> ExportResult:
     """The exported processor's `apply_chat_template` + default call must give exactly our
-    prompt ids (one BOS, the image expanded), and transformers' greedy `generate` exactly our
-    greedy answer, stopping where ours stops (on the probe image, ANSWER_TOKENS at most)."""
+    prompt ids (one BOS, the image expanded) and pixel values, and transformers' greedy
+    `generate` exactly our greedy answer, stopping where ours stops (on the probe image,
+    ANSWER_TOKENS at most). `prefix_lm`: the prompt attends bidirectionally (PaliGemma: the
+    processor's token_type_ids)."""
     import torch
     from transformers import AutoProcessor
 
@@ -471,14 +495,20 @@ def check_answers(result: ExportResult, config: VLMConfig, params: Any, tokenize
     if theirs_ids != ours_ids.tolist():
         raise ExportMismatch(f"the exported processor's chat template gives prompt ids "
                              f"{theirs_ids}, vlm-jax generate gives {ours_ids.tolist()}")
+    pixels = preprocess_image(np.asarray(image), config.vision.image_size,
+                              pad_to_square=chat.pad_to_square)[None, None]
+    pixel_diff = float(np.abs(pixels[:, 0].transpose(0, 3, 1, 2)
+                              - inputs["pixel_values"].numpy()).max())
+    if pixel_diff > 1e-5:
+        raise ExportMismatch(f"the exported image processor differs from ours: max |diff| "
+                             f"{pixel_diff:.3g} in pixel values")
     with torch.no_grad():
         out = hf_model.generate(**inputs, do_sample=False, max_new_tokens=ANSWER_TOKENS)
     theirs = out[0, len(theirs_ids):].tolist()
     stops = stop_token_ids(tokenizer, chat.template)
-    pixels = preprocess_image(np.asarray(image), config.vision.image_size,
-                              pad_to_square=chat.pad_to_square)[None, None]
     tokens, lengths = greedy_generate(config, params, ours_ids[None], np.array([len(ours_ids)]),
-                                      pixels, ANSWER_TOKENS, stops)
+                                      pixels, ANSWER_TOKENS, stops,
+                                      np.array([len(ours_ids)]) if prefix_lm else None)
     ours = tokens[0, :lengths[0]].tolist()  # ours stops before the stop token, theirs after it
     if len(ours) == ANSWER_TOKENS:
         same = theirs == ours
@@ -569,8 +599,8 @@ def describe(result: ExportResult) -> str:
                  f"processor's chat template and generate")
     elif result.part == "vlm" and result.processor:
         line += "; answers not compared (no trained chat template: an untrained import)"
-    if result.format == "paligemma":
-        line += "; tokenizer files only (no PaliGemmaProcessor written yet)"
+    if result.no_processor is not None:
+        line += f"; tokenizer files only, no processor: {result.no_processor}"
     elif result.part == "vlm" and not result.processor:
         line += "; no tokenizer in the checkpoint: no tokenizer/processor files written"
     return line

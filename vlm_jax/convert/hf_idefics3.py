@@ -226,16 +226,13 @@ def pixel_values_for_hf(pixel_values: np.ndarray, images_per_row: list[int]) -> 
     return out, mask
 
 
-def probe_logits(out: str, config: VLMConfig, params_exact, params_f32):
-    """The export at `out` loaded as Idefics3ForConditionalGeneration (f32, eager attention) and
-    our model on one probe row: 4 text tokens, one single-tile image ([1, 1, 3, S, S], pixel
-    mask all ones), 8 more text tokens. -> (loading info, ours on `params_exact`, ours on
+def probe_logits(hf_model, config: VLMConfig, params_exact, params_f32):
+    """A loaded Idefics3ForConditionalGeneration (f32, eager attention) and our model on one
+    probe row: 4 text tokens, one single-tile image ([1, 1, 3, S, S], pixel
+    mask all ones), 8 more text tokens. -> (ours on `params_exact`, ours on
     `params_f32`, theirs), logits f32[1, T, V]."""
     import torch
-    from transformers import Idefics3ForConditionalGeneration
 
-    hf_model, info = Idefics3ForConditionalGeneration.from_pretrained(
-        out, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
     rng = np.random.default_rng(0)
     text = [int(t) for t in rng.integers(0, config.llm.vocab_size, 24) if t != config.image_token_id]
     ids = np.array([text[:4] + [config.image_token_id] * config.tokens_per_image + text[4:12]])
@@ -253,4 +250,4 @@ def probe_logits(out: str, config: VLMConfig, params_exact, params_f32):
         jnp.arange(t, dtype=jnp.int32)[None], jnp.ones((1, t), jnp.int32)))
     ours_exact = np.asarray(forward(params_exact))
     ours_f32 = ours_exact if params_f32 is params_exact else np.asarray(forward(params_f32))
-    return info, ours_exact, ours_f32, theirs
+    return ours_exact, ours_f32, theirs

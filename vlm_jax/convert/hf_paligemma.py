@@ -164,16 +164,13 @@ def mask_ar_from_token_type_ids(token_type_ids: np.ndarray) -> np.ndarray:
     return np.asarray(token_type_ids, np.int32)
 
 
-def probe_logits(out: str, config: VLMConfig, params_exact, params_f32):
-    """The export at `out` loaded as PaliGemmaForConditionalGeneration (f32, eager attention)
-    and our model on one probe row: 4 text tokens, the image, 3 prompt tokens as the
-    bidirectional prefix, then a 5-token causal suffix. -> (loading info, ours on `params_exact`,
+def probe_logits(hf_model, config: VLMConfig, params_exact, params_f32):
+    """A loaded PaliGemmaForConditionalGeneration (f32, eager attention) and our model on one
+    probe row: 4 text tokens, the image, 3 prompt tokens as the
+    bidirectional prefix, then a 5-token causal suffix. -> (ours on `params_exact`,
     ours on `params_f32`, theirs), logits f32[1, T, V]."""
     import torch
-    from transformers import PaliGemmaForConditionalGeneration
 
-    hf_model, info = PaliGemmaForConditionalGeneration.from_pretrained(
-        out, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
     rng = np.random.default_rng(0)
     text = [int(t) for t in rng.integers(0, config.llm.vocab_size, 24) if t != config.image_token_id]
     ids = np.array([text[:4] + [config.image_token_id] * config.tokens_per_image + text[4:12]])
@@ -191,7 +188,7 @@ def probe_logits(out: str, config: VLMConfig, params_exact, params_f32):
         jnp.arange(1, t + 1, dtype=jnp.int32)[None], jnp.asarray(mask_ar_from_token_type_ids(token_type))))
     ours_exact = np.asarray(forward(params_exact))
     ours_f32 = ours_exact if params_f32 is params_exact else np.asarray(forward(params_f32))
-    return info, ours_exact, ours_f32, theirs
+    return ours_exact, ours_f32, theirs
 
 
 __all__ = ["config_from_hf", "config_to_hf", "params_from_hf", "params_to_hf", "blocker",

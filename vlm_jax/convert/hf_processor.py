@@ -3,8 +3,10 @@ VLM formats): the tokenizer (with `<image>`) and a processor that preprocesses i
 `<image>` as our pipeline does, the chat template the model was trained with, and
 generation_config.json with the stop tokens our `generate` stops at.
 
-LLaVA: transformers' LlavaProcessor. Custom: the same tokenizer, image processor and chat
-template under a VlmJaxProcessor (custom_hf/processing_vlm_jax.py), which expands `<image>` to
+LLaVA: transformers' LlavaProcessor. PaliGemma: a PaliGemmaProcessor (SigLIP image processor,
+`image_seq_length` tokens per image) for a model that reads the "paligemma" template, the only
+layout that processor writes (`processor_blocker` says why not otherwise). Custom: the same
+tokenizer, image processor and chat template under a VlmJaxProcessor (custom_hf/processing_vlm_jax.py), which expands `<image>` to
 `tokens_per_image` tokens whatever the projector (LlavaProcessor counts patches).
 """
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import os
 
 from vlm_jax.convert import hf_custom
-from vlm_jax.data.templates import get_template
+from vlm_jax.data.templates import PALIGEMMA_PROCESSOR_JINJA, get_template
 from vlm_jax.errors import ConversionError
 from vlm_jax.inference.prompts import stop_token_ids
 from vlm_jax.models.vlm import VLMConfig
@@ -50,6 +52,9 @@ def write_processor(out: str, config: VLMConfig, tokenizer, chat: ChatSettings,
     # A custom export's config.json (read for the tokenizer class) names its own code.
     hf_tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=fmt == "custom")
     size = config.vision.image_size
+    if fmt == "paligemma":
+        _write_paligemma_processor(out, config, hf_tokenizer, chat)
+        return
     # The PIL backend: its bicubic resize is PIL's, as ours (the torchvision one differs).
     image_processor = LlavaImageProcessorPil(
         do_pad=chat.pad_to_square, size={"height": size, "width": size}, do_center_crop=False,
@@ -63,6 +68,46 @@ def write_processor(out: str, config: VLMConfig, tokenizer, chat: ChatSettings,
     processor.save_pretrained(out)
     if fmt == "custom":
         _make_processor_custom(out, config)
+
+
+def processor_blocker(fmt: str, chat: ChatSettings) -> str | None:
+    """Why the native processor of `fmt` cannot give this model its inputs, or None. LLaVA's and
+    ours take any template; PaliGemmaProcessor writes one layout and resizes without padding."""
+    if fmt != "paligemma":
+        return None
+    if chat.template != "paligemma":
+        trained = (f"was trained with data.template={chat.template!r}" if chat.template else
+                   "records no template (a PaliGemma import from before the 'paligemma' "
+                   "template: import it again)")
+        return (f"the model {trained}; PaliGemmaProcessor writes only the 'paligemma' layout "
+                f"(images, BOS, prefix, newline)")
+    if chat.pad_to_square:
+        return ("the model was trained with data.pad_to_square=True; PaliGemma's SigLIP image "
+                "processor resizes without padding")
+    return None
+
+
+def _write_paligemma_processor(out: str, config: VLMConfig, hf_tokenizer,
+                               chat: ChatSettings) -> None:
+    """PaliGemmaProcessor: SigLIP's PIL image processor (bicubic resize to S x S,
+    x / 127.5 - 1, as `preprocess_image`) with `image_seq_length` = tokens per image, and a chat
+    template that renders what the processor is given (it adds BOS and the closing newline).
+    Like PaliGemma's own, the processor adds the <locNNNN> / <segNNN> tokens to the tokenizer if
+    it lacks them (ids past the model's vocabulary: a tiny model never sees them)."""
+    from transformers import PaliGemmaProcessor, SiglipImageProcessorPil
+
+    why = processor_blocker("paligemma", chat)
+    if why is not None:
+        raise ConversionError(f"no PaliGemmaProcessor for this model: {why}")
+    size = config.vision.image_size
+    image_processor = SiglipImageProcessorPil(
+        do_resize=True, size={"height": size, "width": size}, resample=3, do_rescale=True,
+        rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        do_convert_rgb=True)
+    image_processor.image_seq_length = config.tokens_per_image
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=hf_tokenizer,
+                                   chat_template=PALIGEMMA_PROCESSOR_JINJA)
+    processor.save_pretrained(out)
 
 
 def chat_template_of(tokenizer, chat: ChatSettings) -> str | None:

@@ -160,8 +160,10 @@ def import_hf(out: str, hf_dir: str | None = None, vision_dir: str | None = None
         fresh = jax.jit(lambda rng: init_params(config, rng))(jax.random.key(seed))
         params = {"vision_tower": vision_params, "projector": fresh["projector"], "llm": llm_params}
     params = _as_float32_like(params, config, seed)
-    # PaliGemma attends bidirectionally over image + prompt: generate / score / eval repeat it.
-    data = {"prefix_lm": True} if hf_dir is not None and kind == "paligemma" else None
+    # PaliGemma reads "<image>...<bos>prefix\n" and attends bidirectionally over it: generate /
+    # score / eval / a fine-tune repeat both (the "paligemma" template, prefix_lm).
+    data = ({"prefix_lm": True, "template": "paligemma"}
+            if hf_dir is not None and kind == "paligemma" else None)
     model_dir.save_model(out, config, params, tokenizer, data=data,
                          generation_config=_generation_config(hf_dir or text_dir))
     return config

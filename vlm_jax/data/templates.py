@@ -331,6 +331,50 @@ def _minimal(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
     return pieces
 
 
+def _paligemma(messages: Sequence[Message], bos: str, eos: str) -> list[Piece]:
+    """PaliGemma / PaliGemma 2 (big_vision; transformers' PaliGemmaProcessor): one prefix, one
+    suffix: "<image>" per image, then "{bos}{prefix}\n", then "{suffix}{eos}". The images go
+    first wherever the content holds them (the processor puts them there too); no system turn
+    and one question only, as PaliGemma has neither a system prompt nor turns."""
+    system, turns = _split_system(messages)
+    if system is not None or len(turns) > 2:
+        raise TemplateError("the paligemma template renders one user turn and its answer, "
+                            f"with no system turn; got {len(messages)} messages"
+                            + (" starting with a system turn" if system is not None else ""))
+    content = turns[0]["content"]
+    text = content.replace(f"{IMAGE_TOKEN}\n", "").replace(IMAGE_TOKEN, "")
+    pieces: list[Piece] = [(IMAGE_TOKEN * content.count(IMAGE_TOKEN) + f"{bos}{text}\n", False)]
+    if len(turns) == 2:
+        pieces.append((turns[1]["content"] + eos, True))
+    return pieces
+
+
+_PALIGEMMA_JINJA = _JINJA_PRELUDE + r"""
+{%- if has_system or turns | length > 2 -%}
+    {{- raise_exception('the paligemma template renders one user turn and its answer, with no'
+                        ~ ' system turn') -}}
+{%- endif -%}
+{%- set prefix = render_content(turns[0]['content']) -%}
+{{- '<image>' * prefix.count('<image>') ~ bos
+    ~ prefix.replace('<image>\n', '').replace('<image>', '') ~ '\n' -}}
+{%- if turns | length == 2 -%}
+    {{- render_content(turns[1]['content']) ~ eos -}}
+{%- endif -%}
+"""
+
+# What transformers' PaliGemmaProcessor is given (it writes the BOS after the last image and the
+# closing "\n" itself): the images, then the prefix. The processor of a PaliGemma export carries
+# this; its tokenizer files carry _PALIGEMMA_JINJA, the whole training text.
+PALIGEMMA_PROCESSOR_JINJA = _JINJA_PRELUDE + r"""
+{%- if has_system or turns | length != 1 -%}
+    {{- raise_exception('a PaliGemma prompt is one user turn (the answer is the processor\'s'
+                        ~ ' suffix), with no system turn') -}}
+{%- endif -%}
+{%- set prefix = render_content(turns[0]['content']) -%}
+{{- '<image>' * prefix.count('<image>') ~ prefix.replace('<image>\n', '').replace('<image>', '') -}}
+"""
+
+
 _MINIMAL_JINJA = _JINJA_PRELUDE + r"""
 {{- bos ~ ((system ~ '\n') if has_system else '') -}}
 {%- for message in turns -%}
@@ -353,7 +397,8 @@ TEMPLATES: dict[str, ChatTemplate] = {
         ("gemma", _gemma, _GEMMA_JINJA, ("<start_of_turn>", "<end_of_turn>")),
         ("vicuna", _vicuna, _VICUNA_JINJA, ()),
         ("plain", _plain, _PLAIN_JINJA, ()),
-        ("minimal", _minimal, _MINIMAL_JINJA, ())]
+        ("minimal", _minimal, _MINIMAL_JINJA, ()),
+        ("paligemma", _paligemma, _PALIGEMMA_JINJA, ())]
 }
 
 
