@@ -48,8 +48,10 @@ class Imported:
 def imported(request, hf_tiny, tmp_path_factory):
     """A tiny random HF PaliGemma of each text family, every tensor perturbed (so no bias, norm
     or scale sits at a value that would hide a convention), saved and imported by the CLI."""
-    family = request.param
-    tmp = tmp_path_factory.mktemp(f"paligemma_{family}")
+    return _import_tiny(hf_tiny, request.param, tmp_path_factory.mktemp(f"paligemma_{request.param}"))
+
+
+def _import_tiny(hf_tiny, family, tmp):
     torch.manual_seed(0)
     config = PaliGemmaConfig(vision_config=hf_tiny.vision(layers=2),
                              text_config=hf_tiny.text(family, tie=True),
@@ -257,3 +259,81 @@ def test_a_paligemma_shape_with_another_template_exports_tokenizer_only_and_says
         "paligemma", ChatSettings("paligemma", pad_to_square=True))
     assert "import it again" in processor_blocker("paligemma", ChatSettings(None))
     assert processor_blocker("llava", ChatSettings("gemma", pad_to_square=True)) is None
+
+
+COLOURS = {"w10": (220, 30, 30), "w11": (30, 200, 30), "w12": (30, 30, 220)}  # answer word -> rgb
+
+
+def _colour_data(root, n):
+    """LLaVA JSON of n single-question rows "w1 w2" -> the colour word of a non-square image,
+    plus one multi-turn row (PaliGemma reads one question: skipped and counted)."""
+    from PIL import Image
+    (root / "images").mkdir()
+    rows = []
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        word = sorted(COLOURS)[i % 3]
+        pixels = np.full((int(rng.integers(24, 48)), int(rng.integers(24, 48)), 3),
+                         COLOURS[word], np.uint8)
+        Image.fromarray(pixels).save(root / "images" / f"{i}.png")
+        rows.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nw1 w2"}, {"from": "gpt", "value": word}]})
+    rows.append({"id": "multi", "image": "0.png", "conversations": [
+        {"from": "human", "value": "<image>\nw1 w2"}, {"from": "gpt", "value": "w10"},
+        {"from": "human", "value": "w3"}, {"from": "gpt", "value": "w4"}]})
+    (root / "train.json").write_text(json.dumps(rows))
+
+
+@pytest.mark.slow
+def test_fine_tuning_paligemma2_end_to_end_and_it_answers_the_same_in_transformers(
+        hf_tiny, tmp_path, capsys):
+    """Why: a researcher starts from PaliGemma 2, fine-tunes it with `vlm-jax train`
+    (configs/paligemma_transfer.py: the paligemma template, prefix-LM attention) and hands it
+    back. The tiny model must learn the task, keep reading PaliGemma's prompts, export as
+    PaliGemma with a processor, and answer in transformers (AutoProcessor + generate) exactly
+    as `vlm-jax generate` does."""
+    import transformers
+    from vlm_jax import model_dir
+    base = _import_tiny(hf_tiny, "gemma2", tmp_path / "pg2")
+    _colour_data(tmp_path, 24)
+    arg = (f"model={base.ckpt},data={tmp_path / 'train.json'},images={tmp_path / 'images'},"
+           f"epochs=25,batch=8,seq_len=32,lr=3e-3")
+    assert cli_main(["train", "--config", f"configs/paligemma_transfer.py:{arg}",
+                     "--workdir", str(tmp_path / "ft"), "--config.mesh.data=-1",
+                     "--config.mesh.fsdp=1", "--config.log.progress_bar=False",
+                     "--config.log.tensorboard=False", "--config.checkpoint.async_save=False",
+                     "--config.log.every_steps=1"]) == 0
+    rows = [json.loads(line) for line in open(tmp_path / "ft" / "metrics.jsonl")]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < 0.2 * losses[0], losses
+    assert rows[-1]["examples_seen"] == 25 * 24
+    assert rows[-1]["data/skipped/conversation_malformed"] == 1  # the multi-turn row, counted
+    assert model_dir.load_data_settings(str(tmp_path / "ft" / "model")) == {
+        "template": "paligemma", "pad_to_square": False, "prefix_lm": True}
+
+    capsys.readouterr()
+    assert cli_main(["export-hf", "--checkpoint", str(tmp_path / "ft"),
+                     "--out", str(tmp_path / "hf")]) == 0
+    said = capsys.readouterr().out
+    assert "PaliGemmaForConditionalGeneration" in said and "the same greedy answer" in said, said
+
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
+    hf_model = PaliGemmaForConditionalGeneration.from_pretrained(
+        tmp_path / "hf", dtype=torch.float32).eval()
+    from PIL import Image
+    right = 0
+    for i in range(6):  # the first images, one prompt each, through both stacks
+        image = tmp_path / "images" / f"{i}.png"
+        assert cli_main(["generate", "--checkpoint", str(tmp_path / "ft"), "--image", str(image),
+                         "--prompt", "w1 w2", "--max-new-tokens", "4"]) == 0
+        ours = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"]
+        inputs = processor(images=Image.open(image), text="w1 w2", return_tensors="pt")
+        with torch.no_grad():
+            out = hf_model.generate(**inputs, do_sample=False, max_new_tokens=4)
+        theirs = out[0, inputs["input_ids"].shape[1]:].tolist()
+        eos = hf_model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos)
+        assert theirs[:len(ours)] == ours and (len(ours) == 4 or theirs[len(ours)] in eos), (
+            theirs, ours)
+        right += processor.tokenizer.decode(ours).strip() == sorted(COLOURS)[i % 3]
+    assert right >= 5, f"the fine-tuned model answers {right}/6 colours right"
