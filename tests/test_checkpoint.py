@@ -250,7 +250,8 @@ def test_a_checkpoint_that_predates_new_decoder_fields_still_resumes():
 
 def test_asyncio_reports_of_abandoned_orbax_reads_are_dropped_and_nothing_else():
     """Why / under load a damaged checkpoint's one-line refusal came with a traceback: asyncio
-    logs "Task exception was never retrieved" for the orbax reads a failed restore abandons.
+    logs "Task (or _GatheringFuture) exception was never retrieved" for the orbax reads a
+    failed restore abandons.
     Exactly those records are dropped; any other asyncio error is still logged."""
     import logging
     import sys
@@ -271,3 +272,7 @@ def test_asyncio_reports_of_abandoned_orbax_reads_are_dropped_and_nothing_else()
     assert checkpoint._drop_abandoned_orbax_task(record(scope["read"])) is False
     assert checkpoint._drop_abandoned_orbax_task(record(ours)) is True
     assert checkpoint._drop_abandoned_orbax_task(record(scope["read"], "another error")) is True
+    # The gather that collects those reads is reported the same way (failed CI stop 26).
+    gathered = "_GatheringFuture exception was never retrieved\nfuture: <_GatheringFuture>"
+    assert checkpoint._drop_abandoned_orbax_task(record(scope["read"], gathered)) is False
+    assert checkpoint._drop_abandoned_orbax_task(record(ours, gathered)) is True
