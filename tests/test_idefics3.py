@@ -230,3 +230,85 @@ def test_import_refuses_what_it_cannot_express(hf_models, tmp_path, capsys):
     (bad / "config.json").write_text(json.dumps(base))
     assert cli_main(["import-hf", "--hf-dir", str(bad), "--out", str(tmp_path / "y")]) == 2
     assert hf_idefics3.PROJ_KEY in capsys.readouterr().err
+
+
+WRAP_TOKENS = ["<fake_token_around_image>", "<global-img>", "<image>"]  # ids 93, 94, 95
+
+
+def _save_smolvlm_tokenizer(directory):
+    """A word-level tokenizer with SmolVLM's image tokens as special tokens, `<image>` at
+    IMAGE_TOKEN_ID, and chatml's turn markers."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, models, pre_tokenizers
+    names = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    names += [f"w{i}" for i in range(IMAGE_TOKEN_ID + 1 - len(WRAP_TOKENS) - len(names))]
+    vocab = {w: i for i, w in enumerate(names + WRAP_TOKENS)}
+    assert vocab["<image>"] == IMAGE_TOKEN_ID
+    tok = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in names[:5] + WRAP_TOKENS])
+    tok.save(os.path.join(directory, "tokenizer.json"))
+
+
+@pytest.mark.parity
+def test_a_smolvlm_import_writes_images_as_its_processor_and_exports_with_it(hf_models, tmp_path,
+                                                                              capsys):
+    """Why: SmolVLM's processor writes each single-tile image as <fake_token_around_image>
+    <global-img> + image tokens + <fake_token_around_image>; an import with its tokenizer must
+    record that layout, so that training and `vlm-jax generate` read images as the checkpoint
+    learned them, and the export must carry an Idefics3Processor that writes exactly our ids and
+    pixels, with transformers' greedy answer through it equal to ours."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from vlm_jax.data.tokenizer import IDEFICS3_IMAGE_WRAP
+    from vlm_jax.inference.prompts import prompt_ids
+
+    model, _, _ = hf_models[False]
+    hf_dir = tmp_path / "hf"
+    model.save_pretrained(hf_dir)
+    _save_smolvlm_tokenizer(hf_dir)
+    ours = tmp_path / "ours"
+    assert cli_main(["import-hf", "--hf-dir", str(hf_dir), "--out", str(ours)]) == 0
+    loaded = vlm_jax.load(str(ours))
+    assert loaded.tokenizer.image_wrap == IDEFICS3_IMAGE_WRAP
+    fake, glob, image = (loaded.tokenizer.token_to_id(t) for t in WRAP_TOKENS)
+    ids = prompt_ids(loaded.tokenizer, "w1 w2", "chatml", TOKENS_PER_IMAGE).tolist()
+    at = ids.index(image)
+    assert ids[at - 2:at + TOKENS_PER_IMAGE + 1] == [fake, glob] + [image] * TOKENS_PER_IMAGE + [
+        fake]
+
+    # As a model trained with chatml would be saved (the import records no template).
+    config, params, tokenizer = model_dir.load_model(str(ours))
+    trained = tmp_path / "trained"
+    model_dir.save_model(str(trained), config, params, tokenizer, data={"template": "chatml"})
+    out = tmp_path / "exported"
+    assert cli_main(["export-hf", "--checkpoint", str(trained), "--out", str(out)]) == 0
+    line = capsys.readouterr().out
+    print(line)
+    assert "Idefics3ForConditionalGeneration" in line and "the same greedy answer" in line, line
+    processor = AutoProcessor.from_pretrained(out)
+    assert type(processor).__name__ == "Idefics3Processor"
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), np.uint8))
+    batch = processor(images=picture, text="w1 <image> w2", return_tensors="np")
+    assert batch["input_ids"][0].tolist() == tokenizer.expand_images(
+        tokenizer.encode("w1 <image> w2"), TOKENS_PER_IMAGE)[0].tolist()
+    assert batch["pixel_values"].shape == (1, 1, 3, 32, 32)
+
+
+def test_the_image_layout_decides_which_processor_an_export_gets():
+    """Why: a processor writing another image layout than the model learned would feed it
+    inputs it never saw: an Idefics3-wrapped tokenizer gets no LLaVA / custom processor, a bare
+    one no Idefics3Processor, and Idefics3's (no tiling) cannot pad to a square."""
+    from vlm_jax.convert.hf_processor import ChatSettings, processor_blocker
+    from vlm_jax.data.tokenizer import IDEFICS3_IMAGE_WRAP, train_word_tokenizer
+    tok = train_word_tokenizer(["a b c"], special_tokens=WRAP_TOKENS[:2])
+    chat = ChatSettings("chatml")
+    assert processor_blocker("idefics3", chat, tok) is not None
+    assert processor_blocker("llava", chat, tok) is None
+    tok.image_wrap = IDEFICS3_IMAGE_WRAP
+    assert processor_blocker("idefics3", chat, tok) is None
+    for fmt in ("llava", "custom", "paligemma"):
+        assert "<global-img>" in processor_blocker(fmt, chat, tok), fmt
+    assert "data.pad_to_square=True" in processor_blocker(
+        "idefics3", ChatSettings("chatml", pad_to_square=True), tok)

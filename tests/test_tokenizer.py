@@ -11,6 +11,7 @@ import tokenizers
 
 from vlm_jax.data.templates import get_template
 from vlm_jax.data.tokenizer import Tokenizer, train_word_tokenizer
+from vlm_jax.errors import DataError
 
 CORPUS = [
     "a large red circle at the top left and a small blue square in the center",
@@ -330,3 +331,39 @@ def test_saved_sentencepiece_adds_no_bos(sentencepiece_path, tmp_path):
 def _saved(tokenizer, directory) -> str:
     tokenizer.save(str(directory))
     return str(directory)
+
+
+def test_image_wrap_is_saved_loaded_and_only_special_tokens(tmp_path):
+    """Why: an Idefics3 import writes each image as <fake_token_around_image><global-img> +
+    image tokens + <fake_token_around_image>; the layout must survive save / load (training,
+    generate and the export read it from the model directory) and must be special tokens, whose
+    ids do not depend on the text around them."""
+    from vlm_jax.data.tokenizer import IDEFICS3_IMAGE_WRAP
+    tok = train_word_tokenizer(CORPUS, special_tokens=["<fake_token_around_image>",
+                                                       "<global-img>"])
+    assert tok.image_wrap == ("", "")
+    with pytest.raises(DataError, match="not made of the tokenizer's special tokens"):
+        tok.image_wrap = ("red", "")
+    with pytest.raises(DataError, match=r"\(before, after\)"):
+        tok.image_wrap = ("<global-img>",)
+    tok.image_wrap = IDEFICS3_IMAGE_WRAP
+    tok.save(str(tmp_path))
+    again = Tokenizer.from_path(str(tmp_path))
+    assert again.image_wrap == IDEFICS3_IMAGE_WRAP
+    fake, glob, image = (again.token_to_id(t) for t in ("<fake_token_around_image>",
+                                                        "<global-img>", "<image>"))
+    ids = again.encode("red <image> blue <image>")
+    new, source, is_image = again.expand_images(ids, 3)
+    block = [fake, glob, image, image, image, fake]
+    assert ids.count(image) == 2
+    assert new.tolist() == [t for i in ids for t in (block if i == image else [i])]
+    assert new[is_image].tolist() == [image] * 6 and is_image.sum() == 6
+    # source: where each new id comes from (its block's <image> for the wrap tokens too)
+    in_block = np.asarray(ids)[source] == image
+    assert in_block.sum() == 2 * len(block)
+    assert np.array_equal(new[~in_block], np.asarray(ids)[source[~in_block]])
+    # a tokenizer saved without a wrap loads bare (LLaVA, PaliGemma)
+    tok.image_wrap = ("", "")
+    tok.save(str(tmp_path / "bare"))
+    assert Tokenizer.from_path(str(tmp_path / "bare")).image_wrap == ("", "")
+    assert "vlm_jax_image_wrap" not in open(tmp_path / "bare" / "tokenizer_config.json").read()

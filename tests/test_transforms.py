@@ -163,6 +163,32 @@ def test_placeholder_expansion(tokenizer):
     assert example["images"].shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3)
 
 
+def test_image_wrap_tokens_surround_each_image_unlearned_and_uncut():
+    """Why: an Idefics3 import's tokenizer writes each image as <fake_token_around_image>
+    <global-img> + image tokens + <fake_token_around_image> (Tokenizer.image_wrap): training must
+    read that layout, never learn those tokens, and never cut an example between them."""
+    from vlm_jax.data.tokenizer import IDEFICS3_IMAGE_WRAP
+    tok = train_word_tokenizer(CORPUS, special_tokens=TEMPLATE_TOKENS + [
+        "<fake_token_around_image>", "<global-img>"])
+    tok.image_wrap = IDEFICS3_IMAGE_WRAP
+    fake, glob = tok.token_to_id("<fake_token_around_image>"), tok.token_to_id("<global-img>")
+    conversation = [{"role": "user", "content": "<image>\nwhat color is the circle?"},
+                    {"role": "assistant", "content": "red"}]
+    example = TokenizeConversation(tok, "chatml", num_image_tokens=5, seq_len=256).map(
+        _example(conversation))
+    ids = example["input_ids"]
+    first = int(np.flatnonzero(ids == tok.image_token_id)[0])
+    assert ids[first - 2:first + 6].tolist() == [fake, glob] + [tok.image_token_id] * 5 + [fake]
+    assert (ids == tok.image_token_id).sum() == 5 and (ids == fake).sum() == 2
+    assert not example["loss_mask"][first - 2:first + 6].any()
+    assert tok.decode(ids[example["loss_mask"] > 0].tolist()).strip().startswith("red")
+    # a seq_len ending inside the block (after its image tokens) is too long, never a cut block
+    with pytest.raises(SkipExample) as error:
+        TokenizeConversation(tok, "chatml", num_image_tokens=5, seq_len=first + 5,
+                             truncate=True).map(_example(conversation))
+    assert error.value.reason == "too_long"
+
+
 def test_placeholder_mismatch(tokenizer):
     transform = TokenizeConversation(tokenizer, "qwen2", num_image_tokens=2, seq_len=256)
     with pytest.raises(SkipExample) as error:

@@ -191,9 +191,7 @@ def _write_and_check(config: VLMConfig, params: Any, tokenizer, out: str, dtype:
     if fmt == "custom":
         hf_custom.write_code(out)
     has_processor = False
-    no_processor = hf_processor.processor_blocker(fmt, chat) if fmt else None
-    if fmt == "idefics3":
-        no_processor = "no Idefics3Processor written yet"
+    no_processor = hf_processor.processor_blocker(fmt, chat, tokenizer) if fmt else None
     if part == "vlm" and tokenizer is not None and no_processor is not None:
         tokenizer.save(out)  # tokenizer files only; `describe` says why
         hf_processor.write_generation_config(out, tokenizer, chat)
@@ -217,7 +215,7 @@ def _write_and_check(config: VLMConfig, params: Any, tokenizer, out: str, dtype:
         elif fmt == "paligemma":
             result = check_paligemma_export(result, config, params, tokenizer, chat)
         elif fmt == "idefics3":
-            result = check_idefics3_export(result, config, params)
+            result = check_idefics3_export(result, config, params, tokenizer, chat)
         else:
             result = check_custom_export(result, config, params, tokenizer, chat)
     return result
@@ -426,14 +424,31 @@ def check_paligemma_export(result: ExportResult, config: VLMConfig, params: Any,
     return result
 
 
-def check_idefics3_export(result: ExportResult, config: VLMConfig, params: Any) -> ExportResult:
+def check_idefics3_export(result: ExportResult, config: VLMConfig, params: Any, tokenizer=None,
+                          chat: ChatSettings = ChatSettings()) -> ExportResult:
     """Load `result.out` as Idefics3ForConditionalGeneration and compare its logits with ours on
-    random ids around one single-tile image ([1, 1, 3, S, S], pixel mask all ones)."""
+    random ids around one single-tile image ([1, 1, 3, S, S], pixel mask all ones); with its
+    processor, also the probe text's ids and pixels, and for a trained model the prompt and
+    greedy answer (`check_answers`)."""
     hf_model = _load_eager(hf_idefics3.ARCHITECTURE, result.out)
     exact = _rounded(params, result.dtype)
     ours_exact, ours_f32, theirs = hf_idefics3.probe_logits(
         hf_model, config, exact, exact if result.dtype == "float32" else params)
-    return _compare(result, ours_exact, ours_f32, theirs, "Idefics3 logits")
+    result = _compare(result, ours_exact, ours_f32, theirs, "Idefics3 logits")
+    if result.processor:
+        from transformers import AutoProcessor
+        processor = AutoProcessor.from_pretrained(result.out)
+        image = _probe_image(config.vision.image_size)
+        batch = processor(images=image, text=_PROBE_TEXT, return_tensors="np")
+        want = tokenizer.expand_images(tokenizer.encode(_PROBE_TEXT), config.tokens_per_image)[0]
+        if batch["input_ids"][0].tolist() != want.tolist():
+            raise ExportMismatch(f"the exported Idefics3Processor gives ids "
+                                 f"{batch['input_ids'][0].tolist()} for the probe text, ours "
+                                 f"{want.tolist()}")
+        _check_pixels(np.asarray(batch["pixel_values"]), image, config, chat.pad_to_square)
+        if chat.template is not None:
+            result = check_answers(result, config, exact, tokenizer, chat, hf_model)
+    return result
 
 
 def check_custom_export(result: ExportResult, config: VLMConfig, params: Any,
@@ -474,6 +489,19 @@ def check_vlm(result: ExportResult, hf_model, info: dict, config: VLMConfig, par
     return result
 
 
+def _check_pixels(theirs: np.ndarray, image, config: VLMConfig, pad_to_square: bool
+                  ) -> np.ndarray:
+    """The exported processor's pixel values (any leading axes, then 3 x S x S) must be ours;
+    -> ours, f32[1, 1, S, S, 3] as `generate` takes them."""
+    size = config.vision.image_size
+    ours = preprocess_image(np.asarray(image), size, pad_to_square=pad_to_square)[None, None]
+    diff = float(np.abs(ours[0].transpose(0, 3, 1, 2) - theirs.reshape(-1, 3, size, size)).max())
+    if diff > 1e-5:
+        raise ExportMismatch(f"the exported image processor differs from ours: max |diff| "
+                             f"{diff:.3g} in pixel values")
+    return ours
+
+
 def check_answers(result: ExportResult, config: VLMConfig, params: Any, tokenizer,
                   chat: ChatSettings, hf_model, prefix_lm: bool = False) -> ExportResult:
     """The exported processor's `apply_chat_template` + default call must give exactly our
@@ -495,13 +523,7 @@ def check_answers(result: ExportResult, config: VLMConfig, params: Any, tokenize
     if theirs_ids != ours_ids.tolist():
         raise ExportMismatch(f"the exported processor's chat template gives prompt ids "
                              f"{theirs_ids}, vlm-jax generate gives {ours_ids.tolist()}")
-    pixels = preprocess_image(np.asarray(image), config.vision.image_size,
-                              pad_to_square=chat.pad_to_square)[None, None]
-    pixel_diff = float(np.abs(pixels[:, 0].transpose(0, 3, 1, 2)
-                              - inputs["pixel_values"].numpy()).max())
-    if pixel_diff > 1e-5:
-        raise ExportMismatch(f"the exported image processor differs from ours: max |diff| "
-                             f"{pixel_diff:.3g} in pixel values")
+    pixels = _check_pixels(inputs["pixel_values"].numpy(), image, config, chat.pad_to_square)
     with torch.no_grad():
         out = hf_model.generate(**inputs, do_sample=False, max_new_tokens=ANSWER_TOKENS)
     theirs = out[0, len(theirs_ids):].tolist()

@@ -3,7 +3,8 @@ VLM formats): the tokenizer (with `<image>`) and a processor that preprocesses i
 `<image>` as our pipeline does, the chat template the model was trained with, and
 generation_config.json with the stop tokens our `generate` stops at.
 
-LLaVA: transformers' LlavaProcessor. PaliGemma: a PaliGemmaProcessor (SigLIP image processor,
+LLaVA: transformers' LlavaProcessor. Idefics3: an Idefics3Processor for single-tile images (the
+layout `Tokenizer.image_wrap` records for an Idefics3 import). PaliGemma: a PaliGemmaProcessor (SigLIP image processor,
 `image_seq_length` tokens per image) for a model that reads the "paligemma" template, the only
 layout that processor writes (`processor_blocker` says why not otherwise). Custom: the same
 tokenizer, image processor and chat template under a VlmJaxProcessor (custom_hf/processing_vlm_jax.py), which expands `<image>` to
@@ -17,6 +18,7 @@ import os
 
 from vlm_jax.convert import hf_custom
 from vlm_jax.data.templates import PALIGEMMA_PROCESSOR_JINJA, get_template
+from vlm_jax.data.tokenizer import IDEFICS3_IMAGE_WRAP
 from vlm_jax.errors import ConversionError
 from vlm_jax.inference.prompts import stop_token_ids
 from vlm_jax.models.vlm import VLMConfig
@@ -55,6 +57,9 @@ def write_processor(out: str, config: VLMConfig, tokenizer, chat: ChatSettings,
     if fmt == "paligemma":
         _write_paligemma_processor(out, config, hf_tokenizer, chat)
         return
+    if fmt == "idefics3":
+        _write_idefics3_processor(out, config, hf_tokenizer, chat_template)
+        return
     # The PIL backend: its bicubic resize is PIL's, as ours (the torchvision one differs).
     image_processor = LlavaImageProcessorPil(
         do_pad=chat.pad_to_square, size={"height": size, "width": size}, do_center_crop=False,
@@ -70,9 +75,20 @@ def write_processor(out: str, config: VLMConfig, tokenizer, chat: ChatSettings,
         _make_processor_custom(out, config)
 
 
-def processor_blocker(fmt: str, chat: ChatSettings) -> str | None:
-    """Why the native processor of `fmt` cannot give this model its inputs, or None. LLaVA's and
-    ours take any template; PaliGemmaProcessor writes one layout and resizes without padding."""
+def processor_blocker(fmt: str, chat: ChatSettings, tokenizer=None) -> str | None:
+    """Why the processor of `fmt` cannot give this model its inputs, or None. Each takes any
+    chat template but one image layout (`tokenizer.image_wrap`): LLaVA's and ours the bare run of
+    image tokens, Idefics3's its wrapped one; PaliGemmaProcessor writes one prompt layout too, and
+    neither it nor Idefics3's pads images to a square."""
+    wrap = tuple(tokenizer.image_wrap) if tokenizer is not None else ("", "")
+    wanted = IDEFICS3_IMAGE_WRAP if fmt == "idefics3" else ("", "")
+    if wrap != wanted:
+        return (f"the tokenizer writes each image as {wrap[0]!r} + image tokens + {wrap[1]!r} "
+                f"(its image_wrap), the {fmt} processor as {wanted[0]!r} + image tokens + "
+                f"{wanted[1]!r}")
+    if fmt == "idefics3" and chat.pad_to_square:
+        return ("the model was trained with data.pad_to_square=True; Idefics3's image processor "
+                "(no tiling) resizes without padding")
     if fmt != "paligemma":
         return None
     if chat.template != "paligemma":
@@ -107,6 +123,26 @@ def _write_paligemma_processor(out: str, config: VLMConfig, hf_tokenizer,
     image_processor.image_seq_length = config.tokens_per_image
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=hf_tokenizer,
                                    chat_template=PALIGEMMA_PROCESSOR_JINJA)
+    processor.save_pretrained(out)
+
+
+def _write_idefics3_processor(out: str, config: VLMConfig, hf_tokenizer,
+                              chat_template: str | None) -> None:
+    """Idefics3Processor for one tile per image: no image splitting and no first resize, so
+    its image processor resizes straight to S x S (PIL bicubic, x / 127.5 - 1, as
+    `preprocess_image`; pixel_attention_mask all ones), and each `<image>` becomes
+    IDEFICS3_IMAGE_WRAP around `image_seq_len` = tokens-per-image image tokens, as our
+    tokenizer's `expand_images` writes it. The chat template is the model's."""
+    from transformers import Idefics3ImageProcessorPil, Idefics3Processor
+
+    size = config.vision.image_size
+    image_processor = Idefics3ImageProcessorPil(
+        do_resize=False, do_image_splitting=False, max_image_size={"longest_edge": size},
+        resample=3, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=[0.5] * 3, image_std=[0.5] * 3, do_pad=True, do_convert_rgb=True)
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=hf_tokenizer,
+                                  image_seq_len=config.tokens_per_image,
+                                  chat_template=chat_template)
     processor.save_pretrained(out)
 
 

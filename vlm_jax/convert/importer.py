@@ -23,7 +23,7 @@ import numpy as np
 from vlm_jax import model_dir
 from vlm_jax.convert import (hf_custom, hf_idefics3, hf_io, hf_llava, hf_llm, hf_paligemma,
                              hf_siglip)
-from vlm_jax.data.tokenizer import Tokenizer
+from vlm_jax.data.tokenizer import IDEFICS3_IMAGE_WRAP, Tokenizer
 from vlm_jax.errors import ConversionError
 from vlm_jax.models import families
 from vlm_jax.models.projector import ProjectorConfig
@@ -87,6 +87,17 @@ def _llm_from_dir(directory: str):
     return config, params
 
 
+def _set_idefics3_image_wrap(tokenizer, hf_dir: str) -> None:
+    """Idefics3 / SmolVLM reads each (single-tile) image as <fake_token_around_image>
+    <global-img> + image tokens + <fake_token_around_image>: its tokenizer writes images so."""
+    missing = [t for t in ("<fake_token_around_image>", "<global-img>")
+               if tokenizer.token_to_id(t) is None]
+    if missing:
+        raise ConversionError(f"{hf_dir}: the tokenizer lacks {missing}, the tokens Idefics3's "
+                              f"processor writes around every image")
+    tokenizer.image_wrap = IDEFICS3_IMAGE_WRAP
+
+
 def _ensure_image_token(tokenizer, llm_config, llm_params, seed: int):
     """Add `<image>` to the tokenizer if absent, growing the embedding table when needed."""
     image_id = tokenizer.token_to_id(IMAGE_TOKEN)
@@ -124,6 +135,8 @@ def import_hf(out: str, hf_dir: str | None = None, vision_dir: str | None = None
                 raise ConversionError(f"{hf_dir}: tokenizer maps {IMAGE_TOKEN} to "
                                       f"{tokenizer.token_to_id(IMAGE_TOKEN)} but config.json's "
                                       f"image token id is {config.image_token_id}")
+            if kind == hf_idefics3.MODEL_TYPE and tokenizer is not None:
+                _set_idefics3_image_wrap(tokenizer, hf_dir)
         elif kind == "vlm_jax":  # our own custom-format export, read back
             config = hf_custom.config_from_hf(hf)
             params = hf_custom.params_from_hf(hf_io.read_state_dict(hf_dir), config)

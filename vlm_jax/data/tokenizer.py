@@ -17,6 +17,7 @@ import os
 import re
 from typing import Iterable, Sequence
 
+import numpy as np
 import sentencepiece as spm
 import tokenizers
 from tokenizers import AddedToken
@@ -178,12 +179,17 @@ class Tokenizer:
     it with `add_special_tokens([tokenizer.image_token])` and resize the model's embeddings.
     `chat_template`: the HF Jinja chat template the files came with, or None; assign another
     (e.g. `templates.get_template(name).jinja`) before `save` to ship the one a model learned.
+    `image_wrap`: (before, after), the special-token text written around each image's run of
+    image tokens (`expand_images`); ("", "") writes the bare run (LLaVA, PaliGemma). An Idefics3
+    import sets IDEFICS3_IMAGE_WRAP, the single-tile layout its processor writes; `save` records
+    it, so training, generate and the export all write images the same way.
     """
 
     image_token = IMAGE_TOKEN
 
     def __init__(self, backend: _HFBackend | _SentencePieceBackend,
-                 special_tokens: dict[str, str | None], chat_template: str | None = None):
+                 special_tokens: dict[str, str | None], chat_template: str | None = None,
+                 image_wrap: Sequence[str] = ("", "")):
         unknown = set(special_tokens) - set(SPECIAL_ROLES)
         if unknown:
             raise DataError(f"unknown special token roles {sorted(unknown)}; "
@@ -194,6 +200,7 @@ class Tokenizer:
         self.pad_token = special_tokens.get("pad")
         self.unk_token = special_tokens.get("unk")
         self.chat_template = chat_template
+        self.image_wrap = tuple(image_wrap)
         for role in SPECIAL_ROLES:
             token = getattr(self, f"{role}_token")
             if token is not None and backend.token_to_id(token) is None:
@@ -225,7 +232,8 @@ class Tokenizer:
         else:
             raise DataError(f"unsupported tokenizer file {path}: expected tokenizer.json "
                             "(HF tokenizers) or a SentencePiece .model")
-        return cls(backend, _special_tokens(config, backend), _chat_template(directory, config))
+        return cls(backend, _special_tokens(config, backend), _chat_template(directory, config),
+                   config.get(IMAGE_WRAP_KEY, ("", "")))
 
     def save(self, directory: str) -> None:
         """Write the model file, a tokenizer_config.json that transformers understands (no
@@ -253,6 +261,8 @@ class Tokenizer:
             config["tokenizer_class"] = "PreTrainedTokenizerFast"
         for role in SPECIAL_ROLES:
             config[f"{role}_token"] = getattr(self, f"{role}_token")
+        if any(self.image_wrap):
+            config[IMAGE_WRAP_KEY] = list(self.image_wrap)
         with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
             json.dump(config, f, indent=2)
         special_map = {f"{r}_token": getattr(self, f"{r}_token") for r in SPECIAL_ROLES
@@ -308,12 +318,57 @@ class Tokenizer:
         return None if self.unk_token is None else self.token_to_id(self.unk_token)
 
     @property
+    def image_wrap(self) -> tuple[str, str]:
+        return self._image_wrap
+
+    @image_wrap.setter
+    def image_wrap(self, wrap: Sequence[str]) -> None:
+        """Each side must be special tokens only, so that its ids are the same wherever it is
+        written (a plain word would merge with the text around it)."""
+        wrap = tuple(wrap)
+        if len(wrap) != 2 or not all(isinstance(side, str) for side in wrap):
+            raise DataError(f"image_wrap must be (before, after) strings, got {wrap!r}")
+        added = set(self._backend.added_tokens().values())
+        for side in wrap:
+            ids = self.encode(side)
+            if side and not all(self._backend.decode([i], False) in added for i in ids):
+                raise DataError(f"image_wrap {side!r} is not made of the tokenizer's special "
+                                f"tokens (it encodes as {ids}): add them first")
+        self._image_wrap = wrap
+
+    def expand_images(self, ids: np.ndarray, num_image_tokens: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each `<image>` id in `ids` -> image_wrap[0] + `num_image_tokens` image ids +
+        image_wrap[1], as the model reads an image. -> (new ids i32[T'], source i64[T']: the
+        index in `ids` each new id comes from, is_image bool[T']: the image ids themselves)."""
+        ids = np.asarray(ids, np.int32)
+        image_id = self.image_token_id
+        before, after = (np.asarray(self.encode(side), np.int32) for side in self.image_wrap)
+        block = np.concatenate([before, np.full(num_image_tokens, image_id, np.int32), after])
+        block_image = np.zeros(len(block), bool)
+        block_image[len(before):len(before) + num_image_tokens] = True
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (ids, source, is_image)
+        start = 0
+        for at in np.flatnonzero(ids == image_id):
+            parts.append((ids[start:at], np.arange(start, at), np.zeros(at - start, bool)))
+            parts.append((block, np.full(len(block), at), block_image))
+            start = at + 1
+        parts.append((ids[start:], np.arange(start, len(ids)), np.zeros(len(ids) - start, bool)))
+        new_ids, source, is_image = (np.concatenate(column) for column in zip(*parts))
+        return new_ids.astype(np.int32), source.astype(np.int64), is_image
+
+    @property
     def image_token_id(self) -> int:
         token_id = self.token_to_id(self.image_token)
         if token_id is None:
             raise ValueError(f"the tokenizer has no {self.image_token!r} token; call "
                              f"add_special_tokens([{self.image_token!r}]) and resize embeddings")
         return token_id
+
+
+IMAGE_WRAP_KEY = "vlm_jax_image_wrap"  # tokenizer_config.json: [before, after]
+# Idefics3 / SmolVLM's processor, one image not split into tiles (processing_idefics3.py).
+IDEFICS3_IMAGE_WRAP = ("<fake_token_around_image><global-img>", "<fake_token_around_image>")
 
 
 def train_word_tokenizer(texts: Iterable[str], special_tokens: Sequence[str] = (),

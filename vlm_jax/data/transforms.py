@@ -282,21 +282,21 @@ def tokenize_pieces(tokenizer: Tokenizer, pieces: Sequence[Piece], num_images: i
     is_target = char_is_target[np.asarray([s for s, _ in offsets], np.int64).reshape(-1)]
 
     if num_images or num_image_tokens:
-        is_image = ids == tokenizer.image_token_id
-        if int(is_image.sum()) != num_images:
-            raise SkipExample("placeholder_mismatch", f"{example_id}: {int(is_image.sum())} "
+        at_image = ids == tokenizer.image_token_id
+        if int(at_image.sum()) != num_images:
+            raise SkipExample("placeholder_mismatch", f"{example_id}: {int(at_image.sum())} "
                               f"{tokenizer.image_token} placeholders for {num_images} images")
-        repeats = np.where(is_image, num_image_tokens, 1)
-        ids, is_target = np.repeat(ids, repeats), np.repeat(is_target & ~is_image, repeats)
-        is_image = np.repeat(is_image, repeats)
+        ids, source, _ = tokenizer.expand_images(ids, num_image_tokens)
+        # An image's whole block (its tokenizer.image_wrap too) is never learned nor cut.
+        is_target, in_image_block = is_target[source] & ~at_image[source], at_image[source]
     else:
-        is_image = np.zeros(len(ids), bool)
+        in_image_block = np.zeros(len(ids), bool)
 
     if not is_target[1:].any():
         raise SkipExample("no_answer", f"{example_id}: no answer token to learn")
     cut = len(ids) > seq_len
     if cut:
-        last_image = int(np.flatnonzero(is_image)[-1]) if is_image.any() else -1
+        last_image = int(np.flatnonzero(in_image_block)[-1]) if in_image_block.any() else -1
         last_answer = max(_last_run_start(is_target), 1)  # token 0 is never learned
         if not (truncate and last_image < seq_len and is_target[last_answer:seq_len].any()):
             raise SkipExample("too_long", f"{example_id}: {len(ids)} tokens > seq_len {seq_len}")

@@ -45,8 +45,9 @@ def prompt_ids(tokenizer: Any, question: str, template: str, num_image_tokens: i
 def conversation_prompt_ids(tokenizer: Any, conversation: Sequence[Mapping[str, str]],
                             template: str, num_image_tokens: int) -> np.ndarray:
     """i32[T]: `conversation` (ending with a user turn; earlier answers are context) rendered by
-    the template up to where the next answer starts, each image token repeated
-    `num_image_tokens` times: exactly the ids training saw before that answer."""
+    the template up to where the next answer starts, each image token expanded to
+    `num_image_tokens` (`Tokenizer.expand_images`): exactly the ids training saw before that
+    answer."""
     messages = list(conversation) + [{"role": "assistant", "content": ""}]
     pieces = get_template(template).render(messages, tokenizer.bos_token, tokenizer.eos_token)
     targets = [i for i, (_, is_target) in enumerate(pieces) if is_target]
@@ -55,8 +56,7 @@ def conversation_prompt_ids(tokenizer: Any, conversation: Sequence[Mapping[str, 
         raise InputError(f"template {template!r} renders an empty answer as no text (a tokenizer "
                          f"without an EOS token?): cannot tell where the answer starts")
     ids = np.asarray(tokenizer.encode("".join(text for text, _ in pieces[:targets[-1]])), np.int32)
-    is_image = ids == tokenizer.image_token_id
-    return np.repeat(ids, np.where(is_image, num_image_tokens, 1))
+    return tokenizer.expand_images(ids, num_image_tokens)[0]
 
 
 
