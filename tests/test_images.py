@@ -1,13 +1,16 @@
 """Tests for vlm_jax.data.images: HF SigLIP parity, LLaVA-1.5 pad-to-square (against LLaVA's own
-definition and HF's LlavaImageProcessorPil), mode conversion, EXIF, bombs, corrupt data."""
+definition and HF's LlavaImageProcessorPil), the uint8 resize + device normalisation split (bit for
+bit the host preprocessing), mode conversion, EXIF, bombs, corrupt data."""
 import io
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from vlm_jax.data.errors import SkipExample
-from vlm_jax.data.images import decode_image, expand_to_square, preprocess_image
+from vlm_jax.data.images import (decode_image, expand_to_square, normalize_pixels, preprocess_image,
+                                 resize_image)
 
 
 def _encode(image: Image.Image, fmt: str, **save_args) -> bytes:
@@ -114,6 +117,44 @@ def test_pad_to_square_matches_hf_llava_processor(height, width, image_size):
     np.testing.assert_allclose(ours, _hf_llava(Image.fromarray(rgb), image_size), atol=1e-5, rtol=0)
     if height != width:  # the padding is visible: not the plain (stretching) preprocessing
         assert np.abs(ours - preprocess_image(rgb, image_size)).max() > 0.1
+
+
+def _host_preprocessing(rgb: np.ndarray, image_size: int, pad_to_square: bool) -> np.ndarray:
+    """`preprocess_image` as it was written before images went to the device as uint8: PIL
+    bicubic resize, then the f32 formula on the host."""
+    if pad_to_square:
+        rgb = expand_to_square(rgb)
+    resized = Image.fromarray(rgb).resize((image_size, image_size), resample=Image.BICUBIC)
+    return np.asarray(resized, np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+
+
+@pytest.mark.parametrize("pad_to_square", [False, True])
+@pytest.mark.parametrize("height,width,image_size", [(37, 91, 16), (120, 45, 224), (300, 300, 64),
+                                                     (1, 4, 7), (64, 48, 384)])
+def test_device_normalisation_is_bit_exact_with_host_preprocessing(height, width, image_size,
+                                                                    pad_to_square):
+    rng = np.random.default_rng(height * 1000 + width)
+    for rgb in (rng.integers(0, 256, (height, width, 3), dtype=np.uint8),
+                _smooth_rgb(height, width, seed=width)):
+        expected = _host_preprocessing(rgb, image_size, pad_to_square)
+        resized = resize_image(rgb, image_size, pad_to_square)
+        assert resized.shape == (image_size, image_size, 3) and resized.dtype == np.uint8
+        on_device = jax.jit(normalize_pixels)(resized)
+        assert on_device.dtype == np.float32
+        assert np.array_equal(np.asarray(on_device), expected)
+        assert np.array_equal(preprocess_image(rgb, image_size, pad_to_square), expected)
+
+
+def test_normalize_pixels_every_byte_matches_numpy_formula_under_jit():
+    """All 256 values, on the host and jitted. The plain formula jitted would not do: XLA fuses
+    the multiply and the subtract into one FMA, whose single rounding differs in the last bit."""
+    pixels = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)
+    expected = pixels.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+    assert np.array_equal(normalize_pixels(pixels), expected)
+    assert np.array_equal(np.asarray(jax.jit(normalize_pixels)(pixels)), expected)
+    assert expected.min() == -1.0 and expected.max() == 1.0
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_pixels(expected)
 
 
 def test_decode_bytes_equals_decode_pil_and_array():

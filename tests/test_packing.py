@@ -21,7 +21,7 @@ def make_example(number: int, length: int, num_images: int, prefix_len: int = 0)
             "loss_mask": (np.arange(length) >= prefix_len).astype(np.float32),
             "positions": np.arange(length, dtype=np.int32),
             "mask_ar": mask_ar,
-            "images": np.full((num_images, 2, 2, 3), number + 0.5, np.float32),
+            "images": np.full((num_images, 2, 2, 3), number % 255 + 1, np.uint8),  # never 0
             "id": f"ex{number}"}
 
 
@@ -135,6 +135,17 @@ def test_partial_batch_is_padded_with_empty_rows_and_overfull_rows_raise():
         np.testing.assert_array_equal(batch[name][0], value)
     assert batch["input_ids"].shape == (3, SPEC.seq_len)
     assert batch["images"].shape == (3, SPEC.max_images, 2, 2, 3)
+    assert batch["images"].dtype == np.uint8
     assert (batch["segment_ids"][1:] == 0).all() and (batch["num_images"][1:] == 0).all()
     with pytest.raises(ValueError, match="do not fit a row"):
         assemble_row([make_example(0, 10, 0), make_example(1, 10, 0)], SPEC)
+
+
+def test_batches_hold_uint8_images_and_refuse_float_ones():
+    """Images travel as bytes and are normalised on the device: a float image (e.g. already in
+    [-1, 1]) written into the uint8 batch would silently become 0s and 1s, so it is refused."""
+    example = make_example(0, 2, 1)
+    assert assemble_row([example], SPEC)["images"].dtype == np.uint8
+    normalised = dict(example, images=example["images"] / 127.5 - 1)
+    with pytest.raises(ValueError, match="images must be uint8"):
+        assemble_row([normalised], SPEC)

@@ -52,7 +52,7 @@ def _batch(config, with_images=True, batch_size=4):
                  mask_ar=np.ones((batch_size, t), np.int32),
                  text_ids=rng.integers(0, 32, (batch_size, 8)).astype(np.int32))
     if with_images:
-        batch["images"] = rng.standard_normal((batch_size, 1, 16, 16, 3)).astype(np.float32)
+        batch["images"] = rng.integers(0, 256, (batch_size, 1, 16, 16, 3), dtype=np.uint8)
     return batch
 
 

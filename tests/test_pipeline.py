@@ -11,7 +11,7 @@ from vlm_jax.config import from_dict
 from PIL import Image
 
 from vlm_jax.data.errors import SkipExample
-from vlm_jax.data.images import preprocess_image
+from vlm_jax.data.images import normalize_pixels, preprocess_image, resize_image
 from vlm_jax.data.pipeline import (DataConfig, SourceConfig, TooManySkippedExamples,
                                    build_pipeline, build_pipeline_from)
 from vlm_jax.data.tokenizer import train_word_tokenizer
@@ -79,7 +79,7 @@ def counting_transform(raw):
     return {"input_ids": input_ids, "target_ids": np.append(input_ids[1:], 0).astype(np.int32),
             "loss_mask": np.ones(length, np.float32), "positions": np.arange(length, dtype=np.int32),
             "mask_ar": np.ones(length, np.int32),
-            "images": np.full((num_images, IMAGE_SIZE, IMAGE_SIZE, 3), number, np.float32),
+            "images": np.full((num_images, IMAGE_SIZE, IMAGE_SIZE, 3), number % 256, np.uint8),
             "text_ids": np.full((4,), number, np.int32)}
 
 
@@ -235,6 +235,7 @@ def test_contrastive_batches():
     batches = list(iterator)
     assert all(batch.keys() == {"images", "text_ids"} for batch in batches)
     assert batches[0]["images"].shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert batches[0]["images"].dtype == np.uint8
     assert batches[0]["text_ids"].shape == (2, 4)
     # Odd rows have the one image a pair needs; even rows have none and are counted, not padded.
     numbers = [int(n) for batch in batches for n in batch["text_ids"][:, 0]]
@@ -403,10 +404,12 @@ def test_truncation_and_counted_rows_are_restored_from_the_state():
 
 
 def test_pad_to_square_reaches_the_pixels():
+    """The batch holds the resized uint8 pixels; normalised (as the vision tower does on the
+    device) they are exactly the host's `preprocess_image`."""
     rgb = np.random.default_rng(3).integers(0, 256, (5, 8, 3), dtype=np.uint8)  # wide
     square = Image.new("RGB", (8, 8), (127, 127, 127))  # LLaVA-1.5 expand2square, SigLIP mean
     square.paste(Image.fromarray(rgb), (0, (8 - 5) // 2))
-    expected = preprocess_image(np.asarray(square), 6)
+    expected = resize_image(np.asarray(square), 6)
     conversation = [{"role": "user", "content": "<image>\nwhat color is it?"},
                     {"role": "assistant", "content": "red"}]
     for pad_to_square in (True, False):
@@ -418,10 +421,13 @@ def test_pad_to_square_reaches_the_pixels():
             cfg, [("pad0", _OneImageSource(rgb, conversation), 1.0)],
             make_transform(cfg, tokenizer), 0, 1))
         pixels = batch["images"][0, 0]
+        assert batch["images"].dtype == np.uint8
         if pad_to_square:
             np.testing.assert_array_equal(pixels, expected)
+            np.testing.assert_array_equal(normalize_pixels(pixels),
+                                          preprocess_image(np.asarray(square), 6))
         else:
-            assert np.abs(pixels - expected).max() > 0.1
+            assert np.abs(pixels.astype(np.int32) - expected).max() > 12
 
 
 class _OneImageSource:

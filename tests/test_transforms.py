@@ -12,7 +12,7 @@ import sentencepiece as spm
 from PIL import Image
 
 from vlm_jax.data.errors import SkipExample
-from vlm_jax.data.images import decode_image, preprocess_image
+from vlm_jax.data.images import decode_image, normalize_pixels, preprocess_image
 from vlm_jax.data.templates import get_template
 from vlm_jax.data.tokenizer import Tokenizer, train_word_tokenizer
 from vlm_jax.data.transforms import (Chain, DecodeImages, TokenizeCaption, TokenizeContrastive,
@@ -419,11 +419,12 @@ def test_decode_images_matches_images_module():
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     out = DecodeImages(24).map({"images": [buffer.getvalue(), pixels]})["images"]
-    expected = preprocess_image(decode_image(pixels), 24)
-    assert out.shape == (2, 24, 24, 3) and out.dtype == np.float32
-    np.testing.assert_allclose(out[0], expected, atol=1e-6)
-    np.testing.assert_allclose(out[1], expected, atol=1e-6)
-    assert DecodeImages(24).map({"images": []})["images"].shape == (0, 24, 24, 3)
+    assert out.shape == (2, 24, 24, 3) and out.dtype == np.uint8  # normalised on the device
+    for image in out:
+        np.testing.assert_array_equal(normalize_pixels(image),
+                                      preprocess_image(decode_image(pixels), 24))
+    empty = DecodeImages(24).map({"images": []})["images"]
+    assert empty.shape == (0, 24, 24, 3) and empty.dtype == np.uint8
 
 
 def test_undecoded_images_are_refused(tokenizer):

@@ -8,12 +8,19 @@ mean = std = 0.5. With `pad_to_square=True` the uint8 image is first centred on 
 `PAD_COLOR` (LLaVA-1.5's `expand2square`), which keeps its aspect ratio; that is numerically HF
 `LlavaImageProcessorPil(do_pad=True, size={"height": S, "width": S}, do_center_crop=False,
 resample=3, image_mean=[0.5] * 3, image_std=[0.5] * 3)` (tests/test_images.py checks both).
+
+`preprocess_image` is two steps, `normalize_pixels(resize_image(...))`. The training pipeline
+stops after the uint8 `resize_image` (a quarter of the bytes of f32 to the device) and the train
+step applies `normalize_pixels` inside jit (`train/step._pixels`), giving the same f32 values
+bit for bit; the model itself takes floats in [-1, 1].
 """
 from __future__ import annotations
 
 import io
 import warnings
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -26,6 +33,16 @@ DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 # LLaVA-1.5 pads with `tuple(int(x * 255) for x in image_processor.image_mean)`: SigLIP's mean 0.5
 # gives int(127.5) = 127, not 128 (the truncation is LLaVA's, and HF's do_pad repeats it).
 PAD_COLOR = (127, 127, 127)
+
+# f32[256]: the normalised value of each byte, x * f32(2/255) - 1 in numpy's f32 arithmetic (HF
+# computes (x / 255 - 0.5) / 0.5 in float64 then casts; this differs by < 1e-7). The device reads
+# these values instead of recomputing them: under jit XLA contracts the multiply and subtract into
+# one fused multiply-add (one rounding instead of two), which moves 158 of the 256 values by one
+# ulp on the CPU backend (GPU compilers contract by default too). A gather from this table copies
+# the host's values, so it is bit-exact on every backend.
+PIXEL_VALUES = np.arange(256, dtype=np.uint8).astype(np.float32) * np.float32(2.0 / 255.0) \
+    - np.float32(1.0)
+PIXEL_VALUES.flags.writeable = False
 
 # Pillow's own errors for unreadable data; anything else is a bug and should propagate.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.UnidentifiedImageError)
@@ -83,16 +100,30 @@ def pil_to_rgb(image: Image.Image) -> np.ndarray:
 def preprocess_image(rgb: np.ndarray, image_size: int, pad_to_square: bool = False) -> np.ndarray:
     """u8[H, W, 3] -> f32[S, S, 3] in [-1, 1], numerically HF `SiglipImageProcessor`'s output
     (channels-last instead of HF's channels-first); `pad_to_square` first (see `expand_to_square`)."""
+    return normalize_pixels(resize_image(rgb, image_size, pad_to_square))
+
+
+def resize_image(rgb: np.ndarray, image_size: int, pad_to_square: bool = False) -> np.ndarray:
+    """u8[H, W, 3] -> u8[S, S, 3]: PIL bicubic resize (after `expand_to_square` with
+    `pad_to_square`)."""
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"preprocess_image takes u8[H, W, 3], got {rgb.dtype}{list(rgb.shape)}")
+        raise ValueError(f"resize_image takes u8[H, W, 3], got {rgb.dtype}{list(rgb.shape)}")
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
     if pad_to_square:
         rgb = expand_to_square(rgb)
     resized = Image.fromarray(rgb).resize((image_size, image_size), resample=Image.BICUBIC)
-    pixels = np.asarray(resized, dtype=np.float32)
-    # HF: (x / 255 - 0.5) / 0.5, computed in float64 then cast; this differs by < 1e-7.
-    return pixels * np.float32(2.0 / 255.0) - np.float32(1.0)
+    return np.array(resized, dtype=np.uint8)
+
+
+def normalize_pixels(pixels: np.ndarray | jax.Array) -> np.ndarray | jax.Array:
+    """u8[...] -> f32[...] in [-1, 1] (`PIXEL_VALUES[x]`): a numpy array on the host, a jax array
+    (a gather, also inside jit) otherwise; the same values either way."""
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"normalize_pixels takes uint8 pixels, got {pixels.dtype}")
+    if isinstance(pixels, np.ndarray):
+        return PIXEL_VALUES[pixels]
+    return jnp.take(jnp.asarray(PIXEL_VALUES), pixels.astype(jnp.int32), mode="clip")
 
 
 def expand_to_square(rgb: np.ndarray, color: tuple[int, int, int] = PAD_COLOR) -> np.ndarray:

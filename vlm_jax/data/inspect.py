@@ -133,7 +133,7 @@ def batch_layout(batch: Mapping[str, np.ndarray]) -> list[str]:
 
 
 def row_images(batch: Mapping[str, np.ndarray], row: int) -> np.ndarray:
-    """f32[N, S, S, 3]: the images of one batch row (its used image slots)."""
+    """u8[N, S, S, 3]: the images of one batch row (its used image slots)."""
     if "text_ids" in batch:  # contrastive: one image per row
         return np.asarray(batch["images"][row])[None]
     return np.asarray(batch["images"][row][:int(batch["num_images"][row])])
@@ -254,10 +254,9 @@ def _html_span(span: Span) -> str:
 
 
 def _png_base64(image: np.ndarray) -> str:
-    """A preprocessed f32[S, S, 3] image in [-1, 1] as base64 PNG."""
-    pixels = np.clip((np.asarray(image) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    """A resized u8[S, S, 3] image (what the pipeline hands the model) as base64 PNG."""
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
+    Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

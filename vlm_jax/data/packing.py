@@ -4,7 +4,7 @@ The packer decides which examples share a row (a row is the list of its examples
 `assemble_batch` then writes rows into the BATCH arrays. A row of the batch holds:
 
     input_ids, target_ids, positions, mask_ar, segment_ids: i32[T]   loss_mask: f32[T]
-    images: f32[M, H, W, 3]   (the row's images in placeholder order, zeros after)
+    images: u8[M, H, W, 3]    (the row's images in placeholder order, zeros after)
     num_images: i32[]         (how many of the M image slots are used)
 
 Packed examples get segment ids 1..n in order; their own `positions` (0..len-1) are kept, so
@@ -76,7 +76,7 @@ def assemble_batch(rows: Sequence[Sequence[Mapping[str, Any]]], batch_size: int,
     """BATCH from rows, each row the list of examples packed into it; missing rows are padding.
 
     Every value is written once, straight into the batch arrays: images are most of the bytes
-    (f32[B, M, S, S, 3]) and building rows first and stacking them would copy them twice more.
+    (u8[B, M, S, S, 3]) and building rows first and stacking them would copy them twice more.
     """
     if len(rows) > batch_size:
         raise ValueError(f"{len(rows)} rows do not fit a batch of {batch_size}")
@@ -84,7 +84,7 @@ def assemble_batch(rows: Sequence[Sequence[Mapping[str, Any]]], batch_size: int,
              for name in TEXT_FIELDS}
     batch["segment_ids"] = np.zeros((batch_size, spec.seq_len), np.int32)
     batch["images"] = np.zeros((batch_size, spec.max_images, spec.image_size, spec.image_size, 3),
-                               np.float32)
+                               np.uint8)
     batch["num_images"] = np.zeros((batch_size,), np.int32)
     for row_index, examples in enumerate(rows):
         _check_row(examples, spec)
@@ -102,7 +102,18 @@ def assemble_batch(rows: Sequence[Sequence[Mapping[str, Any]]], batch_size: int,
     return batch
 
 
+def check_image_dtype(example: Mapping[str, Any]) -> None:
+    """Batches carry u8 images (normalised on the device): numpy would silently cast f32 pixels
+    in [-1, 1] into them as meaningless bytes, so anything but DecodeImages' uint8 is refused."""
+    images = example.get("images")
+    if images is not None and len(images) and np.asarray(images).dtype != np.uint8:
+        raise ValueError(f"{example.get('id')}: images must be uint8 (DecodeImages' resized "
+                         f"pixels, normalised on the device), got {np.asarray(images).dtype}")
+
+
 def _check_row(examples: Sequence[Mapping[str, Any]], spec: RowSpec) -> None:
+    for example in examples:
+        check_image_dtype(example)
     total_tokens = sum(example_length(ex) for ex in examples)
     total_images = sum(example_num_images(ex) for ex in examples)
     if total_tokens > spec.seq_len or total_images > spec.max_images:

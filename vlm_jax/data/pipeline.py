@@ -47,7 +47,7 @@ import numpy as np
 from vlm_jax.config import from_dict
 from vlm_jax.data import transforms
 from vlm_jax.data.packing import (PackedRowsIterDataset, RowSpec, assemble_batch,
-                                  example_num_images, single_example_row)
+                                  check_image_dtype, example_num_images, single_example_row)
 from vlm_jax.data.skips import (GuardedSource, GuardedTransform, RowFitCheck,
                                 SkipAccountingIterDataset, SkipAccountingIterator, one_image_check)
 from vlm_jax.data.skips import TooManySkippedExamples  # noqa: F401  (raised through the pipeline)
@@ -264,14 +264,15 @@ def _stream_examples(cfg: DataConfig, name: str, source: Any, seed: int,
 
 
 def stack_contrastive(examples: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-    """Contrastive examples -> {"images": f32[B, H, W, 3], "text_ids": i32[B, L]}."""
+    """Contrastive examples -> {"images": u8[B, H, W, 3], "text_ids": i32[B, L]}."""
     images = []
     for example in examples:
         if example_num_images(example) != 1:
             raise ValueError(f"a contrastive example needs exactly one image, "
                              f"{example.get('id')} has {example_num_images(example)}")
+        check_image_dtype(example)
         images.append(example["images"][0])
-    return {"images": np.stack(images).astype(np.float32),
+    return {"images": np.stack(images),
             "text_ids": np.stack([np.asarray(ex["text_ids"], np.int32) for ex in examples])}
 
 

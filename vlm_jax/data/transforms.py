@@ -1,6 +1,6 @@
 """Per-example transforms: RAW EXAMPLE -> TOKENIZED EXAMPLE (see the data contract), as grain Maps.
 
-    DecodeImages(image_size, pad_to_square=False)  images -> f32[k, S, S, 3] in [-1, 1]
+    DecodeImages(image_size, pad_to_square=False)  images -> u8[k, S, S, 3] (resized, not normalised)
     TokenizeConversation(tokenizer, template, num_image_tokens, seq_len, prefix_lm=False,
                          truncate=False)
     TokenizeCaption(tokenizer, num_image_tokens, seq_len, truncate=False)  LLaVA's "plain" format
@@ -32,26 +32,27 @@ import grain
 import numpy as np
 
 from vlm_jax.data.errors import SkipExample
-from vlm_jax.data.images import decode_image, preprocess_image
+from vlm_jax.data.images import decode_image, resize_image
 from vlm_jax.data.templates import ChatTemplate, Message, Piece, TemplateError, get_template
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import ConfigError
 
 
 class DecodeImages(grain.transforms.Map):
-    """images: list of bytes / PIL / uint8 arrays -> f32[k, S, S, 3] SigLIP-normalised, each
-    first padded to a square of `images.PAD_COLOR` with `pad_to_square` (LLaVA-1.5)."""
+    """images: list of bytes / PIL / uint8 arrays -> u8[k, S, S, 3] resized, each first padded to
+    a square of `images.PAD_COLOR` with `pad_to_square` (LLaVA-1.5). They stay bytes to the
+    device, where the train step normalises them (`images.normalize_pixels`)."""
 
     def __init__(self, image_size: int, pad_to_square: bool = False):
         self.image_size = image_size
         self.pad_to_square = pad_to_square
 
     def map(self, element: Mapping[str, Any]) -> dict:
-        images = [preprocess_image(decode_image(image), self.image_size, self.pad_to_square)
+        images = [resize_image(decode_image(image), self.image_size, self.pad_to_square)
                   for image in element["images"]]
         stacked = (np.stack(images) if images
-                   else np.zeros((0, self.image_size, self.image_size, 3), np.float32))
-        return {**element, "images": stacked.astype(np.float32, copy=False)}
+                   else np.zeros((0, self.image_size, self.image_size, 3), np.uint8))
+        return {**element, "images": stacked}
 
 
 class TokenizeConversation(grain.transforms.Map):
@@ -200,7 +201,7 @@ class TokenizeText(grain.transforms.Map):
 
 
 class TokenizeContrastive(grain.transforms.Map):
-    """Image + caption -> {"images": f32[k, S, S, 3], "text_ids": i32[text_len]}.
+    """Image + caption -> {"images": u8[k, S, S, 3], "text_ids": i32[text_len]}.
 
     The caption is truncated to fit text_len (fine for contrastive captions: the text tower sees
     a prefix), and EOS is kept as the last real token ("sticky", as in big_vision's SigLIP), then
@@ -340,7 +341,7 @@ def caption_of(element: Mapping[str, Any]) -> str:
 
 
 def _decoded_images(element: Mapping[str, Any]) -> np.ndarray | list:
-    """The f32[k, S, S, 3] images DecodeImages made; [] for text-only examples."""
+    """The u8[k, S, S, 3] images DecodeImages made; [] for text-only examples."""
     images = element.get("images", [])
     if isinstance(images, np.ndarray) or len(images) == 0:
         return images

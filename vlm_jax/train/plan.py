@@ -122,7 +122,7 @@ def abstract_batch(run, global_batch: int, mesh) -> dict:
     phase = run.train.phase.name
     if phase == "contrastive":
         size = run.data.image_size
-        rows = {"images": np.zeros((1, size, size, 3), np.float32),
+        rows = {"images": np.zeros((1, size, size, 3), np.uint8),
                 "text_ids": np.zeros((1, run.data.text_len), np.int32)}
     else:
         rows = assemble_batch([], 1, run.data.row_spec)  # one padded row: shapes and dtypes

@@ -24,6 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vlm_jax import sharding
+from vlm_jax.data.images import normalize_pixels
 from vlm_jax.errors import CheckpointError, ConfigError
 from vlm_jax.models.decoder import lm_head_weight
 from vlm_jax.models.vlm import VLM, VLMConfig, dummy_inputs
@@ -187,7 +188,7 @@ def _require(batch: dict, keys: tuple, phase: str) -> None:
 
 def _next_token_sums(plan: TrainPlan, params: dict, batch: dict):
     """(masked CE sum, correct count, token count); logits only where the loss is taken."""
-    images = batch.get("images") if plan.model_config.vision is not None else None
+    images = _pixels(batch.get("images")) if plan.model_config.vision is not None else None
     hidden = plan.model.apply({"params": params}, batch["input_ids"], images, batch["positions"],
                               batch["mask_ar"], batch.get("segment_ids"), method=VLM.hidden_states)
     head, vocab_axis = lm_head_weight(params["llm"], plan.model_config.llm)
@@ -198,8 +199,17 @@ def _next_token_sums(plan: TrainPlan, params: dict, batch: dict):
 
 def _contrastive_images(batch: dict) -> jax.Array:
     """[B, H, W, 3]; the pipeline's [B, M, H, W, 3] layout holds one image per caption."""
-    images = batch["images"]
+    images = _pixels(batch["images"])
     return images[:, 0] if images.ndim == 5 else images
+
+
+def _pixels(images: jax.Array | None) -> jax.Array | None:
+    """The model's f32 input in [-1, 1]: the pipeline's uint8 pixels normalised here, inside
+    the jitted step (exactly `data/images.preprocess_image`'s values), so that a quarter of the
+    bytes of f32 travels to the device; float batches (benchmarks, tests) are taken as they are."""
+    if images is None or images.dtype != jnp.uint8:
+        return images
+    return normalize_pixels(images)
 
 
 def batch_loss(plan: TrainPlan, params: dict, batch: dict, denominator: jax.Array | None = None
