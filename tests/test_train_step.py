@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from vlm_jax import sharding
+from vlm_jax.data.images import normalize_pixels
 from vlm_jax.models.decoder import decoder_config
 from vlm_jax.models.projector import ProjectorConfig
 from vlm_jax.models.siglip import VisionConfig
@@ -18,7 +19,8 @@ from vlm_jax.train.step import TrainStepConfig, create_train_state, make_train_s
 
 STEPS = 5
 MESHES = {"one_device": (sharding.MeshConfig(), 1),
-          "fsdp4_tensor2": (sharding.MeshConfig(data=1, fsdp=4, tensor=2), 8)}
+          "fsdp4_tensor2": (sharding.MeshConfig(data=1, fsdp=4, tensor=2), 8),
+          "data2_fsdp2_tensor2": (sharding.MeshConfig(data=2, fsdp=2, tensor=2), 8)}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def _batches(config, batch_size=8):
                         loss_mask=loss_mask.astype(np.float32),
                         positions=np.broadcast_to(np.arange(t, dtype=np.int32), (batch_size, t)).copy(),
                         mask_ar=np.ones((batch_size, t), np.int32),
-                        images=rng.standard_normal((batch_size, 1, 16, 16, 3)).astype(np.float32)))
+                        images=rng.integers(0, 256, (batch_size, 1, 16, 16, 3), dtype=np.uint8)))
     return out
 
 
@@ -123,7 +125,7 @@ def test_nan_in_batch_or_params_sets_the_non_finite_flag_and_skips_the_update(co
     state, metrics = train_step(state, sharding.global_batch(batch, plan.mesh))
     assert metrics["is_finite"] == 1.0
     before = jax.tree.map(np.asarray, state.trainable)
-    bad = dict(batch, images=batch["images"].copy())
+    bad = dict(batch, images=normalize_pixels(batch["images"]))  # floats: a NaN can be written
     bad["images"][3, 0, 2, 2, 0] = np.nan
     state, metrics = train_step(state, sharding.global_batch(bad, plan.mesh))
     assert metrics["is_finite"] == 0.0
@@ -234,3 +236,38 @@ def test_one_step_on_sliding_softcapped_families_lowers_the_loss(family):
 
     _, second = train_step(state, sharding.global_batch(batch, plan.mesh))
     assert second["loss"] < first["loss"], (float(first["loss"]), float(second["loss"]))
+
+
+def test_uint8_batches_train_exactly_as_host_normalised_floats(config):
+    """Why / the pipeline hands images as uint8 (a quarter of f32's bytes to the device) and the
+    jitted step normalises them (`step._pixels`): one step on the uint8 batch and on the same
+    batch normalised on the host as before (`normalize_pixels` = `preprocess_image`'s last step)
+    must give the same metrics and params, bit for bit."""
+    plan, train_step = _setup(config, "one_device", 1)
+    batch = _batches(plan.model_config)[0]
+    assert batch["images"].dtype == np.uint8
+    floats = dict(batch, images=normalize_pixels(batch["images"]))
+    assert floats["images"].dtype == np.float32
+    results = []
+    for b in (batch, floats):
+        state, metrics = train_step(create_train_state(plan, jax.random.key(0)),
+                                    sharding.global_batch(b, plan.mesh))
+        results.append(({k: float(v) for k, v in metrics.items()},
+                        jax.tree.map(np.asarray, state.trainable)))
+    assert results[0][0] == results[1][0]
+    jax.tree.map(np.testing.assert_array_equal, results[0][1], results[1][1])
+
+
+def test_no_involuntary_rematerialization_on_a_data_fsdp_tensor_mesh(config, capfd):
+    """Why / with data and fsdp both > 1 the token-embedding lookup's rows came out sharded
+    like the table (embed over fsdp) and XLA's SPMD partitioner logged "Involuntary full
+    rematerialization" on its way to the batch sharding: the [B, T, D] rows replicated on every
+    device. `TokenEmbedding` now states the layout that one all-to-all turns into the batch's;
+    compiling and running the step must not log it (the partitioner writes to fd 2)."""
+    plan, train_step = _setup(config, "data2_fsdp2_tensor2", 1)
+    capfd.readouterr()
+    state, metrics = train_step(create_train_state(plan, jax.random.key(0)),
+                                sharding.global_batch(_batches(plan.model_config)[0], plan.mesh))
+    assert np.isfinite(float(metrics["loss"]))
+    logged = capfd.readouterr().err
+    assert "involuntary" not in logged.lower(), logged[-2000:]

@@ -24,6 +24,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # logical name -> mesh axis (or tuple of axes, or None = replicated). First match wins in flax.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
+    ("batch_over_data", "data"),  # the token-embedding lookup's rows before their fsdp all-to-all
     ("length", None),
     ("act_embed", None),
     ("embed", "fsdp"),

@@ -369,7 +369,14 @@ class TokenEmbedding(nn.Module):
             (self.vocab_size, self.hidden_size), ("vocab", "embed"), self.param_dtype)
 
     def __call__(self, input_ids: jax.Array, dtype: jnp.dtype) -> jax.Array:
-        return jnp.take(self.embedding, input_ids, axis=0).astype(dtype)
+        # The table's embed dimension is fsdp-sharded: each device looks up its slice of D for
+        # the rows of its data group, and one all-to-all over fsdp then shards the rows by batch
+        # like every activation. Left to propagation, with a tensor axis in the mesh SPMD found
+        # no way from the first layout to the second but replicating [B, T, D] ("involuntary
+        # full rematerialization").
+        rows = jnp.take(self.embedding, input_ids, axis=0).astype(dtype)
+        rows = layers.constrain(rows, ("batch_over_data", "length", "embed"))
+        return layers.constrain(rows)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied logits f32[B, T, V] (f32 accumulation whatever the compute dtype)."""
