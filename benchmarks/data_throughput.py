@@ -113,15 +113,20 @@ def pipeline_rate(cfg: DataConfig, tokenizer, num_examples: int) -> tuple[float,
     iterator = build_pipeline(cfg, tokenizer, process_index=0, process_count=1)
     num_segments = 0
     num_batches = 0
+    image_bytes, image_dtype = 0, None
     for batch in iterator:
         num_segments += int(sum(len(np.unique(row[row > 0])) for row in batch["segment_ids"]))
         num_batches += 1
+        image_bytes += batch["images"].nbytes
+        image_dtype = str(batch["images"].dtype)
     elapsed = time.perf_counter() - start
     iterator.close()
     if num_segments != num_examples:
         raise RuntimeError(f"the pipeline yielded {num_segments} examples, expected {num_examples}; "
                            f"skips: {iterator.skip_counts()}")
-    return num_segments / elapsed, {"batches": num_batches, "seconds": elapsed}
+    return num_segments / elapsed, {"batches": num_batches, "seconds": elapsed,
+                                    "image_bytes_per_batch": image_bytes / max(num_batches, 1),
+                                    "image_dtype": image_dtype}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -163,11 +168,12 @@ def main(argv: list[str] | None = None) -> dict:
                 raise ValueError(f"--layouts entry {layout!r}; supported: {tuple(layouts)}")
         plain_loop_rate(data["image_paths"][:32], args.image_size)  # warm the page cache
         plain_rates, pipeline_rates = [], {layout: [] for layout in args.layouts.split(",")}
+        infos = {}
         for _ in range(args.repeats):  # interleaved, so a busy neighbour slows both alike
             plain_rates.append(plain_loop_rate(data["image_paths"], args.image_size))
             for layout in pipeline_rates:
-                pipeline_rates[layout].append(pipeline_rate(layouts[layout], tokenizer,
-                                                            args.num_images)[0])
+                rate, infos[layout] = pipeline_rate(layouts[layout], tokenizer, args.num_images)
+                pipeline_rates[layout].append(rate)
         plain = float(np.median(plain_rates))
         results = {"num_images": args.num_images, "image_size": args.image_size,
                    "settings": vars(args), "cpu_count": os.cpu_count(),
@@ -180,10 +186,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"plain PIL decode+resize loop: {plain:8.1f} images/s (median of {args.repeats})")
         for layout, rates in pipeline_rates.items():
             rate = float(np.median(rates))
+            info = infos[layout]
             results["pipelines"][layout] = {"examples_per_s": rate, "ratio_to_plain": rate / plain,
-                                            "runs": rates}
+                                            "runs": rates, **info}
             print(f"pipeline ({layout:10s}):         {rate:8.1f} examples/s "
-                  f"= {rate / plain:.2f} x the plain loop")
+                  f"= {rate / plain:.2f} x the plain loop; images {info['image_dtype']}, "
+                  f"{info['image_bytes_per_batch'] / 2**20:.1f} MiB per batch to the device")
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(results, handle, indent=2)

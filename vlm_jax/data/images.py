@@ -40,8 +40,11 @@ PAD_COLOR = (127, 127, 127)
 # one fused multiply-add (one rounding instead of two), which moves 158 of the 256 values by one
 # ulp on the CPU backend (GPU compilers contract by default too). A gather from this table copies
 # the host's values, so it is bit-exact on every backend.
-PIXEL_VALUES = np.arange(256, dtype=np.uint8).astype(np.float32) * np.float32(2.0 / 255.0) \
-    - np.float32(1.0)
+def _normalize_on_host(pixels: np.ndarray) -> np.ndarray:
+    return pixels.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+
+
+PIXEL_VALUES = _normalize_on_host(np.arange(256, dtype=np.uint8))
 PIXEL_VALUES.flags.writeable = False
 
 # Pillow's own errors for unreadable data; anything else is a bug and should propagate.
@@ -117,12 +120,13 @@ def resize_image(rgb: np.ndarray, image_size: int, pad_to_square: bool = False) 
 
 
 def normalize_pixels(pixels: np.ndarray | jax.Array) -> np.ndarray | jax.Array:
-    """u8[...] -> f32[...] in [-1, 1] (`PIXEL_VALUES[x]`): a numpy array on the host, a jax array
-    (a gather, also inside jit) otherwise; the same values either way."""
+    """u8[...] -> f32[...] in [-1, 1] (`PIXEL_VALUES[x]`): a numpy array on the host (computed,
+    faster than a gather there), a jax array (a gather, also inside jit) otherwise; the same
+    values either way."""
     if pixels.dtype != np.uint8:
         raise ValueError(f"normalize_pixels takes uint8 pixels, got {pixels.dtype}")
     if isinstance(pixels, np.ndarray):
-        return PIXEL_VALUES[pixels]
+        return _normalize_on_host(pixels)  # numpy rounds after each op: the table's values
     return jnp.take(jnp.asarray(PIXEL_VALUES), pixels.astype(jnp.int32), mode="clip")
 
 
