@@ -10,7 +10,8 @@ against transformers' PyTorch implementations, each in three ways:
      through `vlm-jax import-hf` and `vlm_jax.load(...).logits`, images mid-text, two in a row;
   3. HF -> import-hf -> export-hf -> HF bit-identical (the *ForCausalLM with `--part llm`, the
      LLaVA directory as LLaVA), and a LLaVA over Gemma 2 that keeps its final soft-cap refused as
-     LLaVA (whose lm_head does not apply it) and exported in the custom format instead.
+     LLaVA (whose lm_head does not apply it) and exported in the custom format instead; every
+     new family's LLaVA exported in the custom format, self-checked, decoding our greedy tokens.
 
 `pytest -m parity -k gemma2 tests/test_families.py` runs one family: every test is parametrized
 with ids equal to the variant's name. HF models are built once per module (`built`)."""
@@ -423,3 +424,35 @@ def test_final_softcap_blocks_llava_export_and_auto_picks_custom(built, name, tm
         exported = json.load(f)
     assert exported["model_type"] == "vlm_jax"
     assert exported["text_config"]["final_logit_softcapping"] == 3.0
+
+
+NEW_FAMILIES = ["qwen3", "gemma2", "gemma3", "smollm3"]  # llama / qwen2 / gemma: test_export_custom
+
+
+@pytest.mark.parametrize("name", NEW_FAMILIES, ids=NEW_FAMILIES)
+def test_custom_export_over_family_checks_itself_and_decodes_as_ours(built, name, tmp_path):
+    """The export issue's acceptance for each newer family and the remote-code format: the LLaVA
+    over it exported with --format custom (the LLM is then the family's own *ForCausalLM inside our
+    modeling file) passes the exporter's self-check (logits <= 1e-4 f32 on a probe input), and
+    transformers' KV-cache greedy `generate` gives our `greedy_generate`'s tokens on a prompt
+    longer than Gemma 2 / 3's sliding window, image mid-text."""
+    from vlm_jax.inference.generate import greedy_generate
+    steps = 6
+    loaded = built.llava_loaded(name)
+    out = str(tmp_path / "custom")
+    result = exporter.export_params(loaded.config, model_dir.numpy_params(loaded.params), None,
+                                    out, format="custom")
+    assert result.format == "custom" and result.max_abs_diff <= exporter.F32_TOLERANCE
+    hf_model = transformers.AutoModelForImageTextToText.from_pretrained(
+        out, trust_remote_code=True, dtype=torch.float32).eval()
+    ids, _, pixel_values = _llava_inputs(np.random.default_rng(5), images_per_row=(1,))
+    with torch.no_grad():
+        generated = hf_model.generate(input_ids=torch.tensor(ids),
+                                      pixel_values=torch.tensor(pixel_values), do_sample=False,
+                                      max_new_tokens=steps, eos_token_id=None)
+    theirs = generated[0, ids.shape[1]:].tolist()
+    tokens, lengths = greedy_generate(loaded.config, loaded.params, ids.astype(np.int32),
+                                      np.array([ids.shape[1]]),
+                                      pixel_values.transpose(0, 2, 3, 1)[:, None], steps, ())
+    assert lengths[0] == steps and tokens[0].tolist() == theirs, (tokens[0].tolist(), theirs)
+    print(f"\n{name}: custom export max |diff| {result.max_abs_diff:.2e}, greedy {theirs}")
