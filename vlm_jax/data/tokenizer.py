@@ -329,12 +329,13 @@ class Tokenizer:
         if len(wrap) != 2 or not all(isinstance(side, str) for side in wrap):
             raise DataError(f"image_wrap must be (before, after) strings, got {wrap!r}")
         added = set(self._backend.added_tokens().values())
-        for side in wrap:
-            ids = self.encode(side)
-            if side and not all(self._backend.decode([i], False) in added for i in ids):
+        wrap_ids = tuple(np.asarray(self.encode(side), np.int32) for side in wrap)
+        for side, ids in zip(wrap, wrap_ids):
+            if side and not all(self._backend.decode([int(i)], False) in added for i in ids):
                 raise DataError(f"image_wrap {side!r} is not made of the tokenizer's special "
-                                f"tokens (it encodes as {ids}): add them first")
-        self._image_wrap = wrap
+                                f"tokens (it encodes as {ids.tolist()}): add them first")
+        # encoded once here: `expand_images` runs for every example the pipeline tokenizes
+        self._image_wrap, self._image_wrap_ids = wrap, wrap_ids
 
     def expand_images(self, ids: np.ndarray, num_image_tokens: int
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -343,7 +344,7 @@ class Tokenizer:
         index in `ids` each new id comes from, is_image bool[T']: the image ids themselves)."""
         ids = np.asarray(ids, np.int32)
         image_id = self.image_token_id
-        before, after = (np.asarray(self.encode(side), np.int32) for side in self.image_wrap)
+        before, after = self._image_wrap_ids
         block = np.concatenate([before, np.full(num_image_tokens, image_id, np.int32), after])
         block_image = np.zeros(len(block), bool)
         block_image[len(before):len(before) + num_image_tokens] = True
