@@ -97,8 +97,8 @@ def test_chunked_sigmoid_loss_refuses_indivisible_batch():
         losses.sigmoid_loss_chunked(x, x, np.zeros(1, np.float32), np.zeros(1, np.float32), mesh)
 
 
-@pytest.mark.parametrize("vocab_axis", [0, 1])
-def test_fused_head_cross_entropy_matches_full_logits_on_a_sharded_mesh(vocab_axis):
+@pytest.mark.parametrize("vocab_axis,chunk_size", [(0, 4), (1, 4), (0, 64)])
+def test_fused_head_cross_entropy_matches_full_logits_on_a_sharded_mesh(vocab_axis, chunk_size):
     """Logits only at loss positions, chunked with a data-dependent trip count, gradients fused
     into the forward: equal to CE on the full logits (values and gradients of hidden and head),
     with rows of very different loss counts (one with none), fractional weights, ties in argmax,
@@ -122,7 +122,7 @@ def test_fused_head_cross_entropy_matches_full_logits_on_a_sharded_mesh(vocab_ax
 
     def fused(hidden, head):
         return losses.next_token_sums_from_hidden(hidden, head, vocab_axis, targets, mask,
-                                                  chunk_size=4)
+                                                  chunk_size=chunk_size)  # 64: one chunk of 21
 
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
     with sharding.rules_context(mesh):

@@ -1,5 +1,6 @@
 """The train step across meshes and batch splits: 1 device == 8-device fsdp x tensor (4 x 2) over 5
 steps, 2 accumulated micro-batches == one batch, params born sharded, and the non-finite flag."""
+import dataclasses
 import functools
 
 import jax
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from vlm_jax import sharding
+from vlm_jax.errors import ConfigError
 from vlm_jax.data.images import normalize_pixels
 from vlm_jax.models.decoder import decoder_config
 from vlm_jax.models.projector import ProjectorConfig
@@ -56,21 +58,21 @@ def _batches(config, batch_size=8):
 
 
 @functools.lru_cache(maxsize=None)
-def _setup(config, mesh_name, micro_batches):
+def _setup(config, mesh_name, micro_batches, loss_chunk_size=128):
     mesh_config, num_devices = MESHES[mesh_name]
     mesh = sharding.make_mesh(mesh_config, devices=jax.devices()[:num_devices])
     optimizer = OptimizerConfig(learning_rate=3e-3, schedule="cosine", warmup_steps=2,
                                 total_steps=10, weight_decay=0.1, grad_clip_norm=1.0)
     step_config = TrainStepConfig(phase=phases.PhaseConfig("instruct"), optimizer=optimizer,
-                                  micro_batches=micro_batches)
+                                  micro_batches=micro_batches, loss_chunk_size=loss_chunk_size)
     plan = plan_training(config, step_config, mesh)
     return plan, make_train_step(plan)
 
 
 @functools.lru_cache(maxsize=None)
-def _run(config, mesh_name, micro_batches):
+def _run(config, mesh_name, micro_batches, loss_chunk_size=128):
     """(metrics per step, final trainable params on the host) from the same init and batches."""
-    plan, train_step = _setup(config, mesh_name, micro_batches)
+    plan, train_step = _setup(config, mesh_name, micro_batches, loss_chunk_size)
     state = create_train_state(plan, jax.random.key(0))
     metrics = []
     for batch in _batches(plan.model_config):
@@ -115,6 +117,29 @@ def test_two_micro_batches_equal_one_batch(config):
     flat_whole = param_groups.flatten(whole_params)
     for path, value in param_groups.flatten(accumulated_params).items():
         np.testing.assert_allclose(value, flat_whole[path], atol=1e-6, err_msg=path)
+
+
+def test_unrolled_layers_and_small_loss_chunks_train_as_the_defaults(config):
+    """The shapes recipe's speed settings change the program, not the training: every stack
+    unrolled (`scan_unroll`), the fused loss in chunks of 3 positions (rows hold up to 7 loss
+    tokens: several chunks, a ragged last one) and 2 micro-batches give the same 5 steps."""
+    base, base_params = _run(config, "one_device", 1)
+    fast, fast_params = _run(dataclasses.replace(config, scan_unroll=2), "one_device", 2, 3)
+    for key in ("loss", "token_accuracy", "grad_norm", "num_loss_tokens"):
+        np.testing.assert_allclose([m[key] for m in fast], [m[key] for m in base],
+                                   rtol=1e-5, atol=1e-6, err_msg=key)
+    flat_base = param_groups.flatten(base_params)
+    for path, value in param_groups.flatten(fast_params).items():
+        np.testing.assert_allclose(value, flat_base[path], atol=2e-6, err_msg=path)
+
+
+def test_scan_unroll_below_one_is_refused_naming_the_field(config):
+    with pytest.raises(ConfigError, match=r"model.vision.scan_unroll=0"):
+        dataclasses.replace(config.vision, scan_unroll=0)
+    with pytest.raises(ConfigError, match=r"scan_unroll=0"):
+        dataclasses.replace(config.llm, scan_unroll=0)
+    with pytest.raises(ConfigError, match=r"train.loss_chunk_size=0"):
+        TrainStepConfig(loss_chunk_size=0)
 
 
 def test_nan_in_batch_or_params_sets_the_non_finite_flag_and_skips_the_update(config):

@@ -102,6 +102,7 @@ class DecoderConfig:
     param_dtype: str = "float32"
     attention_backend: str = "auto"
     remat_policy: str = "none"
+    scan_unroll: int = 1  # layers per loop iteration (layers.stack_layers)
 
     def __post_init__(self):
         def check(ok: bool, field: str, supported: str):
@@ -138,6 +139,8 @@ class DecoderConfig:
         check(self.attention_backend in layers.ATTENTION_BACKENDS, "attention_backend",
               str(layers.ATTENTION_BACKENDS))
         check(self.remat_policy in layers.REMAT_POLICIES, "remat_policy", str(tuple(layers.REMAT_POLICIES)))
+        check(isinstance(self.scan_unroll, int) and self.scan_unroll >= 1, "scan_unroll",
+              "an integer >= 1 (layers per loop iteration)")
         for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "mlp_dim"):
             check(getattr(self, field) > 0, field, "a positive integer")
         check(self.head_dim > 0 and self.head_dim % 2 == 0, "head_dim", "a positive even integer (RoPE)")
@@ -417,7 +420,8 @@ class Decoder(nn.Module):
         """The scanned block stack, named "layers" (a subclass swaps the block, not the params)."""
         cfg = self.config
         return layers.stack_layers(DecoderBlock, cfg.num_layers, cfg.remat_policy,
-                                   in_axes=(0, nn.broadcast, nn.broadcast))(cfg, name="layers")
+                                   in_axes=(0, nn.broadcast, nn.broadcast),
+                                   unroll=cfg.scan_unroll)(cfg, name="layers")
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """input_ids: i32[B, T] -> embeddings [B, T, D] in the compute dtype (Gemma: * sqrt(D))."""

@@ -383,15 +383,23 @@ REMAT_POLICIES = {
 
 
 def stack_layers(block_cls: type[nn.Module], num_layers: int, remat_policy: str,
-                 in_axes: Any = nn.broadcast) -> type[nn.Module]:
+                 in_axes: Any = nn.broadcast, unroll: int = 1) -> type[nn.Module]:
     """`nn.scan` over `num_layers` copies of `block_cls` (params get a leading 'layers' axis),
     each wrapped in `nn.remat` with the named policy. The block's signature must be
-    `(carry, *broadcast_args) -> (carry, None)`."""
+    `(carry, *broadcast_args) -> (carry, None)`.
+
+    unroll: layers per loop iteration (a tower's `scan_unroll`); `num_layers` or more is
+    straight-line code. The params keep their stacked layout either way; what changes is the
+    program: a rolled loop compiles once per block, while unrolled, XLA schedules and fuses
+    across layers and drops the loop's per-iteration slicing and stacking. A few-layer model on
+    CPU trains ~10% faster unrolled (the shapes recipe); deep models keep 1 for compile time."""
     if remat_policy not in REMAT_POLICIES:
         raise ConfigError(f"remat_policy={remat_policy!r}; supported: {tuple(REMAT_POLICIES)}")
+    if unroll < 1:
+        raise ConfigError(f"scan_unroll={unroll} must be >= 1 (layers per loop iteration)")
     cls = block_cls
     if remat_policy != "none":
         cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
     return nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                   in_axes=in_axes, length=num_layers,
+                   in_axes=in_axes, length=num_layers, unroll=min(unroll, num_layers),
                    metadata_params={nn.PARTITION_NAME: "layers"})

@@ -40,6 +40,9 @@ def _check_compute_fields(cfg, where: str) -> None:
     if cfg.remat_policy not in layers.REMAT_POLICIES:
         raise ConfigError(f"{where}.remat_policy={cfg.remat_policy!r}; "
                           f"supported: {tuple(layers.REMAT_POLICIES)}")
+    if not isinstance(cfg.scan_unroll, int) or cfg.scan_unroll < 1:
+        raise ConfigError(f"{where}.scan_unroll={cfg.scan_unroll!r} must be an integer >= 1 "
+                          f"(encoder layers per loop iteration)")
     if cfg.width % cfg.num_heads:
         raise ConfigError(f"{where}.width={cfg.width} is not a multiple of num_heads={cfg.num_heads}")
 
@@ -67,6 +70,7 @@ class VisionConfig:
     param_dtype: str = "float32"
     attention_backend: str = "auto"
     remat_policy: str = "none"
+    scan_unroll: int = 1           # layers per loop iteration (layers.stack_layers)
 
     def __post_init__(self):
         where = "model.vision"
@@ -106,6 +110,7 @@ class TextTowerConfig:
     param_dtype: str = "float32"
     attention_backend: str = "auto"
     remat_policy: str = "none"
+    scan_unroll: int = 1           # layers per loop iteration (layers.stack_layers)
 
     def __post_init__(self):
         _check_compute_fields(self, "model.text_tower")
@@ -198,7 +203,8 @@ class EncoderBlock(nn.Module):
 
 
 def _encoder(cfg, name: str = "encoder") -> nn.Module:
-    stack = layers.stack_layers(EncoderBlock, cfg.depth, cfg.remat_policy)
+    stack = layers.stack_layers(EncoderBlock, cfg.depth, cfg.remat_policy,
+                                unroll=cfg.scan_unroll)
     return stack(width=cfg.width, num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, eps=cfg.layer_norm_eps,
                  dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                  attention_backend=cfg.attention_backend, name=name)

@@ -28,11 +28,11 @@ from vlm_jax.models.decoder import Decoder, DecoderConfig
 from vlm_jax.models.projector import Projector, ProjectorConfig, num_output_tokens
 from vlm_jax.models.siglip import SiglipTextTower, SiglipVisionTower, TextTowerConfig, VisionConfig
 
-COMPUTE_FIELDS = ("dtype", "param_dtype", "attention_backend", "remat_policy")
+COMPUTE_FIELDS = ("dtype", "param_dtype", "attention_backend", "remat_policy", "scan_unroll")
 # How a model computes, not what it holds: chosen by the command that runs it (train config,
 # `--dtype` on generate / eval), never stored in a model directory. param_dtype is a fact of the
 # saved weights and stays.
-RUN_SETTINGS = ("dtype", "attention_backend", "remat_policy")
+RUN_SETTINGS = ("dtype", "attention_backend", "remat_policy", "scan_unroll")
 TOWERS = ("vision", "text_tower", "projector", "llm")
 FEATURE_SELECT = ("full", "default")
 
@@ -52,6 +52,7 @@ class VLMConfig:
     param_dtype: str | None = None
     attention_backend: str | None = None
     remat_policy: str | None = None
+    scan_unroll: int | None = None
 
     def __post_init__(self):
         if self.vision_feature_select not in FEATURE_SELECT:

@@ -197,6 +197,7 @@ class _Trainer:
             optimizer = dataclasses.replace(optimizer, total_steps=max(self.total_examples, 1))
         self.plan = plan_training(run.model, TrainStepConfig(
             phase=run.train.phase, optimizer=optimizer, micro_batches=run.train.micro_batches,
+            loss_chunk_size=run.train.loss_chunk_size,
             schedule_unit="examples" if self.by_epochs else "steps"), self.mesh)
         self.keys = batch_keys(run.train.phase.name)
         self.checkpointer = checkpoint.Checkpointer(workdir, run.checkpoint.keep,

@@ -59,6 +59,7 @@ def next_token_sums_from_hidden(hidden: jax.Array, head: jax.Array, vocab_axis: 
     cap * tanh(hidden @ head / cap) (Gemma 2's final soft-cap), differentiated through the tanh.
     """
     batch, length, _ = hidden.shape
+    chunk_size = min(chunk_size, length)  # a row shorter than a chunk is one chunk, unpadded
     has_loss = loss_mask != 0
     order = jnp.argsort(jnp.logical_not(has_loss), axis=-1, stable=True)             # [B, T]
     num_chunks = -(-length // chunk_size)

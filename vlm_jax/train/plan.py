@@ -198,7 +198,7 @@ def make_plan(config_spec: str, overrides: list[str], mesh_sizes: dict[str, int]
     mesh = sharding.make_mesh(run.mesh, devices)
     plan = plan_training(run.model, TrainStepConfig(
         phase=run.train.phase, optimizer=run.train.optimizer,
-        micro_batches=run.train.micro_batches), mesh)
+        micro_batches=run.train.micro_batches, loss_chunk_size=run.train.loss_chunk_size), mesh)
     state = abstract_train_state(plan)
     global_batch = run.data.batch_size * num_processes
     batch = abstract_batch(run, global_batch, mesh)

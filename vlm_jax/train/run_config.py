@@ -15,7 +15,7 @@ optionally, `sweep()` (for the sweep launcher). Its sections:
                  kind="shapes" (a word-level BPE fitted on the shapes world, saved in the workdir)
     mesh         MeshConfig: data / fsdp / tensor sizes (one may be -1)
     train        phase (PhaseConfig), optimizer (OptimizerConfig; total_steps defaults to
-                 steps), steps, micro_batches, seed, init_from (InitFromConfig)
+                 steps), steps, micro_batches, loss_chunk_size, seed, init_from (InitFromConfig)
     checkpoint   CheckpointConfig: every_steps, keep, async_save
     log          LogConfig: every_steps, progress_bar, tensorboard, batch_hash, MFU peak
     eval         EvalConfig: every_steps, num_batches
@@ -89,6 +89,10 @@ class TrainConfig:
     phase: PhaseConfig = PhaseConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     micro_batches: int = 1
+    # Positions per row in each chunk of the fused LM-head loss (losses.next_token_sums_from_hidden):
+    # a row's loss positions are gathered first, so the work is rounded up to a multiple of this
+    # per row; make it small when few positions carry a loss (short answers).
+    loss_chunk_size: int = 128
     seed: int = 0
     init_from: InitFromConfig = InitFromConfig()
 
@@ -221,6 +225,8 @@ def _train_config(values: Mapping[str, Any]) -> TrainConfig:
     train = from_dict(TrainConfig, values, "train")
     if train.micro_batches < 1:
         raise ConfigError(f"train.micro_batches={train.micro_batches} must be >= 1")
+    if train.loss_chunk_size < 1:
+        raise ConfigError(f"train.loss_chunk_size={train.loss_chunk_size} must be >= 1")
     if isinstance(train.init_from.groups, str) or not train.init_from.groups:
         raise ConfigError(f"train.init_from.groups={train.init_from.groups!r}: a list of regexes "
                           f"over param paths, e.g. ['vision_tower/.*']")

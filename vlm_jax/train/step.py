@@ -41,11 +41,14 @@ class TrainStepConfig:
     phase: phases.PhaseConfig = phases.PhaseConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     micro_batches: int = 1  # gradient accumulation: the global batch is split into this many
+    loss_chunk_size: int = 128  # positions per row per chunk of the fused LM-head loss
     schedule_unit: str = "steps"  # "examples": the lr schedule counts examples (train.epochs)
 
     def __post_init__(self):
         if self.micro_batches < 1:
             raise ConfigError(f"train.micro_batches={self.micro_batches} must be >= 1")
+        if self.loss_chunk_size < 1:
+            raise ConfigError(f"train.loss_chunk_size={self.loss_chunk_size} must be >= 1")
         if self.micro_batches > 1 and self.phase.step_kind == "contrastive":
             raise ConfigError("train.micro_batches > 1 is not supported in the 'contrastive' phase: "
                               "the sigmoid loss couples every image with every text of the batch")
@@ -194,6 +197,7 @@ def _next_token_sums(plan: TrainPlan, params: dict, batch: dict):
     head, vocab_axis = lm_head_weight(params["llm"], plan.model_config.llm)
     return losses.next_token_sums_from_hidden(hidden, head, vocab_axis, batch["target_ids"],
                                               batch["loss_mask"],
+                                              chunk_size=plan.config.loss_chunk_size,
                                               soft_cap=plan.model_config.llm.final_logit_softcap)
 
 
