@@ -48,3 +48,18 @@ def test_recipe_runs_end_to_end(tmp_path, capsys):
                      "--eval-per-type", "1"]) == 0
     assert printed.count("done before") == 0
     assert capsys.readouterr().out.count("done before") == len(recipe.PHASES)
+
+
+@pytest.mark.parametrize("phase,rows_per_device", [("instruct", 0), ("lm", 1), ("align", 3)])
+def test_recipe_speed_settings_validate_on_these_devices(phase, rows_per_device):
+    """The recipe accumulates micro-batches for speed (the same gradient); with a batch or a
+    device count they do not divide it takes fewer, never an invalid config."""
+    from vlm_jax.train.run_config import build_run_config
+    batch = rows_per_device * jax.device_count()  # 0: the recipe's own batch
+    config = recipe.get_config(f"phase={phase},batch={batch}")
+    run_config = build_run_config(config, jax.device_count())
+    micro = run_config.train.micro_batches
+    assert run_config.data.batch_size % (micro * jax.device_count()) == 0 or micro == 1
+    assert run_config.model.scan_unroll == recipe.RUN_SETTINGS["scan_unroll"]
+    if batch == 0 and jax.device_count() == 1:
+        assert micro == recipe.SCHEDULE[phase]["micro"]

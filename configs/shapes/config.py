@@ -29,6 +29,19 @@ Why these choices (measured on a 2-core CPU, see README "The shapes recipe"):
     carried along), so `init_from` takes the whole previous model.
   * The `minimal` chat template (question, newline, answer, EOS): no tokens spent on a system
     prompt or role names; several Q/A turns per image make one image encode serve many answers.
+
+Speed (profiled per op with jax.profiler on the 2-core AMD EPYC; the training itself is what it
+was, these change how a step computes; benchmarks/README.md "The embedded default"):
+  * `micro_batches=4` in lm / align / instruct: the same gradient accumulated over 4 slices of
+    the batch, each small enough for the CPU's caches (a 32 x 128 x 384 f32 MLP activation is
+    6 MB; a quarter fits the 1-2 MB L2): instruct step 292 -> 227 ms, lm 383 -> 308 ms.
+  * `loss_chunk_size=16` (align, instruct, lm): the fused LM-head loss works in chunks of this
+    many loss positions per row; at 128 an instruct row (<= 16 loss tokens of 96) paid for 128
+    positions of [32, V] logits, a quarter of the step. instruct 227 -> 164 ms.
+  * align `seq_len=48`: its rows hold at most 43 tokens (100 x 64 examples checked), 64 was
+    padding. align 335 -> 153 ms with the two above.
+  * `scan_unroll=3`: every 2-3 layer stack as straight-line code (no loop slicing / stacking),
+    ~10% on the LLM phases, bit-identical results.
 """
 import ml_collections
 
@@ -51,12 +64,13 @@ VOCAB_SIZE = 1024       # the recipe's tokenizer (tokenizer section below) has e
 IMAGE_TOKEN_ID = 4      # <image> in every tokenizer from `train_word_tokenizer`
 TEXT_LEN = 48           # contrastive caption tokens (a 4-object caption is ~40)
 
-# phase -> steps, per-process batch, peak lr, sequence length, Q/A turns per image
+# phase -> steps, per-process batch, peak lr, sequence length, Q/A turns per image, micro-batches,
+# loss positions per chunk (see "Speed" in the docstring)
 SCHEDULE = {
-    "contrastive": dict(steps=200, batch=64, lr=1e-3, seq_len=TEXT_LEN, turns=1),
-    "lm": dict(steps=400, batch=32, lr=2e-3, seq_len=128, turns=6),
-    "align": dict(steps=100, batch=64, lr=1e-3, seq_len=64, turns=1),
-    "instruct": dict(steps=1200, batch=32, lr=1e-3, seq_len=96, turns=6),
+    "contrastive": dict(steps=200, batch=64, lr=1e-3, seq_len=TEXT_LEN, turns=1, micro=1, chunk=128),
+    "lm": dict(steps=400, batch=32, lr=2e-3, seq_len=128, turns=6, micro=4, chunk=16),
+    "align": dict(steps=100, batch=64, lr=1e-3, seq_len=48, turns=1, micro=4, chunk=16),
+    "instruct": dict(steps=1200, batch=32, lr=1e-3, seq_len=96, turns=6, micro=4, chunk=16),
 }
 
 
@@ -75,6 +89,20 @@ def model_config() -> dict:
                 image_token_id=IMAGE_TOKEN_ID)
 
 
+# How the recipe computes (run settings, not part of the saved model): every 2-3 layer stack
+# as straight-line code.
+RUN_SETTINGS = dict(scan_unroll=3)
+
+
+def _micro_batches(batch: int, wanted: int) -> int:
+    """The most micro-batches up to `wanted` that split `batch` evenly over this machine's
+    devices (the mesh is data-parallel over all of them): on one CPU, 4; with 8 test devices and
+    a batch of 8, 1."""
+    import jax
+    devices = jax.device_count()
+    return max(m for m in range(1, wanted + 1) if batch % (m * devices) == 0 or m == 1)
+
+
 def get_config(arg=None):
     args = parse_arg(arg, phase="instruct", steps=0, batch=0, init_from="", tokenizer="",
                      vision_lr_mult=0.3, style="scene", world="recipe")
@@ -89,7 +117,7 @@ def get_config(arg=None):
     source_task, task = TASKS[args.phase]
 
     config = ml_collections.ConfigDict()
-    config.model = model_config()
+    config.model = {**model_config(), **RUN_SETTINGS}
     # style=codes: the diagnostic rendering (flat codes per cell, see shapes.render_codes).
     options = dict(split="train", image_size=IMAGE_SIZE, task=source_task, style=args.style,
                    **WORLDS[args.world])
@@ -110,7 +138,8 @@ def get_config(arg=None):
     if args.phase == "instruct" and args.vision_lr_mult > 0:
         phase["vision_lr_mult"] = args.vision_lr_mult
     config.train = dict(
-        steps=steps, seed=0, phase=phase,
+        steps=steps, seed=0, phase=phase, micro_batches=_micro_batches(batch, schedule["micro"]),
+        loss_chunk_size=schedule["chunk"],
         optimizer=dict(learning_rate=schedule["lr"], warmup_steps=max(1, steps // 10),
                        schedule="cosine", weight_decay=0.0,
                        b2=0.95 if args.phase == "instruct" else 0.999),
