@@ -108,29 +108,28 @@ def test_state_is_born_sharded_on_the_mesh(config):
     assert patch.addressable_shards[0].data.size == patch.size // 8
 
 
-def test_two_micro_batches_equal_one_batch(config):
-    whole, whole_params = _run(config, "fsdp4_tensor2", 1)
-    accumulated, accumulated_params = _run(config, "fsdp4_tensor2", 2)
+def _assert_same_training(got, want, rtol, param_atol):
+    """Two `_run` results: the same metrics per step and the same final params."""
+    (got_metrics, got_params), (want_metrics, want_params) = got, want
     for key in ("loss", "token_accuracy", "grad_norm", "num_loss_tokens"):
-        np.testing.assert_allclose([m[key] for m in accumulated], [m[key] for m in whole],
-                                   rtol=1e-6, atol=1e-6, err_msg=key)
-    flat_whole = param_groups.flatten(whole_params)
-    for path, value in param_groups.flatten(accumulated_params).items():
-        np.testing.assert_allclose(value, flat_whole[path], atol=1e-6, err_msg=path)
+        np.testing.assert_allclose([m[key] for m in got_metrics], [m[key] for m in want_metrics],
+                                   rtol=rtol, atol=1e-6, err_msg=key)
+    flat_want = param_groups.flatten(want_params)
+    for path, value in param_groups.flatten(got_params).items():
+        np.testing.assert_allclose(value, flat_want[path], atol=param_atol, err_msg=path)
+
+
+def test_two_micro_batches_equal_one_batch(config):
+    _assert_same_training(_run(config, "fsdp4_tensor2", 2), _run(config, "fsdp4_tensor2", 1),
+                          rtol=1e-6, param_atol=1e-6)
 
 
 def test_unrolled_layers_and_small_loss_chunks_train_as_the_defaults(config):
     """The shapes recipe's speed settings change the program, not the training: every stack
     unrolled (`scan_unroll`), the fused loss in chunks of 3 positions (rows hold up to 7 loss
     tokens: several chunks, a ragged last one) and 2 micro-batches give the same 5 steps."""
-    base, base_params = _run(config, "one_device", 1)
-    fast, fast_params = _run(dataclasses.replace(config, scan_unroll=2), "one_device", 2, 3)
-    for key in ("loss", "token_accuracy", "grad_norm", "num_loss_tokens"):
-        np.testing.assert_allclose([m[key] for m in fast], [m[key] for m in base],
-                                   rtol=1e-5, atol=1e-6, err_msg=key)
-    flat_base = param_groups.flatten(base_params)
-    for path, value in param_groups.flatten(fast_params).items():
-        np.testing.assert_allclose(value, flat_base[path], atol=2e-6, err_msg=path)
+    _assert_same_training(_run(dataclasses.replace(config, scan_unroll=2), "one_device", 2, 3),
+                          _run(config, "one_device", 1), rtol=1e-5, param_atol=2e-6)
 
 
 def test_scan_unroll_below_one_is_refused_naming_the_field(config):
