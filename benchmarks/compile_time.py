@@ -2,7 +2,10 @@
 
     python benchmarks/compile_time.py
 """
-import time, jax, jax.numpy as jnp
+import time
+
+import jax
+
 from vlm_jax.models.decoder import decoder_config
 from vlm_jax.models.projector import ProjectorConfig
 from vlm_jax.models.siglip import VisionConfig
