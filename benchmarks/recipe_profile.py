@@ -20,30 +20,14 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                    if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return "unknown"
-
-
-def numpy_matmul_gflops(n: int = 4096) -> float:
-    import numpy as np
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    a @ a
-    best = min(_timed(lambda: a @ a) for _ in range(3))
-    return 2 * n ** 3 / best / 1e9
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_throughput import cpu_model, numpy_matmul_gflops  # noqa: E402
 
 
 def _timed(fn) -> float:
@@ -91,9 +75,7 @@ def profile_phase(phase: str, workdir: str, overrides: list[str], steps: int, op
     data_s = statistics.mean(_timed(lambda: next(data)) for _ in range(steps))
 
     mesh = sharding.make_mesh(run.mesh)
-    plan = plan_training(run.model, TrainStepConfig(
-        phase=run.train.phase, optimizer=run.train.optimizer,
-        micro_batches=run.train.micro_batches, loss_chunk_size=run.train.loss_chunk_size), mesh)
+    plan = plan_training(run.model, TrainStepConfig.from_train(run.train), mesh)
     state = create_train_state(plan, jax.random.key(0))
     step = make_train_step(plan)
     keys = batch_keys(run.train.phase.name)

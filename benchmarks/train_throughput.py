@@ -205,6 +205,17 @@ print(2 * {n} ** 3 / best / 1e9)
 """
 
 
+def cpu_model() -> str:
+    """lscpu's model name (speed figures are quoted next to it: the same machine kind comes
+    as an Intel with AMX and as an AMD EPYC)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines()
+                 if line.startswith("Model name")), "unknown")
+
+
 def numpy_matmul_gflops(size: int = 4096, repeats: int = 3, native: bool = True) -> float:
     """Best GFLOP/s of a size^3 f32 numpy matmul, in a fresh process (OpenBLAS threads that
     spin after a call would otherwise steal CPU from the contenders). `native` drops
@@ -340,7 +351,7 @@ def build_report(rounds: list[dict], args, bench: dict) -> dict:
     log(f"\nbench {bench.get('name')}: batch {bench['batch_size']} x "
         f"({bench['num_image_tokens']} image + {bench['text_len']} text) tokens, phase "
         f"{bench['phase']}, {flops_per_step / 1e9:.1f} GFLOP/step (model FLOPs, peer convention); "
-        f"numpy f32 matmul {matmul:.1f} GFLOP/s")
+        f"numpy f32 matmul {matmul:.1f} GFLOP/s on {cpu_model()}")
     log(f"{'':28s} {'step s':>8s} {'GFLOP/s':>8s} {'of matmul':>9s} {'peak RSS':>9s} "
         f"{'speedup':>8s} {'foreign':>8s}")
     for key, row in rows.items():
@@ -350,6 +361,7 @@ def build_report(rounds: list[dict], args, bench: dict) -> dict:
             f"{'' if speed is None else f'{speed:7.2f}x':>8s} {row['max_foreign_cpu_frac']:8.3f}")
     return {"config": os.path.abspath(args.config), "bench": bench, "settings": vars(args),
             "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "cpu_model": cpu_model(),
             "flops_per_step": flops_per_step,
             "ours_executed_flops_per_step": rounds[0]["ours"]["executed_flops"]["total"],
             "numpy_matmul_gflops": matmul,

@@ -100,7 +100,7 @@ def _micro_batches(batch: int, wanted: int) -> int:
     a batch of 8, 1."""
     import jax
     devices = jax.device_count()
-    return max(m for m in range(1, wanted + 1) if batch % (m * devices) == 0 or m == 1)
+    return max((m for m in range(1, wanted + 1) if batch % (m * devices) == 0), default=1)
 
 
 def get_config(arg=None):

@@ -195,9 +195,8 @@ class _Trainer:
         if self.by_epochs:  # the schedule spans every example of every epoch
             self.total_examples = run.train.epochs * self.data_iter.epoch_examples
             optimizer = dataclasses.replace(optimizer, total_steps=max(self.total_examples, 1))
-        self.plan = plan_training(run.model, TrainStepConfig(
-            phase=run.train.phase, optimizer=optimizer, micro_batches=run.train.micro_batches,
-            loss_chunk_size=run.train.loss_chunk_size,
+        self.plan = plan_training(run.model, TrainStepConfig.from_train(
+            run.train, optimizer=optimizer,
             schedule_unit="examples" if self.by_epochs else "steps"), self.mesh)
         self.keys = batch_keys(run.train.phase.name)
         self.checkpointer = checkpoint.Checkpointer(workdir, run.checkpoint.keep,

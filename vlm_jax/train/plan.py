@@ -196,9 +196,7 @@ def make_plan(config_spec: str, overrides: list[str], mesh_sizes: dict[str, int]
                      f"attention scores of a layer, which those kernels do not store")
     devices = tpu_topology_devices(topology, num_devices) if topology else None
     mesh = sharding.make_mesh(run.mesh, devices)
-    plan = plan_training(run.model, TrainStepConfig(
-        phase=run.train.phase, optimizer=run.train.optimizer,
-        micro_batches=run.train.micro_batches, loss_chunk_size=run.train.loss_chunk_size), mesh)
+    plan = plan_training(run.model, TrainStepConfig.from_train(run.train), mesh)
     state = abstract_train_state(plan)
     global_batch = run.data.batch_size * num_processes
     batch = abstract_batch(run, global_batch, mesh)

@@ -44,6 +44,14 @@ class TrainStepConfig:
     loss_chunk_size: int = 128  # positions per row per chunk of the fused LM-head loss
     schedule_unit: str = "steps"  # "examples": the lr schedule counts examples (train.epochs)
 
+    @classmethod
+    def from_train(cls, train: Any, **changes) -> "TrainStepConfig":
+        """The step settings of a run's `train` section (run_config.TrainConfig); `changes`
+        replace some (the loop's epoch-long schedule: optimizer, schedule_unit)."""
+        fields = dict(phase=train.phase, optimizer=train.optimizer,
+                      micro_batches=train.micro_batches, loss_chunk_size=train.loss_chunk_size)
+        return cls(**{**fields, **changes})
+
     def __post_init__(self):
         if self.micro_batches < 1:
             raise ConfigError(f"train.micro_batches={self.micro_batches} must be >= 1")
