@@ -1,4 +1,5 @@
 """Mask builder and attention against numpy references."""
+import pytest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -200,3 +201,25 @@ def test_remat_policies_keep_different_residuals():
                                                      "dots_no_batch", "full")}
     assert kept["none"] > kept["dots"] > kept["dots_no_batch"] > kept["full"], kept
     assert kept["dots_saveable"] == kept["dots"]
+
+
+@pytest.mark.parametrize("x_shape,num_in,kernel_shape", [
+    ((2, 5, 3), 1, (3, 7)),          # widening: the kernel gradient is written as [in, out]
+    ((2, 5, 7), 1, (7, 3)),          # narrowing: computed as [out, in], then transposed
+    ((2, 5, 4, 3), 2, (4, 3, 5)),    # two contracted dims (attention o: [heads, head_dim, embed])
+    ((6, 4), 1, (4, 2, 3)),          # two output dims (attention q: [embed, heads, head_dim])
+])
+def test_dense_matmul_gradients_equal_the_plain_contraction(x_shape, num_in, kernel_shape):
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    kernel = jax.random.normal(jax.random.key(1), kernel_shape)
+    weights = jax.random.normal(jax.random.key(2), x_shape[:x.ndim - num_in] + kernel_shape[num_in:])
+    dims = ((tuple(range(x.ndim - num_in, x.ndim)), tuple(range(num_in))), ((), ()))
+
+    def loss(fn):
+        return lambda x, k: jnp.sum(jnp.tanh(fn(x, k)) * weights)
+
+    ours = jax.grad(loss(lambda x, k: layers.dense_matmul(x, k, num_in)), argnums=(0, 1))(x, kernel)
+    plain = jax.grad(loss(lambda x, k: jax.lax.dot_general(x, k, dims)), argnums=(0, 1))(x, kernel)
+    for got, want in zip(ours, plain):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
