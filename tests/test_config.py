@@ -72,6 +72,13 @@ def test_bad_overrides_name_the_key(override, message):
     ("res=64", ["model.vision.patch_size=4", "data.seq_len=128"], {},
      r"data\.seq_len=128 cannot hold one image of model\.tokens_per_image=256"),
     (None, ["data.num_image_tokens=15"], {}, r"data\.num_image_tokens=15 but the model gives 16"),
+    # tiling: the largest grid must fit a row
+    (None, ["data.tiling.max_tiles=16", "data.max_images_per_row=17", "data.seq_len=128"], {},
+     r"data\.tiling\.max_tiles=16: the largest image .* is up to 312 tokens, more than "
+     r"data\.seq_len=128"),
+    (None, ["data.tiling.max_tiles=4"], {}, r"data\.tiling\.max_tiles=4: .* more than "
+                                             r"data\.max_images_per_row=2"),
+    (None, ["data.tiling.max_tiles=6"], {}, r"data\.tiling\.max_tiles=6: 0 \(off\) or a square"),
     (None, ["data.image_size=64"], {}, r"data\.image_size=64 but model\.vision\.image_size=32"),
     # phase and data / model
     (None, ["train.phase.name=contrastive"], {}, r"phase 'contrastive' needs model\.text_tower"),

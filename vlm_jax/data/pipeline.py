@@ -51,6 +51,7 @@ from vlm_jax.data.packing import (PackedRowsIterDataset, RowSpec, assemble_batch
 from vlm_jax.data.skips import (GuardedSource, GuardedTransform, RowFitCheck,
                                 SkipAccountingIterDataset, SkipAccountingIterator, one_image_check)
 from vlm_jax.data.skips import TooManySkippedExamples  # noqa: F401  (raised through the pipeline)
+from vlm_jax.data.tiling import TilingConfig
 from vlm_jax.data.streams import OrderedThreadMapIterDataset, StreamSourceIterDataset
 from vlm_jax.errors import ConfigError
 
@@ -103,7 +104,8 @@ class DataConfig:
                                         # turns first; never an image token, see transforms.py)
     batch_size: int = 8
     packing: bool = True
-    max_images_per_row: int = 4
+    max_images_per_row: int = 4         # encoder images (tiles, with data.tiling) per packed row
+    tiling: TilingConfig = TilingConfig()  # off; max_tiles = n * n: data/tiling.py
     shuffle: bool = True
     shuffle_window: int = 1000          # stream sources: raw examples shuffled together
     seed: int = 0
@@ -137,6 +139,11 @@ class DataConfig:
             raise ConfigError(f"data.num_epochs must be >= 1 or None (forever), got {self.num_epochs}")
         if not 0.0 <= self.max_skip_fraction <= 1.0:
             raise ConfigError(f"data.max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
+        if self.tiling.enabled and self.max_images_per_row < self.tiling.max_images:
+            raise ConfigError(
+                f"data.tiling.max_tiles={self.tiling.max_tiles}: one image can become "
+                f"{self.tiling.max_images} encoder images (tiles + the global view), more than "
+                f"data.max_images_per_row={self.max_images_per_row}; raise max_images_per_row")
 
     @property
     def row_spec(self) -> RowSpec:

@@ -32,8 +32,9 @@ import grain
 import numpy as np
 
 from vlm_jax.data.errors import SkipExample
-from vlm_jax.data.images import decode_image, resize_image
+from vlm_jax.data.images import decode_image, expand_to_square, resize_image
 from vlm_jax.data.templates import ChatTemplate, Message, Piece, TemplateError, get_template
+from vlm_jax.data.tiling import TilingConfig, layout_text, tile_image
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import ConfigError
 
@@ -43,16 +44,35 @@ class DecodeImages(grain.transforms.Map):
     a square of `images.PAD_COLOR` with `pad_to_square` (LLaVA-1.5). They stay bytes to the
     device, where the train step normalises them (`images.normalize_pixels`)."""
 
-    def __init__(self, image_size: int, pad_to_square: bool = False):
+    def __init__(self, image_size: int, pad_to_square: bool = False,
+                 tiling: TilingConfig | None = None):
         self.image_size = image_size
         self.pad_to_square = pad_to_square
+        self.tiling = tiling if tiling is not None and tiling.enabled else None
 
     def map(self, element: Mapping[str, Any]) -> dict:
+        if self.tiling is not None:
+            return self._tiled(element)
         images = [resize_image(decode_image(image), self.image_size, self.pad_to_square)
                   for image in element["images"]]
         stacked = (np.stack(images) if images
                    else np.zeros((0, self.image_size, self.image_size, 3), np.uint8))
         return {**element, "images": stacked}
+
+    def _tiled(self, element: Mapping[str, Any]) -> dict:
+        """data.tiling: every image -> its tiles and global view (data/tiling.py), all of them
+        in one u8[k, S, S, 3] in reading order, and `image_grids` i32[num_images, 2] (rows,
+        cols; (0, 0) for an image not split) for the tokenizer's layout."""
+        tiles, grids = [np.zeros((0, self.image_size, self.image_size, 3), np.uint8)], []
+        for image in element["images"]:
+            rgb = decode_image(image)
+            if self.pad_to_square:
+                rgb = expand_to_square(rgb)
+            image_tiles, grid = tile_image(rgb, self.image_size, self.tiling)
+            tiles.append(image_tiles)
+            grids.append(grid)
+        return {**element, "images": np.concatenate(tiles),
+                "image_grids": np.asarray(grids, np.int32).reshape(-1, 2)}
 
 
 class TokenizeConversation(grain.transforms.Map):
@@ -94,12 +114,13 @@ class TokenizeConversation(grain.transforms.Map):
 
     def _tokenize(self, element: Mapping[str, Any], conversation: Sequence[Message]) -> dict:
         images = _decoded_images(element)
+        num_images = _num_source_images(element)
         try:
-            example = self._tokenize_messages(element, conversation, len(images), cut=False)
+            example = self._tokenize_messages(element, conversation, num_images, cut=False)
         except SkipExample as skip:
             if not (self.truncate and skip.reason == "too_long"):
                 raise
-            example = self._longest_fitting_prefix(element, conversation, len(images), skip)
+            example = self._longest_fitting_prefix(element, conversation, num_images, skip)
             example["truncated"] = np.int32(1)
         if isinstance(images, np.ndarray):
             example["images"] = images
@@ -115,7 +136,9 @@ class TokenizeConversation(grain.transforms.Map):
         return tokenize_pieces(self.tokenizer, pieces, num_images=num_images,
                                num_image_tokens=self.num_image_tokens, seq_len=self.seq_len,
                                prefix_lm=self.prefix_lm, truncate=cut,
-                               example_id=str(element.get("id")))
+                               example_id=str(element.get("id")),
+                               image_layouts=_image_layouts(element, self.tokenizer,
+                                                            self.num_image_tokens))
 
     def _longest_fitting_prefix(self, element: Mapping[str, Any],
                                 conversation: Sequence[Message], num_images: int,
@@ -165,7 +188,7 @@ class TokenizeCaption(TokenizeConversation):
 
     def map(self, element: Mapping[str, Any]) -> dict:
         caption = caption_of(element)
-        num_images = len(element["images"])
+        num_images = _num_source_images(element)
         conversation = [{"role": "user", "content": self.tokenizer.image_token * num_images},
                         {"role": "assistant", "content": caption}]
         return self._tokenize(element, conversation)
@@ -245,7 +268,17 @@ class Chain(grain.transforms.Map):
 def make_transform(cfg: Any, tokenizer: Tokenizer, prefix_lm: bool = False) -> Chain:
     """The chain for a pipeline `DataConfig` (task, template, seq_len, image_size, pad_to_square,
     num_image_tokens, text_len, too_long)."""
-    decode = DecodeImages(cfg.image_size, cfg.pad_to_square)
+    tiling = getattr(cfg, "tiling", None)
+    if tiling is not None and tiling.enabled and cfg.task in ("instruct", "align"):
+        missing = [t for t in tiling.layout_tokens() if tokenizer.token_to_id(t) is None]
+        if missing:
+            raise ConfigError(f"data.tiling.max_tiles={tiling.max_tiles}: the tokenizer has no "
+                              f"{missing[:3]}{' ...' if len(missing) > 3 else ''} ({len(missing)} "
+                              f"layout tokens missing); add them as special tokens")
+    elif tiling is not None and tiling.enabled:
+        raise ConfigError(f"data.tiling.max_tiles={tiling.max_tiles} with data.task={cfg.task!r}: "
+                          f"tiling is for the tasks whose text holds the image (instruct, align)")
+    decode = DecodeImages(cfg.image_size, cfg.pad_to_square, tiling)
     truncate = cfg.too_long == "truncate"
     if cfg.task == "instruct":
         return Chain(decode, TokenizeConversation(tokenizer, cfg.template, cfg.num_image_tokens,
@@ -265,13 +298,20 @@ def make_transform(cfg: Any, tokenizer: Tokenizer, prefix_lm: bool = False) -> C
 
 def tokenize_pieces(tokenizer: Tokenizer, pieces: Sequence[Piece], num_images: int,
                     num_image_tokens: int, seq_len: int, prefix_lm: bool = False,
-                    truncate: bool = False, example_id: str = "") -> dict[str, np.ndarray]:
+                    truncate: bool = False, example_id: str = "",
+                    image_layouts: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Template pieces -> the TOKENIZED EXAMPLE arrays (without images).
 
+    Each `<image>` becomes `num_image_tokens` image ids (inside `tokenizer.image_wrap`), or with
+    `image_layouts` (tiling) the text of its layout, substituted before the one encode call, as
+    transformers' processors do, so the ids are exactly theirs.
     Longer than seq_len: "too_long", or with `truncate` the first seq_len tokens when that cut
     falls inside the last answer (the last run of target tokens): after every image token, with
     at least one of that answer's tokens learned. The cut example gets `truncated` = 1.
     """
+    if image_layouts is not None:
+        return _tokenize_with_layouts(tokenizer, pieces, num_images, image_layouts, seq_len,
+                                      prefix_lm, truncate, example_id)
     text = "".join(segment for segment, _ in pieces)
     char_is_target = np.zeros(len(text) + 1, bool)
     start = 0
@@ -293,6 +333,45 @@ def tokenize_pieces(tokenizer: Tokenizer, pieces: Sequence[Piece], num_images: i
     else:
         in_image_block = np.zeros(len(ids), bool)
 
+    return _finish_example(ids, is_target, in_image_block, seq_len, prefix_lm, truncate, example_id)
+
+
+def _tokenize_with_layouts(tokenizer: Tokenizer, pieces: Sequence[Piece], num_images: int,
+                           layouts: Sequence[str], seq_len: int, prefix_lm: bool, truncate: bool,
+                           example_id: str) -> dict[str, np.ndarray]:
+    """tokenize_pieces with each `<image>` replaced by its layout text (never a target)."""
+    placeholder = tokenizer.image_token
+    found = sum(segment.count(placeholder) for segment, _ in pieces)
+    if found != num_images or len(layouts) != num_images:
+        raise SkipExample("placeholder_mismatch", f"{example_id}: {found} {placeholder} "
+                          f"placeholders for {num_images} images")
+    parts: list[tuple[str, bool, bool]] = []  # (text, is_target, in_layout)
+    layout_iter = iter(layouts)
+    for segment, target in pieces:
+        chunks = segment.split(placeholder)
+        for i, chunk in enumerate(chunks):
+            if i:
+                parts.append((next(layout_iter), False, True))
+            parts.append((chunk, target, False))
+    text = "".join(part for part, _, _ in parts)
+    char_is_target = np.zeros(len(text) + 1, bool)
+    char_in_layout = np.zeros(len(text) + 1, bool)
+    start = 0
+    for part, target, in_layout in parts:
+        char_is_target[start:start + len(part)] = target
+        char_in_layout[start:start + len(part)] = in_layout
+        start += len(part)
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    starts = np.asarray([s for s, _ in offsets], np.int64).reshape(-1)
+    in_layout = char_in_layout[starts]
+    is_target = char_is_target[starts] & ~in_layout
+    return _finish_example(np.asarray(ids, np.int32), is_target, in_layout, seq_len, prefix_lm,
+                           truncate, example_id)
+
+
+def _finish_example(ids: np.ndarray, is_target: np.ndarray, in_image_block: np.ndarray,
+                    seq_len: int, prefix_lm: bool, truncate: bool, example_id: str
+                    ) -> dict[str, np.ndarray]:
     if not is_target[1:].any():
         raise SkipExample("no_answer", f"{example_id}: no answer token to learn")
     cut = len(ids) > seq_len
@@ -338,6 +417,22 @@ def caption_of(element: Mapping[str, Any]) -> str:
         return answers[0]
     raise SkipExample("no_caption", f"{element.get('id')}: no caption and {len(answers)} "
                       "assistant turns")
+
+
+def _num_source_images(element: Mapping[str, Any]) -> int:
+    """Images of the example before tiling (the `<image>` placeholders it must hold)."""
+    if "image_grids" in element:
+        return len(element["image_grids"])
+    return len(element.get("images", []))
+
+
+def _image_layouts(element: Mapping[str, Any], tokenizer: Tokenizer,
+                   tokens_per_tile: int) -> list[str] | None:
+    """The layout text of each tiled image (data/tiling.py); None when the images are not tiled."""
+    if "image_grids" not in element:
+        return None
+    return [layout_text(int(rows), int(cols), tokenizer.image_token, tokens_per_tile)
+            for rows, cols in element["image_grids"]]
 
 
 def _decoded_images(element: Mapping[str, Any]) -> np.ndarray | list:

@@ -34,6 +34,7 @@ import ml_collections
 from vlm_jax import config as config_lib
 from vlm_jax.config import from_dict, load_config_file, suggestion, to_dict
 from vlm_jax.data.pipeline import STREAM_KINDS, DataConfig
+from vlm_jax.data import tiling
 from vlm_jax.data.templates import TEMPLATES
 from vlm_jax.errors import ConfigError
 from vlm_jax.models.vlm import VLMConfig
@@ -283,6 +284,14 @@ def _check_phase(run: RunConfig) -> None:
                                   f"model.projector)")
             if data.max_images_per_row < 1:
                 raise ConfigError(f"{where}.max_images_per_row must be >= 1 for task {data.task!r}")
+            largest = tiling.max_layout_tokens(data.tiling, need)
+            if data.tiling.enabled and largest + 2 > data.seq_len:
+                raise ConfigError(
+                    f"{where}.tiling.max_tiles={data.tiling.max_tiles}: the largest image (a "
+                    f"{data.tiling.side} x {data.tiling.side} grid + the global view, "
+                    f"{data.tiling.max_images} x {need} image tokens and its layout) is up to "
+                    f"{largest} tokens, more than {where}.seq_len={data.seq_len} holds with text; "
+                    f"raise {where}.seq_len or lower {where}.tiling.max_tiles")
         if (data.prefix_lm and run.model.llm is not None
                 and run.model.resolved("llm").attention_backend == "tpu_flash"):
             raise ConfigError(f"{where}.prefix_lm=True needs a dense attention mask, which "

@@ -1,0 +1,131 @@
+"""Tiling (data/tiling.py): the grid rule against a written table and against transformers'
+Idefics3 image processor (grid, pixels), the layout's token ids against its processor, the
+pipeline's tiled examples, and the checks that refuse what cannot fit."""
+import numpy as np
+import pytest
+
+from vlm_jax.data import tiling
+from vlm_jax.data.images import normalize_pixels
+from vlm_jax.data.tiling import TilingConfig
+from vlm_jax.data.tokenizer import train_word_tokenizer
+from vlm_jax.data.transforms import make_transform
+from vlm_jax.errors import ConfigError
+
+TILE = 32
+TOKENS_PER_TILE = 3
+ASPECTS = [(40, 50), (50, 40), (30, 120), (120, 30), (64, 64), (10, 10), (33, 97), (97, 33),
+           (200, 90)]
+
+
+@pytest.mark.parametrize("height,width,max_tiles,grid", [
+    (64, 64, 16, (4, 4)),     # square: always n x n (enlarged when small)
+    (10, 10, 16, (4, 4)),
+    (64, 128, 16, (2, 4)),    # 1:2 -> longest edge 128, other 64
+    (100, 300, 16, (2, 4)),   # 1:3 -> 128 x 42 -> 42 rounded up to 64
+    (300, 50, 16, (4, 1)),    # 6:1 tall -> 128 x 22 -> 22 rounded up to 32
+    (90, 200, 9, (2, 3)),     # n = 3: 96 x 43 -> 44 (even) -> 64 x 96
+    (64, 64, 1, (0, 0)),      # n = 1: the longest edge is one tile, never split
+    (50, 40, 0, (0, 0)),      # off
+])
+def test_grid_for_follows_the_longest_edge_rule(height, width, max_tiles, grid):
+    assert tiling.grid_for(height, width, TILE, TilingConfig(max_tiles=max_tiles)) == grid
+
+
+@pytest.mark.parametrize("max_tiles", [4, 16])
+@pytest.mark.parametrize("height,width", ASPECTS)
+def test_tiles_equal_transformers_idefics3_image_processor(height, width, max_tiles):
+    """Why: a tiled model must export with a processor that cuts the same tiles: transformers'
+    Idefics3 (PIL) image processor with do_image_splitting gives the same grid and pixels."""
+    from PIL import Image
+    from transformers import Idefics3ImageProcessorPil
+
+    config = TilingConfig(max_tiles=max_tiles)
+    rgb = np.random.default_rng(height * 1000 + width).integers(0, 256, (height, width, 3), np.uint8)
+    tiles, grid = tiling.tile_image(rgb, TILE, config)
+    assert grid == tiling.grid_for(height, width, TILE, config)
+    assert len(tiles) == (grid[0] * grid[1] + 1 if grid != (0, 0) else 1)
+    processor = Idefics3ImageProcessorPil(
+        do_resize=True, size={"longest_edge": config.side * TILE}, do_image_splitting=True,
+        max_image_size={"longest_edge": TILE}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        return_row_col_info=True)
+    theirs = processor(images=Image.fromarray(rgb), return_tensors="np")
+    assert (theirs["rows"][0][0], theirs["cols"][0][0]) == grid
+    np.testing.assert_allclose(normalize_pixels(tiles).transpose(0, 3, 1, 2),
+                               theirs["pixel_values"][0], atol=1e-6)
+
+
+def _tokenizer(max_tiles: int = 16):
+    config = TilingConfig(max_tiles=max_tiles)
+    return train_word_tokenizer(["a red square", "what colour is it", "the table total 12"],
+                                special_tokens=config.layout_tokens() + ["<end_of_utterance>"],
+                                vocab_size=300)
+
+
+@pytest.mark.parametrize("height,width", ASPECTS[:5])
+def test_layout_ids_equal_transformers_idefics3_processor(height, width, tmp_path):
+    """Why: the text of a tiled image is what Idefics3's processor writes, token for token
+    (row / column markers, the newlines after each row, the global view last)."""
+    from PIL import Image
+    from transformers import (Idefics3ImageProcessorPil, Idefics3Processor,
+                              PreTrainedTokenizerFast)
+
+    tokenizer = _tokenizer()
+    tokenizer.save(str(tmp_path))
+    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    image_processor = Idefics3ImageProcessorPil(
+        do_resize=True, size={"longest_edge": 4 * TILE}, do_image_splitting=True,
+        max_image_size={"longest_edge": TILE}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=hf_tokenizer,
+                                  image_seq_len=TOKENS_PER_TILE)
+    rgb = np.random.default_rng(0).integers(0, 256, (height, width, 3), np.uint8)
+    text = "what colour is it <image> a red square"
+    theirs = processor(images=Image.fromarray(rgb), text=text, return_tensors="np")
+
+    transform = make_transform(_data_config(tokenizer), tokenizer)
+    decoded = transform.transforms[0].map({"images": [rgb]})
+    rows, cols = decoded["image_grids"][0]
+    layout = tiling.layout_text(int(rows), int(cols), tokenizer.image_token, TOKENS_PER_TILE)
+    ours = tokenizer.encode(text.replace(tokenizer.image_token, layout))
+    assert ours == theirs["input_ids"][0].tolist()
+    assert len(decoded["images"]) == theirs["pixel_values"].shape[1]
+    image_id = tokenizer.image_token_id
+    assert ours.count(image_id) == TOKENS_PER_TILE * len(decoded["images"])
+
+
+def _data_config(tokenizer, max_tiles: int = 16, seq_len: int = 512, task: str = "instruct"):
+    from vlm_jax.data.pipeline import DataConfig
+    return DataConfig(sources=(), task=task, template="minimal", seq_len=seq_len,
+                      image_size=TILE, num_image_tokens=TOKENS_PER_TILE,
+                      max_images_per_row=max_tiles + 1, tiling=TilingConfig(max_tiles=max_tiles))
+
+
+def test_a_tiled_conversation_holds_every_tile_and_learns_no_layout_token():
+    tokenizer = _tokenizer()
+    transform = make_transform(_data_config(tokenizer), tokenizer)
+    rgb = np.random.default_rng(1).integers(0, 256, (40, 100, 3), np.uint8)
+    example = transform.map({"id": "x", "images": [rgb], "conversation": [
+        {"role": "user", "content": "<image>\nwhat colour is it"},
+        {"role": "assistant", "content": "red"}]})
+    rows, cols = tiling.grid_for(40, 100, TILE, TilingConfig(max_tiles=16))
+    assert example["images"].shape == (rows * cols + 1, TILE, TILE, 3)
+    ids = example["input_ids"]
+    assert int((ids == tokenizer.image_token_id).sum()) == TOKENS_PER_TILE * (rows * cols + 1)
+    layout_ids = {tokenizer.token_to_id(t) for t in TilingConfig(max_tiles=16).layout_tokens()}
+    layout_ids.add(tokenizer.image_token_id)
+    learned = example["target_ids"][example["loss_mask"] > 0]
+    assert learned.size and not set(learned.tolist()) & layout_ids
+
+
+def test_what_tiling_cannot_fit_is_refused_naming_the_fields():
+    tokenizer = _tokenizer()
+    with pytest.raises(ConfigError, match="data.tiling.max_tiles=5"):
+        TilingConfig(max_tiles=5)
+    with pytest.raises(ConfigError, match="max_images_per_row"):
+        from vlm_jax.data.pipeline import DataConfig
+        DataConfig(sources=(), tiling=TilingConfig(max_tiles=4), max_images_per_row=4)
+    bare = train_word_tokenizer(["a b"], vocab_size=270)
+    with pytest.raises(ConfigError, match="layout tokens missing"):
+        make_transform(_data_config(bare), bare)
+    with pytest.raises(ConfigError, match="data.task='contrastive'"):
+        make_transform(_data_config(tokenizer, task="contrastive"), tokenizer)
+    assert tiling.max_layout_tokens(TilingConfig(max_tiles=4), 2) == 24
