@@ -129,3 +129,49 @@ def test_what_tiling_cannot_fit_is_refused_naming_the_fields():
     with pytest.raises(ConfigError, match="data.task='contrastive'"):
         make_transform(_data_config(tokenizer, task="contrastive"), tokenizer)
     assert tiling.max_layout_tokens(TilingConfig(max_tiles=4), 2) == 24
+
+
+def test_a_packed_row_of_images_with_different_tile_counts_gives_each_its_own_logits(
+        tiny_vlm_config):
+    """Why: tiles make the image-token count vary per example; packed together, each example
+    must still read only its own tiles (segment isolation), exactly as alone."""
+    import grain
+    import jax
+
+    from vlm_jax.data.packing import PackedRowsIterDataset, RowSpec, assemble_row
+    from vlm_jax.models.vlm import VLM, init_params
+
+    tokenizer = _tokenizer(max_tiles=4)
+    config = tiny_vlm_config(vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_token_id)
+    size, per_tile = config.vision.image_size, config.tokens_per_image
+    data = _data_config(tokenizer, max_tiles=4)
+    data = type(data)(**{**data.__dict__, "image_size": size, "num_image_tokens": per_tile})
+    transform = make_transform(data, tokenizer)
+    rng = np.random.default_rng(0)
+    examples = [transform.map({"id": str(i), "images": [rng.integers(0, 256, (h, w, 3), np.uint8)],
+                               "conversation": [{"role": "user", "content": "<image>\nwhat colour"},
+                                                {"role": "assistant", "content": "red"}]})
+                for i, (h, w) in enumerate([(16, 16), (10, 30), (40, 12)])]
+    assert sorted(len(e["images"]) for e in examples) == [3, 3, 5]
+    spec = RowSpec(seq_len=sum(len(e["input_ids"]) for e in examples), max_images=11,
+                   image_size=size)
+    rows = [assemble_row(row, spec) for row in PackedRowsIterDataset(
+        grain.MapDataset.source(examples).to_iter_dataset(), spec)]
+    assert len(rows) == 1
+    params = init_params(config, jax.random.key(0))
+    model = VLM(config)
+
+    def logits(row):
+        return np.asarray(model.apply({"params": params}, row["input_ids"][None],
+                                      normalize_pixels(row["images"])[None],
+                                      row["positions"][None], row["mask_ar"][None],
+                                      segment_ids=row["segment_ids"][None]))[0]
+
+    packed = logits(rows[0])
+    start = 0
+    for example in examples:
+        n = len(example["input_ids"])
+        alone_spec = RowSpec(seq_len=n, max_images=5, image_size=size)
+        alone = logits(assemble_row([example], alone_spec))
+        np.testing.assert_allclose(packed[start:start + n], alone, atol=2e-5)
+        start += n

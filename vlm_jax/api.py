@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax import model_dir
+from vlm_jax.data.tiling import TilingConfig
 from vlm_jax.errors import InputError
 from vlm_jax.models.vlm import VLM, VLMConfig, check_image_placeholders, with_run_settings
 
@@ -17,13 +18,15 @@ from vlm_jax.models.vlm import VLM, VLMConfig, check_image_placeholders, with_ru
 class LoadedModel:
     """A model directory in memory: `config`, `params`, `tokenizer` (None if it had none), and
     what training fed it: `template` (chat template name, None when unknown),
-    `pad_to_square` (image preprocessing) and `prefix_lm` (prompts attend bidirectionally)."""
+    `pad_to_square` (image preprocessing), `prefix_lm` (prompts attend bidirectionally) and
+    `tiling` (large images as tiles, data/tiling.py)."""
     config: VLMConfig
     params: Any
     tokenizer: Any
     template: str | None = None
     pad_to_square: bool = False
     prefix_lm: bool = False
+    tiling: TilingConfig = TilingConfig()
 
     def __post_init__(self):
         self.model = VLM(self.config)
@@ -84,4 +87,4 @@ def load(checkpoint: str, dtype: str | None = None) -> LoadedModel:
     config = with_run_settings(config, dtype=dtype)
     data = model_dir.load_data_settings(checkpoint)
     return LoadedModel(config, params, tokenizer, data["template"], data["pad_to_square"],
-                       data["prefix_lm"])
+                       data["prefix_lm"], data["tiling"])

@@ -36,12 +36,14 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from vlm_jax.config import from_dict, to_dict
+from vlm_jax.data.tiling import TilingConfig
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.errors import CheckpointError, InputError
 from vlm_jax.models.vlm import VLMConfig, architecture_only, param_shapes, run_settings
 
 FORMAT = "vlm_jax.model/1"
-DATA_SETTINGS = ("template", "pad_to_square", "prefix_lm")  # the keys of config.json's "data"
+# the keys of config.json's "data"; tiling: {"max_tiles": n * n, "rule": ...} (data/tiling.py)
+DATA_SETTINGS = ("template", "pad_to_square", "prefix_lm", "tiling")
 GENERATION_CONFIG = "generation_config.json"
 
 
@@ -170,12 +172,14 @@ def load_config(directory: str) -> VLMConfig:
 
 
 def load_data_settings(directory: str) -> dict:
-    """{"template": name or None, "pad_to_square": bool, "prefix_lm": bool}: what the model was
-    trained on (an import or an older directory records nothing: template None, no padding,
-    causal prompts; a PaliGemma import records prefix_lm)."""
+    """{"template": name or None, "pad_to_square": bool, "prefix_lm": bool, "tiling":
+    TilingConfig}: what the model was trained on (an import or an older directory records
+    nothing: template None, no padding, causal prompts, no tiles; a PaliGemma import records
+    prefix_lm)."""
     data = _read_meta(directory).get("data") or {}
     return {"template": data.get("template"), "pad_to_square": bool(data.get("pad_to_square")),
-            "prefix_lm": bool(data.get("prefix_lm"))}
+            "prefix_lm": bool(data.get("prefix_lm")),
+            "tiling": from_dict(TilingConfig, data.get("tiling"), "data.tiling")}
 
 
 def load_trained_with(directory: str) -> dict:

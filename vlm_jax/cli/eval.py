@@ -108,7 +108,8 @@ def run(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     template = args.template or trained["template"] or data.template
     started = time.perf_counter()
     examples, skipped = read_examples(data, args.num_examples, args.split,
-                                      model_config.vision.image_size, pad_to_square)
+                                      model_config.vision.image_size, pad_to_square,
+                                      trained["tiling"])
     if not examples:
         raise DataError(f"no usable examples in the evaluation data (skipped: {dict(skipped)})")
     if task == "vqa":

@@ -167,3 +167,29 @@ def max_layout_tokens(config: TilingConfig, tokens_per_tile: int) -> int:
     tiles = config.side * config.side
     grid = tiles * (2 + tokens_per_tile) + config.side  # fake + <row_r_col_c> + run; "\n" per row
     return grid + 1 + 3 + tokens_per_tile               # "\n", fake + <global-img> + run + fake
+
+
+def model_images(rgb: np.ndarray, image_size: int, pad_to_square: bool = False,
+                 config: TilingConfig | None = None) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """One decoded image u8[H, W, 3] -> (f32[k, S, S, 3] as the model reads it, its grid):
+    without tiling k = 1 and the grid is None; with it, its tiles and global view (`tile_image`)
+    and (rows, cols). What inference and evaluation feed, as the training pipeline does."""
+    from vlm_jax.data.images import expand_to_square, normalize_pixels, preprocess_image
+
+    if config is None or not config.enabled:
+        return preprocess_image(rgb, image_size, pad_to_square=pad_to_square)[None], None
+    if pad_to_square:
+        rgb = expand_to_square(rgb)
+    tiles, grid = tile_image(rgb, image_size, config)
+    return normalize_pixels(tiles), grid
+
+
+def expand_placeholders(text: str, image_token: str, grids, tokens_per_tile: int) -> str:
+    """`text` with its i-th `image_token` replaced by the layout text of grids[i] (rows, cols)."""
+    chunks = text.split(image_token)
+    if len(chunks) - 1 != len(grids):
+        raise ValueError(f"{len(chunks) - 1} {image_token} placeholders for {len(grids)} images")
+    out = [chunks[0]]
+    for (rows, cols), chunk in zip(grids, chunks[1:]):
+        out += [layout_text(int(rows), int(cols), image_token, tokens_per_tile), chunk]
+    return "".join(out)

@@ -26,7 +26,9 @@ import jax
 import numpy as np
 
 from vlm_jax.data.errors import SkipExample
-from vlm_jax.data.images import decode_image, preprocess_image
+from vlm_jax.data import tiling
+from vlm_jax.data.images import decode_image
+from vlm_jax.data.tiling import TilingConfig
 from vlm_jax.data.pipeline import make_source
 from vlm_jax.data.transforms import TokenizeContrastive, caption_of
 from vlm_jax.errors import CheckpointError, DataError, InputError
@@ -47,8 +49,9 @@ class Example:
     """One raw example, decoded: images u8[H, W, 3] (for the report) and model inputs."""
     id: str
     images: list[np.ndarray]
-    pixels: np.ndarray          # f32[M, S, S, 3], SigLIP-normalised
+    pixels: np.ndarray          # f32[M, S, S, 3], SigLIP-normalised (a tiled model: all tiles)
     raw: dict
+    grids: list | None = None   # a tiled model: (rows, cols) per image (data/tiling.py)
 
 
 EVAL_OUTPUTS = ("results.json", "report.html")
@@ -82,10 +85,12 @@ def check_model_fits(task: str, model_config: Any, tokenizer: Any) -> None:
 # ----------------------------------------------------------------------------- data
 
 def read_examples(data: Any, num_examples: int, split: str | None, image_size: int,
-                  pad_to_square: bool = False) -> tuple[list[Example], collections.Counter]:
+                  pad_to_square: bool = False, tiling_config: TilingConfig | None = None
+                  ) -> tuple[list[Example], collections.Counter]:
     """The first `num_examples` usable raw examples of each source, images decoded (and padded
-    to a square first when the model was trained so); examples a source or its images reject
-    (SkipExample) are counted by reason and left out."""
+    to a square first when the model was trained so, cut into tiles when it was trained with
+    them); examples a source or its images reject (SkipExample) are counted by reason and left
+    out."""
 
     examples, skipped = [], collections.Counter()
     for source_config in data.sources:
@@ -111,10 +116,13 @@ def read_examples(data: Any, num_examples: int, split: str | None, image_size: i
                 skipped[e.reason] += 1
                 continue
             size = (image_size, image_size, 3)
-            pixels = (np.stack([preprocess_image(image, image_size, pad_to_square=pad_to_square)
-                                for image in images])
+            inputs = [tiling.model_images(image, image_size, pad_to_square, tiling_config)
+                      for image in images]
+            pixels = (np.concatenate([tiles for tiles, _ in inputs])
                       if images else np.zeros((0,) + size, np.float32))
-            examples.append(Example(str(raw.get("id", taken)), images, pixels, raw))
+            grids = ([grid for _, grid in inputs]
+                     if tiling_config is not None and tiling_config.enabled else None)
+            examples.append(Example(str(raw.get("id", taken)), images, pixels, raw, grids))
             taken += 1
     return examples, skipped
 
@@ -141,8 +149,12 @@ def evaluate_vqa(model_config, params, tokenizer, examples: Sequence[Example], s
         for index, message in enumerate(conversation):
             if message["role"] != "assistant":
                 continue
+            grids = example.grids
+            if grids is not None:  # the images placed so far (later turns may add more)
+                grids = grids[:sum(m["content"].count(tokenizer.image_token)
+                                   for m in conversation[:index])]
             prompt = conversation_prompt_ids(tokenizer, conversation[:index], template,
-                                                      model_config.tokens_per_image)
+                                             model_config.tokens_per_image, grids)
             if turn == 0 and prefix_lm:
                 prefix = len(prompt)  # training's mask_ar: 0 up to the first answer token
             question = conversation[index - 1]["content"].replace(tokenizer.image_token, "")
@@ -199,7 +211,7 @@ def evaluate_captions(model_config, params, tokenizer, examples: Sequence[Exampl
         raise DataError("task caption: no example has a caption")
     prompts = [conversation_prompt_ids(
         tokenizer, [{"role": "user", "content": tokenizer.image_token * len(e.images)}], "plain",
-        model_config.tokens_per_image) for e in usable]
+        model_config.tokens_per_image, e.grids) for e in usable]
     predictions = greedy_texts(model_config, params, tokenizer, prompts,
                                         [e.pixels for e in usable], settings.batch_size,
                                         settings.max_new_tokens or 48)

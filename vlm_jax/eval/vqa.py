@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from vlm_jax.data.images import preprocess_image
+from vlm_jax.data import tiling
 from vlm_jax.data.sources import shapes
 from vlm_jax.inference.batching import greedy_texts
 from vlm_jax.inference.prompts import prompt_ids
@@ -203,18 +203,18 @@ def shapes_vqa_items(split: str = "test", num_per_type: int = 200, image_size: i
 
 def predict_answers(model_config: Any, params: Any, tokenizer: Any, items: Sequence[VQAItem],
                     template: str, blank_images: bool = False, batch_size: int = 128,
-                    max_new_tokens: int | None = None) -> list[str]:
-    """Greedy answers (KV-cache decoding), one per item. `blank_images` replaces every image by
-    mid-grey pixels. max_new_tokens: default 24 when a grounding question is present (a box is
-    ~20 tokens), else 6."""
+                    max_new_tokens: int | None = None,
+                    tiling_config: tiling.TilingConfig | None = None) -> list[str]:
+    """Greedy answers (KV-cache decoding), one per item. `blank_images` replaces every image (or
+    tile) by mid-grey pixels. max_new_tokens: default 24 when a grounding question is present (a
+    box is ~20 tokens), else 6. `tiling_config`: the model reads tiles (data/tiling.py)."""
     if max_new_tokens is None:
         max_new_tokens = 24 if any(i.question_type == GROUNDING for i in items) else 6
     size = model_config.vision.image_size
-    prompts = [prompt_ids(tokenizer, item.question, template, model_config.tokens_per_image)
-               for item in items]
-    blank = np.zeros((1, size, size, 3), np.float32)
-    images = [blank if blank_images else preprocess_image(item.image, size)[None]
-              for item in items]
+    inputs = [tiling.model_images(item.image, size, config=tiling_config) for item in items]
+    prompts = [prompt_ids(tokenizer, item.question, template, model_config.tokens_per_image, grid)
+               for item, (_, grid) in zip(items, inputs)]
+    images = [np.zeros_like(tiles) if blank_images else tiles for tiles, _ in inputs]
     return greedy_texts(model_config, params, tokenizer, prompts, images, batch_size,
                         max_new_tokens)
 

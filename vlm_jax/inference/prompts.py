@@ -11,6 +11,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from vlm_jax.data import tiling
 from vlm_jax.data.templates import get_template
 from vlm_jax.errors import InputError
 from vlm_jax.models import families
@@ -34,20 +35,24 @@ def user_content(question: str, image_token: str) -> str:
     return question if count else f"{image_token}\n{question}"
 
 
-def prompt_ids(tokenizer: Any, question: str, template: str, num_image_tokens: int) -> np.ndarray:
+def prompt_ids(tokenizer: Any, question: str, template: str, num_image_tokens: int,
+               image_grid: tuple[int, int] | None = None) -> np.ndarray:
     """i32[T]: the template's text up to where the answer starts, the image placed by
-    `user_content`, expanded to `num_image_tokens` image tokens."""
+    `user_content`, expanded to `num_image_tokens` image tokens (with `image_grid`, a tiled
+    image: its layout, data/tiling.py)."""
     return conversation_prompt_ids(
         tokenizer, [{"role": "user", "content": user_content(question, tokenizer.image_token)}],
-        template, num_image_tokens)
+        template, num_image_tokens, None if image_grid is None else [image_grid])
 
 
 def conversation_prompt_ids(tokenizer: Any, conversation: Sequence[Mapping[str, str]],
-                            template: str, num_image_tokens: int) -> np.ndarray:
+                            template: str, num_image_tokens: int,
+                            image_grids: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
     """i32[T]: `conversation` (ending with a user turn; earlier answers are context) rendered by
     the template up to where the next answer starts, each image token expanded to
-    `num_image_tokens` (`Tokenizer.expand_images`): exactly the ids training saw before that
-    answer."""
+    `num_image_tokens` (`Tokenizer.expand_images`), or with `image_grids` (tiled images, one
+    (rows, cols) per image) to each image's layout text before encoding, as the pipeline does:
+    exactly the ids training saw before that answer."""
     messages = list(conversation) + [{"role": "assistant", "content": ""}]
     pieces = get_template(template).render(messages, tokenizer.bos_token, tokenizer.eos_token)
     targets = [i for i, (_, is_target) in enumerate(pieces) if is_target]
@@ -55,7 +60,15 @@ def conversation_prompt_ids(tokenizer: Any, conversation: Sequence[Mapping[str, 
     if len(targets) != num_answers:
         raise InputError(f"template {template!r} renders an empty answer as no text (a tokenizer "
                          f"without an EOS token?): cannot tell where the answer starts")
-    ids = np.asarray(tokenizer.encode("".join(text for text, _ in pieces[:targets[-1]])), np.int32)
+    text = "".join(text for text, _ in pieces[:targets[-1]])
+    if image_grids is not None:
+        try:
+            text = tiling.expand_placeholders(text, tokenizer.image_token, image_grids,
+                                              num_image_tokens)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        return np.asarray(tokenizer.encode(text), np.int32)
+    ids = np.asarray(tokenizer.encode(text), np.int32)
     return tokenizer.expand_images(ids, num_image_tokens)[0]
 
 

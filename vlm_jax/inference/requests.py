@@ -13,7 +13,8 @@ import json
 from typing import NamedTuple
 
 from vlm_jax.data.errors import SkipExample
-from vlm_jax.data.images import decode_image, preprocess_image
+from vlm_jax.data import tiling
+from vlm_jax.data.images import decode_image
 from vlm_jax.data.tokenizer import IMAGE_TOKEN
 from vlm_jax.errors import InputError
 from vlm_jax.inference.prompts import prompt_ids, user_content
@@ -95,9 +96,14 @@ def read_image(request: Request):
 
 
 def request_prompt_ids(model, template: str, request: Request):
-    """i32[T]: the request's prompt as training saw it (template, image tokens expanded)."""
+    """i32[T]: the request's prompt as training saw it (template, image tokens expanded; a
+    tiled model: the image's layout)."""
+    grid = None
+    if model.tiling.enabled:
+        grid = _model_images(model, request)[1]
     try:
-        return prompt_ids(model.tokenizer, request.prompt, template, model.config.tokens_per_image)
+        return prompt_ids(model.tokenizer, request.prompt, template, model.config.tokens_per_image,
+                          grid)
     except ValueError as e:
         raise InputError(f"{request.prompt_label()}: {e}") from None
 
@@ -113,13 +119,18 @@ def check_length(model, request: Request, prompt_length: int, more: int, what: s
 
 
 def image_input(model, request: Request):
-    """f32[1, S, S, 3]: the request's image preprocessed as in training."""
-    return preprocess_image(read_image(request), model.config.vision.image_size,
-                            pad_to_square=model.pad_to_square)[None]
+    """f32[k, S, S, 3]: the request's image preprocessed as in training (k = 1, or a tiled
+    model's tiles and global view)."""
+    return _model_images(model, request)[0]
+
+
+def _model_images(model, request: Request):
+    return tiling.model_images(read_image(request), model.config.vision.image_size,
+                               model.pad_to_square, model.tiling)
 
 
 def request_inputs(model, template: str, image_path: str, prompt: str):
-    """(prompt ids i32[T], image f32[1, S, S, 3]) of one image + prompt, as `generate` builds
+    """(prompt ids i32[T], image f32[k, S, S, 3]) of one image + prompt, as `generate` builds
     them (template, image placement and preprocessing as in training)."""
     request = Request(image_path, prompt)
     return request_prompt_ids(model, template, request), image_input(model, request)

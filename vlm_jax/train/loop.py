@@ -37,6 +37,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from vlm_jax import model_dir, sharding
+from vlm_jax.config import to_dict
 from vlm_jax.data.pipeline import TooManySkippedExamples, build_pipeline
 from vlm_jax.errors import CheckpointError, TrainingStopped
 from vlm_jax.train import checkpoint, flops, init_from
@@ -325,8 +326,11 @@ class _Trainer:
         whether prompts attend bidirectionally (prefix-LM)."""
         data = self.cfg.data
         template = {"align": "plain", "instruct": data.template}.get(data.task)  # align: captions
-        return {"template": template, "pad_to_square": data.pad_to_square,
-                "prefix_lm": data.prefix_lm}
+        settings = {"template": template, "pad_to_square": data.pad_to_square,
+                    "prefix_lm": data.prefix_lm}
+        if data.tiling.enabled:
+            settings["tiling"] = to_dict(data.tiling)
+        return settings
 
     def _inherited_generation_config(self) -> dict | None:
         """The HF generation config of the model this run started from (an import keeps its
