@@ -79,6 +79,9 @@ def test_bad_overrides_name_the_key(override, message):
     (None, ["data.tiling.max_tiles=4"], {}, r"data\.tiling\.max_tiles=4: .* more than "
                                              r"data\.max_images_per_row=2"),
     (None, ["data.tiling.max_tiles=6"], {}, r"data\.tiling\.max_tiles=6: 0 \(off\) or a square"),
+    (None, ["data.tiling.max_tiles=1", "eval_data.tiling.max_tiles=0"], {},
+     r"eval_data\.tiling=\{'max_tiles': 0, 'rule': "
+                                            r"'idefics3'\} but data\.tiling="),
     (None, ["data.image_size=64"], {}, r"data\.image_size=64 but model\.vision\.image_size=32"),
     # phase and data / model
     (None, ["train.phase.name=contrastive"], {}, r"phase 'contrastive' needs model\.text_tower"),

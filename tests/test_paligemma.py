@@ -17,6 +17,7 @@ from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 import vlm_jax
 from vlm_jax.cli import main as cli_main
 from vlm_jax.convert import exporter, hf_paligemma
+from vlm_jax.data.tiling import TilingConfig
 from vlm_jax.errors import ConversionError
 from vlm_jax.models.vlm import VLM
 
@@ -309,7 +310,8 @@ def test_fine_tuning_paligemma2_end_to_end_and_it_answers_the_same_in_transforme
     assert rows[-1]["examples_seen"] == 25 * 24
     assert rows[-1]["data/skipped/conversation_malformed"] == 1  # the multi-turn row, counted
     assert model_dir.load_data_settings(str(tmp_path / "ft" / "model")) == {
-        "template": "paligemma", "pad_to_square": False, "prefix_lm": True}
+        "template": "paligemma", "pad_to_square": False, "prefix_lm": True,
+        "tiling": TilingConfig()}
 
     capsys.readouterr()
     assert cli_main(["export-hf", "--checkpoint", str(tmp_path / "ft"),

@@ -126,6 +126,11 @@ def test_what_tiling_cannot_fit_is_refused_naming_the_fields():
     bare = train_word_tokenizer(["a b"], vocab_size=270)
     with pytest.raises(ConfigError, match="layout tokens missing"):
         make_transform(_data_config(bare), bare)
+    wrapped = _tokenizer()
+    wrapped.add_special_tokens(["<im_start>", "<im_end>"])
+    wrapped.image_wrap = ("<im_start>", "<im_end>")
+    with pytest.raises(ConfigError, match="another model's layout"):
+        make_transform(_data_config(wrapped), wrapped)
     with pytest.raises(ConfigError, match="data.task='contrastive'"):
         make_transform(_data_config(tokenizer, task="contrastive"), tokenizer)
     assert tiling.max_layout_tokens(TilingConfig(max_tiles=4), 2) == 24
@@ -175,3 +180,88 @@ def test_a_packed_row_of_images_with_different_tile_counts_gives_each_its_own_lo
         alone = logits(assemble_row([example], alone_spec))
         np.testing.assert_allclose(packed[start:start + n], alone, atol=2e-5)
         start += n
+
+
+@pytest.mark.parity
+def test_a_tiled_idefics3_shaped_model_exports_with_a_processor_that_tiles_as_we_do(
+        tiny_vlm_config, tmp_path, capsys):
+    """Why: a model trained on tiles must load in transformers and answer the same from the
+    same picture: the export carries Idefics3's splitting processor, whose ids and tiles equal
+    ours on images of several aspect ratios, and its self-check compares the tiled logits and
+    the greedy answer."""
+    import jax
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from vlm_jax import model_dir
+    from vlm_jax.cli import main as cli_main
+    from vlm_jax.models.projector import ProjectorConfig
+    from vlm_jax.models.vlm import init_params
+
+    tokenizer = _tokenizer(max_tiles=4)
+    config = tiny_vlm_config(
+        vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_token_id,
+        vision=dict(image_size=32, feature_post_norm=True),
+        projector=ProjectorConfig(type="pixel_shuffle", mlp_depth=1, bias=False,
+                                  pixel_shuffle_factor=2))
+    params = jax.jit(lambda key: init_params(config, key))(jax.random.key(0))
+    trained = tmp_path / "trained"
+    model_dir.save_model(str(trained), config, params, tokenizer,
+                         data={"template": "minimal", "tiling": {"max_tiles": 4}})
+    out = tmp_path / "exported"
+    assert cli_main(["export-hf", "--checkpoint", str(trained), "--out", str(out)]) == 0
+    line = capsys.readouterr().out
+    print(line)
+    assert "Idefics3ForConditionalGeneration" in line and "the same greedy answer" in line, line
+
+    processor = AutoProcessor.from_pretrained(out)
+    loaded = TilingConfig(max_tiles=4)
+    for height, width in ASPECTS[:6]:
+        rgb = np.random.default_rng(width).integers(0, 256, (height, width, 3), np.uint8)
+        batch = processor(images=Image.fromarray(rgb), text="what colour <image> red",
+                          return_tensors="np")
+        tiles, grid = tiling.model_images(rgb, 32, config=loaded)
+        want = tokenizer.encode(tiling.expand_placeholders(
+            "what colour <image> red", tokenizer.image_token, [grid], config.tokens_per_image))
+        assert batch["input_ids"][0].tolist() == want, (height, width)
+        np.testing.assert_allclose(batch["pixel_values"][0], tiles.transpose(0, 3, 1, 2),
+                                   atol=1e-6)
+
+
+@pytest.mark.parity
+def test_a_tiled_model_of_another_composition_exports_as_custom_with_a_tiling_processor(
+        tiny_vlm_config, tmp_path, capsys):
+    """Why: any tiled model must leave JAX with a processor that tiles; one Idefics3 cannot
+    hold (an mlp2x_gelu projector) exports as the custom format, whose VlmJaxTiledProcessor cuts
+    the same tiles and writes the same ids, and the self-check passes (logits, greedy answer)."""
+    import jax
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from vlm_jax import model_dir
+    from vlm_jax.cli import main as cli_main
+    from vlm_jax.models.vlm import init_params
+
+    tokenizer = _tokenizer(max_tiles=4)
+    config = tiny_vlm_config(vocab_size=tokenizer.vocab_size,
+                             image_token_id=tokenizer.image_token_id)
+    params = jax.jit(lambda key: init_params(config, key))(jax.random.key(1))
+    trained = tmp_path / "trained"
+    model_dir.save_model(str(trained), config, params, tokenizer,
+                         data={"template": "minimal", "tiling": {"max_tiles": 4}})
+    out = tmp_path / "exported"
+    assert cli_main(["export-hf", "--checkpoint", str(trained), "--out", str(out)]) == 0
+    line = capsys.readouterr().out
+    print(line)
+    assert "VlmJaxForConditionalGeneration" in line and "the same greedy answer" in line, line
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    assert type(processor).__name__ == "VlmJaxTiledProcessor"
+    size = config.vision.image_size
+    for height, width in ASPECTS[:4]:
+        rgb = np.random.default_rng(height).integers(0, 256, (height, width, 3), np.uint8)
+        batch = processor(images=Image.fromarray(rgb), text="what colour <image> red",
+                          return_tensors="np")
+        tiles, grid = tiling.model_images(rgb, size, config=TilingConfig(max_tiles=4))
+        assert batch["input_ids"][0].tolist() == tokenizer.encode(tiling.expand_placeholders(
+            "what colour <image> red", tokenizer.image_token, [grid], config.tokens_per_image))
+        np.testing.assert_allclose(batch["pixel_values"], tiles.transpose(0, 3, 1, 2), atol=1e-6)

@@ -48,7 +48,7 @@ from vlm_jax.api import LoadedModel
 from vlm_jax.convert import (hf_custom, hf_idefics3, hf_io, hf_llava, hf_llm, hf_paligemma,
                              hf_processor, hf_siglip)
 from vlm_jax.convert.hf_processor import ChatSettings
-from vlm_jax.data.images import preprocess_image
+from vlm_jax.data import tiling
 from vlm_jax.errors import ConversionError, ExportMismatch, InputError
 from vlm_jax.inference.generate import greedy_generate
 from vlm_jax.inference.prompts import prompt_ids, stop_token_ids
@@ -127,7 +127,7 @@ def export_hf(checkpoint_path: str, out: str, dtype: str = "float32", part: str 
     config, params, tokenizer = model_dir.load_model(source)
     params = model_dir.numpy_params(params)
     chat = ChatSettings(data["template"], data["pad_to_square"],
-                        model_dir.load_generation_config(source))
+                        model_dir.load_generation_config(source), data["tiling"])
     return export_params(config, params, tokenizer, out, dtype=dtype, part=part, check=check,
                          chat=chat, overwrite=overwrite, format=format,
                          max_shard_size=max_shard_size)
@@ -143,7 +143,7 @@ def export_params(config: VLMConfig, params: Any, tokenizer, out: str, dtype: st
     model_dir.check_output_dir(out, [], overwrite)
     config = architecture_only(config)  # the self-check compares f32 with f32
     # Decided from the config alone: a refused format writes nothing, reads no weight.
-    fmt = resolve_format(config, format) if part == "vlm" else None
+    fmt = resolve_format(config, format, chat.tiling.enabled) if part == "vlm" else None
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.export-",
@@ -248,9 +248,11 @@ def _check_options(dtype: str, part: str, format: str,
         raise InputError(f"--format {format} is for --part vlm; --part {part} always writes {what}")
 
 
-def resolve_format(config: VLMConfig, requested: str) -> str:
+def resolve_format(config: VLMConfig, requested: str, tiled: bool = False) -> str:
     """"llava" or "custom" for a whole-VLM export: `auto` picks LLaVA where it can hold the model;
-    `llava` for a model it cannot hold raises, naming the field that prevents it."""
+    `llava` for a model it cannot hold raises, naming the field that prevents it. A model
+    trained on tiles (`tiled`) gets a format whose processor tiles: `auto` picks Idefics3 where
+    it holds the model, else custom."""
     missing = [p for p in ("vision", "projector", "llm") if getattr(config, p) is None]
     if missing:
         raise ConversionError(f"a VLM export needs a vision tower, projector and LLM; this model "
@@ -261,6 +263,8 @@ def resolve_format(config: VLMConfig, requested: str) -> str:
         raise ConversionError(f"--format paligemma: {paligemma_blocker} (--format custom or auto "
                               f"exports it)")
     blocker = llava_blocker(config)
+    if requested == "auto" and tiled:
+        return "idefics3" if hf_idefics3.blocker(config) is None else "custom"
     if requested == "auto":
         if paligemma_blocker is None:  # only a PaliGemma import (feature_post_norm) gets here
             return "paligemma"
@@ -324,10 +328,11 @@ def _probe_image(size: int):
     return Image.fromarray(rng.integers(0, 256, (size + 7, size + 3, 3), dtype=np.uint8))
 
 
-def _probe_inputs(result: ExportResult, config: VLMConfig, tokenizer
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids int[1, T], pixel_values f32[1, 3, S, S]): through the exported processor when
-    there is one (which checks it too), else random ids around the image tokens."""
+def _probe_inputs(result: ExportResult, config: VLMConfig, tokenizer,
+                  chat: ChatSettings = ChatSettings()) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids int[1, T], pixel_values f32[k, 3, S, S]): through the exported processor when
+    there is one (which checks it too: k = 1, or a tiled model's tiles), else random ids around
+    one image's tokens."""
     per_image = config.tokens_per_image
     if not result.processor:
         rng = np.random.default_rng(0)
@@ -341,18 +346,17 @@ def _probe_inputs(result: ExportResult, config: VLMConfig, tokenizer
     image = _probe_image(config.vision.image_size)
     batch = processor(images=image, text=_PROBE_TEXT, return_tensors="np")
     ids, pixels = np.asarray(batch["input_ids"]), np.asarray(batch["pixel_values"], np.float32)
+    ours, grid = _our_images(image, config, chat)
     got_tokens = int((ids == config.image_token_id).sum())
-    if got_tokens != per_image:
+    if got_tokens != per_image * len(ours):
         raise ExportMismatch(f"the exported processor expands <image> to {got_tokens} tokens, the "
-                             f"model reads {per_image} per image")
-    ours = preprocess_image(np.asarray(image), config.vision.image_size,
-                            pad_to_square=result.pad_to_square).transpose(2, 0, 1)[None]
-    pixel_diff = float(np.abs(ours - pixels).max())
-    if pixel_diff > 1e-5:
-        raise ExportMismatch(f"the exported image processor differs from ours: max |diff| "
-                             f"{pixel_diff:.3g} in pixel values")
+                             f"model reads {per_image} per image x {len(ours)} image(s)")
+    _check_pixels(pixels, image, config, chat)
+    text = _PROBE_TEXT
+    if grid is not None:
+        text = tiling.expand_placeholders(text, tokenizer.image_token, [grid], per_image)
     text_ids = [i for i in ids[0].tolist() if i != config.image_token_id]
-    want_ids = [i for i in tokenizer.encode(_PROBE_TEXT) if i != config.image_token_id]
+    want_ids = [i for i in tokenizer.encode(text) if i != config.image_token_id]
     if text_ids[-len(want_ids):] != want_ids:
         raise ExportMismatch(f"the exported tokenizer gives ids {text_ids} for the probe text, "
                              f"ours {want_ids}")
@@ -436,16 +440,31 @@ def check_idefics3_export(result: ExportResult, config: VLMConfig, params: Any, 
         hf_model, config, exact, exact if result.dtype == "float32" else params)
     result = _compare(result, ours_exact, ours_f32, theirs, "Idefics3 logits")
     if result.processor:
+        import torch
         from transformers import AutoProcessor
         processor = AutoProcessor.from_pretrained(result.out)
         image = _probe_image(config.vision.image_size)
         batch = processor(images=image, text=_PROBE_TEXT, return_tensors="np")
-        want = tokenizer.expand_images(tokenizer.encode(_PROBE_TEXT), config.tokens_per_image)[0]
+        _, grid = _our_images(image, config, chat)
+        if grid is None:
+            want = tokenizer.expand_images(tokenizer.encode(_PROBE_TEXT), config.tokens_per_image)[0]
+        else:
+            want = np.asarray(tokenizer.encode(tiling.expand_placeholders(
+                _PROBE_TEXT, tokenizer.image_token, [grid], config.tokens_per_image)))
         if batch["input_ids"][0].tolist() != want.tolist():
             raise ExportMismatch(f"the exported Idefics3Processor gives ids "
                                  f"{batch['input_ids'][0].tolist()} for the probe text, ours "
                                  f"{want.tolist()}")
-        _check_pixels(np.asarray(batch["pixel_values"]), image, config, chat.pad_to_square)
+        pixels = np.asarray(batch["pixel_values"], np.float32)
+        _check_pixels(pixels, image, config, chat)
+        if grid is not None:  # the tiled probe through both models, as the processor gives it
+            with torch.no_grad():
+                theirs = hf_model(**{k: torch.tensor(v) for k, v in batch.items()}).logits.numpy()
+            tiles = pixels.reshape((-1,) + pixels.shape[2:])
+            ours_exact = LoadedModel(config, exact, None).logits(batch["input_ids"], tiles)
+            ours_f32 = (ours_exact if result.dtype == "float32"
+                        else LoadedModel(config, params, None).logits(batch["input_ids"], tiles))
+            result = _compare(result, ours_exact, ours_f32, theirs, "Idefics3 logits (tiled)")
         if chat.template is not None:
             result = check_answers(result, config, exact, tokenizer, chat, hf_model)
     return result
@@ -475,7 +494,7 @@ def check_vlm(result: ExportResult, hf_model, info: dict, config: VLMConfig, par
     import torch
 
     _check_loading_info(info, result.out)
-    ids, pixels = _probe_inputs(result, config, tokenizer)
+    ids, pixels = _probe_inputs(result, config, tokenizer, chat)
     with torch.no_grad():
         theirs = hf_model.eval()(input_ids=torch.tensor(ids),
                                  pixel_values=torch.tensor(pixels)).logits.numpy()
@@ -489,13 +508,23 @@ def check_vlm(result: ExportResult, hf_model, info: dict, config: VLMConfig, par
     return result
 
 
-def _check_pixels(theirs: np.ndarray, image, config: VLMConfig, pad_to_square: bool
+def _our_images(image, config: VLMConfig, chat: ChatSettings):
+    """(f32[k, S, S, 3], grid or None): the probe image as `vlm-jax generate` preprocesses it."""
+    return tiling.model_images(np.asarray(image), config.vision.image_size, chat.pad_to_square,
+                               chat.tiling)
+
+
+def _check_pixels(theirs: np.ndarray, image, config: VLMConfig, chat: ChatSettings
                   ) -> np.ndarray:
     """The exported processor's pixel values (any leading axes, then 3 x S x S) must be ours;
-    -> ours, f32[1, 1, S, S, 3] as `generate` takes them."""
+    -> ours, f32[1, k, S, S, 3] as `generate` takes them (k = 1, or a tiled model's tiles)."""
     size = config.vision.image_size
-    ours = preprocess_image(np.asarray(image), size, pad_to_square=pad_to_square)[None, None]
-    diff = float(np.abs(ours[0].transpose(0, 3, 1, 2) - theirs.reshape(-1, 3, size, size)).max())
+    ours = _our_images(image, config, chat)[0][None]
+    theirs = theirs.reshape(-1, 3, size, size)
+    if theirs.shape[0] != ours.shape[1]:
+        raise ExportMismatch(f"the exported image processor makes {theirs.shape[0]} images of the "
+                             f"probe image, ours {ours.shape[1]}")
+    diff = float(np.abs(ours[0].transpose(0, 3, 1, 2) - theirs).max())
     if diff > 1e-5:
         raise ExportMismatch(f"the exported image processor differs from ours: max |diff| "
                              f"{diff:.3g} in pixel values")
@@ -518,12 +547,13 @@ def check_answers(result: ExportResult, config: VLMConfig, params: Any, tokenize
                                              {"type": "text", "text": _PROBE_QUESTION}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(text=prompt, images=image, return_tensors="pt")
-    ours_ids = prompt_ids(tokenizer, _PROBE_QUESTION, chat.template, config.tokens_per_image)
+    ours_ids = prompt_ids(tokenizer, _PROBE_QUESTION, chat.template, config.tokens_per_image,
+                          _our_images(image, config, chat)[1])
     theirs_ids = inputs["input_ids"][0].tolist()
     if theirs_ids != ours_ids.tolist():
         raise ExportMismatch(f"the exported processor's chat template gives prompt ids "
                              f"{theirs_ids}, vlm-jax generate gives {ours_ids.tolist()}")
-    pixels = _check_pixels(inputs["pixel_values"].numpy(), image, config, chat.pad_to_square)
+    pixels = _check_pixels(inputs["pixel_values"].numpy(), image, config, chat)
     with torch.no_grad():
         out = hf_model.generate(**inputs, do_sample=False, max_new_tokens=ANSWER_TOKENS)
     theirs = out[0, len(theirs_ids):].tolist()

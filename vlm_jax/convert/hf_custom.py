@@ -42,7 +42,7 @@ ARCHITECTURE = "VlmJaxForConditionalGeneration"
 AUTO_MAP = {"AutoConfig": "configuration_vlm_jax.VlmJaxConfig",
             "AutoModelForImageTextToText": f"modeling_vlm_jax.{ARCHITECTURE}"}
 PROCESSOR_CLASS = "VlmJaxProcessor"
-PROCESSOR_AUTO_MAP = {"AutoProcessor": f"processing_vlm_jax.{PROCESSOR_CLASS}"}
+TILED_PROCESSOR_CLASS = "VlmJaxTiledProcessor"  # a model trained with data.tiling
 VISION_PREFIX = "vision_tower."
 PROJECTOR_PREFIX = "projector."
 LLM_PREFIX = "language_model.model."

@@ -18,6 +18,7 @@ import os
 
 from vlm_jax.convert import hf_custom
 from vlm_jax.data.templates import PALIGEMMA_PROCESSOR_JINJA, get_template
+from vlm_jax.data.tiling import TilingConfig
 from vlm_jax.data.tokenizer import IDEFICS3_IMAGE_WRAP
 from vlm_jax.errors import ConversionError
 from vlm_jax.inference.prompts import stop_token_ids
@@ -30,6 +31,7 @@ class ChatSettings:
     template: str | None = None          # our chat template name (vlm_jax/data/templates.py)
     pad_to_square: bool = False          # LLaVA-1.5's expand2square before the resize
     generation_config: dict | None = None  # the imported LLM's HF generation config
+    tiling: TilingConfig = TilingConfig()  # large images as tiles (data/tiling.py)
 
 
 def write_processor(out: str, config: VLMConfig, tokenizer, chat: ChatSettings,
@@ -57,8 +59,11 @@ def write_processor(out: str, config: VLMConfig, tokenizer, chat: ChatSettings,
     if fmt == "paligemma":
         _write_paligemma_processor(out, config, hf_tokenizer, chat)
         return
-    if fmt == "idefics3":
-        _write_idefics3_processor(out, config, hf_tokenizer, chat_template)
+    if fmt == "idefics3" or (fmt == "custom" and chat.tiling.enabled):
+        # A tiled custom export: Idefics3's splitting image processor under VlmJaxTiledProcessor.
+        _write_idefics3_processor(out, config, hf_tokenizer, chat_template, chat.tiling)
+        if fmt == "custom":
+            _make_processor_custom(out, config, tiled=True)
         return
     # The PIL backend: its bicubic resize is PIL's, as ours (the torchvision one differs).
     image_processor = LlavaImageProcessorPil(
@@ -82,6 +87,15 @@ def processor_blocker(fmt: str, chat: ChatSettings, tokenizer=None) -> str | Non
     neither it nor Idefics3's pads images to a square."""
     wrap = tuple(tokenizer.image_wrap) if tokenizer is not None else ("", "")
     wanted = IDEFICS3_IMAGE_WRAP if fmt == "idefics3" else ("", "")
+    if chat.tiling.enabled:
+        if fmt not in ("idefics3", "custom"):
+            return (f"the model reads large images as tiles (data.tiling.max_tiles="
+                    f"{chat.tiling.max_tiles}); the {fmt} processor does not tile (--format "
+                    f"idefics3 for a model composed like Idefics3, else --format custom)")
+        if chat.pad_to_square:
+            return ("the model was trained with data.pad_to_square=True; Idefics3's image "
+                    "processor, which cuts the tiles, does not pad")
+        return None  # the tiled layout is Idefics3's whatever image_wrap says (data/tiling.py)
     if wrap != wanted:
         return (f"the tokenizer writes each image as {wrap[0]!r} + image tokens + {wrap[1]!r} "
                 f"(its image_wrap), the {fmt} processor as {wanted[0]!r} + image tokens + "
@@ -127,19 +141,26 @@ def _write_paligemma_processor(out: str, config: VLMConfig, hf_tokenizer,
 
 
 def _write_idefics3_processor(out: str, config: VLMConfig, hf_tokenizer,
-                              chat_template: str | None) -> None:
-    """Idefics3Processor for one tile per image: no image splitting and no first resize, so
+                              chat_template: str | None, tiling: TilingConfig) -> None:
+    """Idefics3Processor. For one tile per image: no image splitting and no first resize, so
     its image processor resizes straight to S x S (PIL bicubic, x / 127.5 - 1, as
     `preprocess_image`; pixel_attention_mask all ones), and each `<image>` becomes
     IDEFICS3_IMAGE_WRAP around `image_seq_len` = tokens-per-image image tokens, as our
-    tokenizer's `expand_images` writes it. The chat template is the model's."""
+    tokenizer's `expand_images` writes it. For a tiled model (data.tiling.max_tiles = n * n):
+    Idefics3's own splitting, longest edge n * S then tiles of S (PIL Lanczos), which is the
+    rule data/tiling.py implements, and its layout. The chat template is the model's."""
     from transformers import Idefics3ImageProcessorPil, Idefics3Processor
 
     size = config.vision.image_size
+    if tiling.enabled:
+        resize = dict(do_resize=True, size={"longest_edge": tiling.side * size},
+                      do_image_splitting=True, resample=1)  # PIL LANCZOS
+    else:
+        resize = dict(do_resize=False, do_image_splitting=False, resample=3)
     image_processor = Idefics3ImageProcessorPil(
-        do_resize=False, do_image_splitting=False, max_image_size={"longest_edge": size},
-        resample=3, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-        image_mean=[0.5] * 3, image_std=[0.5] * 3, do_pad=True, do_convert_rgb=True)
+        max_image_size={"longest_edge": size}, do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3, do_pad=True,
+        do_convert_rgb=True, **resize)
     processor = Idefics3Processor(image_processor=image_processor, tokenizer=hf_tokenizer,
                                   image_seq_len=config.tokens_per_image,
                                   chat_template=chat_template)
@@ -172,18 +193,21 @@ def write_generation_config(out: str, tokenizer, chat: ChatSettings) -> None:
         json.dump(generation, f, indent=2)
 
 
-def _make_processor_custom(out: str, config: VLMConfig) -> None:
+def _make_processor_custom(out: str, config: VLMConfig, tiled: bool = False) -> None:
     """Turn the LlavaProcessor files `write_processor` saved into VlmJaxProcessor ones:
     the same tokenizer, image processor and chat template, but `<image>` expands to
-    `tokens_per_image` tokens whatever the projector (LlavaProcessor counts patches)."""
+    `tokens_per_image` tokens whatever the projector (LlavaProcessor counts patches). `tiled`:
+    the Idefics3Processor files of a tiled model into VlmJaxTiledProcessor ones (its splitting
+    image processor and layout, pixel values as [num_tiles, 3, S, S] for our model's code)."""
     path = os.path.join(out, "processor_config.json")
     with open(path) as f:
         processor = json.load(f)
-    for llava_only in ("patch_size", "vision_feature_select_strategy",
-                       "num_additional_image_tokens"):
-        processor.pop(llava_only, None)
-    processor.update(processor_class=hf_custom.PROCESSOR_CLASS,
-                     auto_map=dict(hf_custom.PROCESSOR_AUTO_MAP),
+    for other_only in ("patch_size", "vision_feature_select_strategy",
+                       "num_additional_image_tokens", "image_seq_len"):
+        processor.pop(other_only, None)
+    name = hf_custom.TILED_PROCESSOR_CLASS if tiled else hf_custom.PROCESSOR_CLASS
+    processor.update(processor_class=name,
+                     auto_map={"AutoProcessor": f"processing_vlm_jax.{name}"},
                      image_seq_length=config.tokens_per_image)
     with open(path, "w") as f:
         json.dump(processor, f, indent=2)
@@ -192,6 +216,6 @@ def _make_processor_custom(out: str, config: VLMConfig) -> None:
         with open(tokenizer_path) as f:
             tokenizer_config = json.load(f)
         if "processor_class" in tokenizer_config:
-            tokenizer_config["processor_class"] = hf_custom.PROCESSOR_CLASS
+            tokenizer_config["processor_class"] = name
             with open(tokenizer_path, "w") as f:
                 json.dump(tokenizer_config, f, indent=2)

@@ -47,8 +47,10 @@ def corpus_texts(num_examples: int, seed: int, template: str,
 
 
 def fit_shapes_tokenizer(num_examples: int, seed: int, vocab_size: int, template: str = "minimal",
-                         world: Mapping[str, Any] | None = None) -> Tokenizer:
+                         world: Mapping[str, Any] | None = None,
+                         special_tokens: Sequence[str] = ()) -> Tokenizer:
     """The tokenizer of `tokenizer.kind="shapes"`: reserved ids <pad>=0 <bos>=1 <eos>=2 <unk>=3
-    <image>=4, at most `vocab_size` ids."""
+    <image>=4, then `special_tokens` (e.g. data.tiling's layout tokens), at most `vocab_size`
+    ids."""
     return train_word_tokenizer(corpus_texts(num_examples, seed, template, world),
-                                vocab_size=vocab_size)
+                                special_tokens=special_tokens, vocab_size=vocab_size)

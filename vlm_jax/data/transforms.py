@@ -35,7 +35,7 @@ from vlm_jax.data.errors import SkipExample
 from vlm_jax.data.images import decode_image, expand_to_square, resize_image
 from vlm_jax.data.templates import ChatTemplate, Message, Piece, TemplateError, get_template
 from vlm_jax.data.tiling import TilingConfig, layout_text, tile_image
-from vlm_jax.data.tokenizer import Tokenizer
+from vlm_jax.data.tokenizer import IDEFICS3_IMAGE_WRAP, Tokenizer
 from vlm_jax.errors import ConfigError
 
 
@@ -275,6 +275,10 @@ def make_transform(cfg: Any, tokenizer: Tokenizer, prefix_lm: bool = False) -> C
             raise ConfigError(f"data.tiling.max_tiles={tiling.max_tiles}: the tokenizer has no "
                               f"{missing[:3]}{' ...' if len(missing) > 3 else ''} ({len(missing)} "
                               f"layout tokens missing); add them as special tokens")
+        if tuple(tokenizer.image_wrap) not in (("", ""), IDEFICS3_IMAGE_WRAP):
+            raise ConfigError(f"data.tiling.max_tiles={tiling.max_tiles}: tiles are written in "
+                              f"Idefics3's layout, but the tokenizer writes images as "
+                              f"{tokenizer.image_wrap} (its image_wrap): another model's layout")
     elif tiling is not None and tiling.enabled:
         raise ConfigError(f"data.tiling.max_tiles={tiling.max_tiles} with data.task={cfg.task!r}: "
                           f"tiling is for the tasks whose text holds the image (instruct, align)")

@@ -269,6 +269,10 @@ def _data_config(values: Mapping[str, Any], model: VLMConfig, where: str) -> Dat
 def _check_phase(run: RunConfig) -> None:
     phase = run.train.phase
     phases.check_model_fits(phase, run.model)
+    if run.eval_data is not None and run.eval_data.tiling != run.data.tiling:
+        raise ConfigError(f"eval_data.tiling={to_dict(run.eval_data.tiling)} but data.tiling="
+                          f"{to_dict(run.data.tiling)}: the model reads images one way; set "
+                          f"both (--config.eval_data.tiling.max_tiles=...)")
     for where, data in (("data", run.data), ("eval_data", run.eval_data)):
         if data is None:
             continue

@@ -34,8 +34,10 @@ def build_tokenizer(run: RunConfig, workdir: str):
         if resumed:
             tokenizer = Tokenizer.from_path(saved)
         else:
+            # A tiled run's layout tokens (data/tiling.py) are reserved ids of the fitted BPE.
             tokenizer = fit_shapes_tokenizer(cfg.corpus_examples, cfg.corpus_seed, cfg.vocab_size,
-                                             cfg.template, world_of(run.data.sources))
+                                             cfg.template, world_of(run.data.sources),
+                                             run.data.tiling.layout_tokens())
             if jax.process_index() == 0:
                 tokenizer.save(saved)
     _check_tokenizer_fits(run, tokenizer)
