@@ -265,3 +265,31 @@ def test_a_tiled_model_of_another_composition_exports_as_custom_with_a_tiling_pr
         assert batch["input_ids"][0].tolist() == tokenizer.encode(tiling.expand_placeholders(
             "what colour <image> red", tokenizer.image_token, [grid], config.tokens_per_image))
         np.testing.assert_allclose(batch["pixel_values"], tiles.transpose(0, 3, 1, 2), atol=1e-6)
+
+
+def test_inspect_data_shows_every_tile_and_the_layout_tokens():
+    """Why: a researcher checks what the model reads before training: a tiled example shows its
+    tiles as images and its row / column markers in the text, and an image whose tiles cannot
+    fit a row is counted as skipped, not cut."""
+    from vlm_jax.data.inspect import inspect_examples, token_spans
+    from vlm_jax.data.pipeline import DataConfig, SourceConfig
+    from vlm_jax.data.shapes_tokenizer import fit_shapes_tokenizer
+
+    tokenizer = fit_shapes_tokenizer(200, 0, 1024, special_tokens=TilingConfig(4).layout_tokens())
+    source = SourceConfig(kind="shapes", options=dict(split="train", image_size=64, num_examples=4))
+    cfg = DataConfig(sources=(source,), task="instruct", template="minimal", seq_len=192,
+                     image_size=32, num_image_tokens=4, max_images_per_row=5,
+                     tiling=TilingConfig(max_tiles=4))
+    records = inspect_examples(cfg, tokenizer, 2)
+    example = records[0]["example"]
+    assert example["images"].shape == (5, 32, 32, 3)  # a square scene: 2 x 2 tiles + global
+    text = "".join(span.text for span in token_spans(tokenizer, example))
+    assert "<row_2_col_2><image x4>" in text and "<global-img><image x4>" in text
+    # Two images of 5 tiles each cannot fit a row of 5 image slots: skipped and counted, not cut.
+    from vlm_jax.data.skips import RowFitCheck
+    two = make_transform(cfg, tokenizer).map({"id": "two", "images": [
+        np.zeros((40, 40, 3), np.uint8), np.zeros((40, 40, 3), np.uint8)], "conversation": [
+        {"role": "user", "content": "<image><image>\nwhat colour"},
+        {"role": "assistant", "content": "red"}]})
+    assert len(two["images"]) == 10
+    assert RowFitCheck(cfg.row_spec)(two).reason == "too_many_images"
