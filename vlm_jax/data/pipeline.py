@@ -62,6 +62,7 @@ TOO_LONG_POLICIES = ("skip", "truncate")  # data.too_long; see data/transforms.p
 # kind -> (module, class); the class is built with the source's `options` as keyword arguments.
 SOURCE_KINDS = {
     "shapes": ("vlm_jax.data.sources.shapes", "ShapesSource"),
+    "documents": ("vlm_jax.data.sources.documents", "DocumentsSource"),
     "llava_json": ("vlm_jax.data.sources.llava_json", "LlavaJsonSource"),
     "webdataset": ("vlm_jax.data.sources.webdataset", "WebDatasetSource"),
     "tfds": ("vlm_jax.data.sources.tfds", "TfdsSource"),

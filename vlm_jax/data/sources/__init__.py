@@ -1,6 +1,7 @@
 """Data sources, one module each, all yielding RAW EXAMPLES (the data contract's dicts).
 
     shapes      ShapesSource      procedural scenes + captions + Q/A, no files (random access)
+    documents   DocumentsSource   procedural pages of small text + reading Q/A (random access)
     llava_json  LlavaJsonSource   LLaVA JSON / JSONL conversations + image files (random access)
     tfds        TfdsSource        any TFDS ArrayRecord builder, features mapped to roles (random access)
     webdataset  WebDatasetSource  tar shards, streamed per process, resumable via get_state/set_state
