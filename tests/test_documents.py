@@ -86,3 +86,30 @@ def test_the_recipe_tiles_the_page_or_reads_it_whole_at_the_same_encoder_resolut
     assert runs[False].data.tiling.max_tiles == 0
     assert runs[True].model.vision.image_size == runs[False].model.vision.image_size == 32
     assert runs[True].train.steps == runs[False].train.steps
+
+
+@pytest.mark.slow
+def test_the_documents_recipe_runs_end_to_end(tmp_path, capsys):
+    """The recipe's code path at a tiny step count: tokenizer, both variants through the
+    training loop, evaluation of each on held-out pages and the majority baseline, results.json
+    (accuracy is not checked here: README)."""
+    import json
+    import os
+
+    from configs.documents import config as recipe
+    from configs.documents import run as recipe_run
+    from vlm_jax import model_dir
+
+    workdir = str(tmp_path / "documents")
+    assert recipe_run.main(["--workdir", workdir, "--steps", "2", "--batch", "8",
+                            "--eval-per-type", "2"]) == 0
+    assert "grounding (IoU>=0.5)" in capsys.readouterr().out
+    results = json.load(open(os.path.join(workdir, "results.json")))
+    assert set(results["columns"]) == {"tiles", "no tiles", "majority"}
+    for table in results["columns"].values():
+        assert set(table) == set(recipe.QUESTION_TYPES)
+        assert all(total == 2 for _, total in table.values())
+    tiling = model_dir.load_data_settings(os.path.join(workdir, "tiles", "model"))["tiling"]
+    assert tiling.max_tiles == recipe.MAX_TILES
+    assert not model_dir.load_data_settings(
+        os.path.join(workdir, "no_tiles", "model"))["tiling"].enabled

@@ -183,12 +183,17 @@ def test_a_packed_row_of_images_with_different_tile_counts_gives_each_its_own_lo
 
 
 @pytest.mark.parity
-def test_a_tiled_idefics3_shaped_model_exports_with_a_processor_that_tiles_as_we_do(
-        tiny_vlm_config, tmp_path, capsys):
-    """Why: a model trained on tiles must load in transformers and answer the same from the
-    same picture: the export carries Idefics3's splitting processor, whose ids and tiles equal
-    ours on images of several aspect ratios, and its self-check compares the tiled logits and
-    the greedy answer."""
+@pytest.mark.parametrize("composition,architecture,processor_class", [
+    ("idefics3", "Idefics3ForConditionalGeneration", "Idefics3Processor"),
+    ("mlp2x_gelu", "VlmJaxForConditionalGeneration", "VlmJaxTiledProcessor"),
+])
+def test_a_tiled_model_exports_with_a_processor_that_tiles_as_we_do(
+        tiny_vlm_config, tmp_path, capsys, composition, architecture, processor_class):
+    """Why: a model trained on tiles must load in transformers and answer the same from the same
+    picture. Composed like Idefics3 it exports natively with Idefics3's splitting processor; any
+    other composition (an mlp2x_gelu projector) as the custom format with VlmJaxTiledProcessor.
+    Either processor's ids and tiles equal ours on images of several aspect ratios, and the
+    export's self-check compares the tiled probe's logits and greedy answer."""
     import jax
     from PIL import Image
     from transformers import AutoProcessor
@@ -199,11 +204,13 @@ def test_a_tiled_idefics3_shaped_model_exports_with_a_processor_that_tiles_as_we
     from vlm_jax.models.vlm import init_params
 
     tokenizer = _tokenizer(max_tiles=4)
-    config = tiny_vlm_config(
-        vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_token_id,
-        vision=dict(image_size=32, feature_post_norm=True),
-        projector=ProjectorConfig(type="pixel_shuffle", mlp_depth=1, bias=False,
-                                  pixel_shuffle_factor=2))
+    ids = dict(vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_token_id)
+    if composition == "idefics3":
+        config = tiny_vlm_config(**ids, vision=dict(image_size=32, feature_post_norm=True),
+                                 projector=ProjectorConfig(type="pixel_shuffle", mlp_depth=1,
+                                                           bias=False, pixel_shuffle_factor=2))
+    else:
+        config = tiny_vlm_config(**ids)
     params = jax.jit(lambda key: init_params(config, key))(jax.random.key(0))
     trained = tmp_path / "trained"
     model_dir.save_model(str(trained), config, params, tokenizer,
@@ -212,59 +219,21 @@ def test_a_tiled_idefics3_shaped_model_exports_with_a_processor_that_tiles_as_we
     assert cli_main(["export-hf", "--checkpoint", str(trained), "--out", str(out)]) == 0
     line = capsys.readouterr().out
     print(line)
-    assert "Idefics3ForConditionalGeneration" in line and "the same greedy answer" in line, line
+    assert architecture in line and "the same greedy answer" in line, line
 
-    processor = AutoProcessor.from_pretrained(out)
-    loaded = TilingConfig(max_tiles=4)
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    assert type(processor).__name__ == processor_class
+    size = config.vision.image_size
     for height, width in ASPECTS[:6]:
         rgb = np.random.default_rng(width).integers(0, 256, (height, width, 3), np.uint8)
         batch = processor(images=Image.fromarray(rgb), text="what colour <image> red",
                           return_tensors="np")
-        tiles, grid = tiling.model_images(rgb, 32, config=loaded)
+        tiles, grid = tiling.model_images(rgb, size, config=TilingConfig(max_tiles=4))
         want = tokenizer.encode(tiling.expand_placeholders(
             "what colour <image> red", tokenizer.image_token, [grid], config.tokens_per_image))
         assert batch["input_ids"][0].tolist() == want, (height, width)
-        np.testing.assert_allclose(batch["pixel_values"][0], tiles.transpose(0, 3, 1, 2),
-                                   atol=1e-6)
-
-
-@pytest.mark.parity
-def test_a_tiled_model_of_another_composition_exports_as_custom_with_a_tiling_processor(
-        tiny_vlm_config, tmp_path, capsys):
-    """Why: any tiled model must leave JAX with a processor that tiles; one Idefics3 cannot
-    hold (an mlp2x_gelu projector) exports as the custom format, whose VlmJaxTiledProcessor cuts
-    the same tiles and writes the same ids, and the self-check passes (logits, greedy answer)."""
-    import jax
-    from PIL import Image
-    from transformers import AutoProcessor
-
-    from vlm_jax import model_dir
-    from vlm_jax.cli import main as cli_main
-    from vlm_jax.models.vlm import init_params
-
-    tokenizer = _tokenizer(max_tiles=4)
-    config = tiny_vlm_config(vocab_size=tokenizer.vocab_size,
-                             image_token_id=tokenizer.image_token_id)
-    params = jax.jit(lambda key: init_params(config, key))(jax.random.key(1))
-    trained = tmp_path / "trained"
-    model_dir.save_model(str(trained), config, params, tokenizer,
-                         data={"template": "minimal", "tiling": {"max_tiles": 4}})
-    out = tmp_path / "exported"
-    assert cli_main(["export-hf", "--checkpoint", str(trained), "--out", str(out)]) == 0
-    line = capsys.readouterr().out
-    print(line)
-    assert "VlmJaxForConditionalGeneration" in line and "the same greedy answer" in line, line
-    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
-    assert type(processor).__name__ == "VlmJaxTiledProcessor"
-    size = config.vision.image_size
-    for height, width in ASPECTS[:4]:
-        rgb = np.random.default_rng(height).integers(0, 256, (height, width, 3), np.uint8)
-        batch = processor(images=Image.fromarray(rgb), text="what colour <image> red",
-                          return_tensors="np")
-        tiles, grid = tiling.model_images(rgb, size, config=TilingConfig(max_tiles=4))
-        assert batch["input_ids"][0].tolist() == tokenizer.encode(tiling.expand_placeholders(
-            "what colour <image> red", tokenizer.image_token, [grid], config.tokens_per_image))
-        np.testing.assert_allclose(batch["pixel_values"], tiles.transpose(0, 3, 1, 2), atol=1e-6)
+        np.testing.assert_allclose(batch["pixel_values"].reshape(-1, 3, size, size),
+                                   tiles.transpose(0, 3, 1, 2), atol=1e-6)
 
 
 def test_inspect_data_shows_every_tile_and_the_layout_tokens():

@@ -12,6 +12,7 @@ vision tower at the full learning rate: reading glyphs is what it must learn).
 """
 import ml_collections
 
+from configs.shapes.config import micro_batches_for
 from vlm_jax.config import parse_arg
 
 PAGE_SIZE = 96
@@ -59,7 +60,7 @@ def get_config(arg=None):
     config.mesh = dict(data=-1, fsdp=1, tensor=1)
     config.train = dict(
         steps=steps, seed=args.seed, phase=dict(name="instruct", vision_lr_mult=1.0),
-        loss_chunk_size=16, micro_batches=2,
+        loss_chunk_size=16, micro_batches=micro_batches_for(batch, 2),
         optimizer=dict(learning_rate=SCHEDULE["lr"], warmup_steps=max(1, steps // 10),
                        schedule="cosine", weight_decay=0.0, b2=0.95))
     config.checkpoint = dict(every_steps=steps, keep=1, async_save=True)

@@ -94,7 +94,7 @@ def model_config() -> dict:
 RUN_SETTINGS = dict(scan_unroll=3)
 
 
-def _micro_batches(batch: int, wanted: int) -> int:
+def micro_batches_for(batch: int, wanted: int) -> int:
     """The most micro-batches up to `wanted` that split `batch` evenly over this machine's
     devices (the mesh is data-parallel over all of them): on one CPU, 4; with 8 test devices and
     a batch of 8, 1."""
@@ -138,7 +138,7 @@ def get_config(arg=None):
     if args.phase == "instruct" and args.vision_lr_mult > 0:
         phase["vision_lr_mult"] = args.vision_lr_mult
     config.train = dict(
-        steps=steps, seed=0, phase=phase, micro_batches=_micro_batches(batch, schedule["micro"]),
+        steps=steps, seed=0, phase=phase, micro_batches=micro_batches_for(batch, schedule["micro"]),
         loss_chunk_size=schedule["chunk"],
         optimizer=dict(learning_rate=schedule["lr"], warmup_steps=max(1, steps // 10),
                        schedule="cosine", weight_decay=0.0,
