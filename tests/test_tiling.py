@@ -262,3 +262,25 @@ def test_inspect_data_shows_every_tile_and_the_layout_tokens():
         {"role": "assistant", "content": "red"}]})
     assert len(two["images"]) == 10
     assert RowFitCheck(cfg.row_spec)(two).reason == "too_many_images"
+
+
+def test_eval_reads_a_tiled_models_examples_as_training_did():
+    """Why: `vlm-jax eval` must feed a tiled model tiles and layouts, as training did: its
+    examples carry every tile and each image's grid, and the prompt holds the layout."""
+    from vlm_jax.data.pipeline import DataConfig, SourceConfig
+    from vlm_jax.eval.tasks import read_examples
+    from vlm_jax.inference.prompts import conversation_prompt_ids
+
+    tokenizer = _tokenizer(max_tiles=4)
+    source = SourceConfig(kind="documents", options=dict(split="test", num_examples=3))
+    data = DataConfig(sources=(source,), task="instruct", template="minimal")
+    examples, skipped = read_examples(data, 3, None, TILE, tiling_config=TilingConfig(4))
+    assert not skipped and len(examples) == 3
+    for example in examples:
+        assert example.grids == [(2, 2)] and example.pixels.shape == (5, TILE, TILE, 3)
+        prompt = conversation_prompt_ids(tokenizer, example.raw["conversation"][:1], "minimal",
+                                         TOKENS_PER_TILE, example.grids)
+        assert int((prompt == tokenizer.image_token_id).sum()) == 5 * TOKENS_PER_TILE
+        assert tokenizer.token_to_id("<row_2_col_2>") in prompt.tolist()
+    untiled, _ = read_examples(data, 1, None, TILE)
+    assert untiled[0].grids is None and untiled[0].pixels.shape == (1, TILE, TILE, 3)
