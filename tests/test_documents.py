@@ -48,6 +48,8 @@ def test_every_answer_is_what_the_page_says():
                 assert box == [int(round(v * 1000)) for v in fields[label].box]
         assert len({q for _, q, _ in turns}) == len(turns)  # no question twice about one page
     assert kinds == set(documents.QUESTION_TYPES)
+    _, turns = DocumentsSource(turns_per_example=3, question_types=("title",)).sample(0)
+    assert len(turns) == 1  # one distinct question about a page: one turn
 
 
 def test_a_field_box_holds_its_text_and_nothing_leaves_the_page():

@@ -131,11 +131,15 @@ class DocumentsSource:
         page = self._page(rng, layout)
         turns, asked = [], set()
         for _ in range(self.turns_per_example):
-            for _ in range(8):  # a question asked twice about one page teaches nothing new
+            # A question asked twice about one page teaches nothing (its answer is in the
+            # context): a page with fewer distinct questions gets fewer turns.
+            for _ in range(8):
                 kind = self.question_types[int(rng.integers(len(self.question_types)))]
                 question, answer = _ask(kind, page, rng)
                 if question not in asked:
                     break
+            else:
+                break
             asked.add(question)
             turns.append((kind, question, answer))
         return page, turns
