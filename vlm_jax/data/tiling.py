@@ -35,6 +35,7 @@ import math
 import numpy as np
 from PIL import Image
 
+from vlm_jax.data.images import expand_to_square, normalize_pixels, preprocess_image
 from vlm_jax.errors import ConfigError
 
 RULES = ("idefics3",)
@@ -174,8 +175,6 @@ def model_images(rgb: np.ndarray, image_size: int, pad_to_square: bool = False,
     """One decoded image u8[H, W, 3] -> (f32[k, S, S, 3] as the model reads it, its grid):
     without tiling k = 1 and the grid is None; with it, its tiles and global view (`tile_image`)
     and (rows, cols). What inference and evaluation feed, as the training pipeline does."""
-    from vlm_jax.data.images import expand_to_square, normalize_pixels, preprocess_image
-
     if config is None or not config.enabled:
         return preprocess_image(rgb, image_size, pad_to_square=pad_to_square)[None], None
     if pad_to_square:
