@@ -352,11 +352,9 @@ def _probe_inputs(result: ExportResult, config: VLMConfig, tokenizer,
         raise ExportMismatch(f"the exported processor expands <image> to {got_tokens} tokens, the "
                              f"model reads {per_image} per image x {len(ours)} image(s)")
     _check_pixels(pixels, image, config, chat)
-    text = _PROBE_TEXT
-    if grid is not None:
-        text = tiling.expand_placeholders(text, tokenizer.image_token, [grid], per_image)
     text_ids = [i for i in ids[0].tolist() if i != config.image_token_id]
-    want_ids = [i for i in tokenizer.encode(text) if i != config.image_token_id]
+    want_ids = [i for i in _our_probe_ids(tokenizer, config, grid).tolist()
+                if i != config.image_token_id]
     if text_ids[-len(want_ids):] != want_ids:
         raise ExportMismatch(f"the exported tokenizer gives ids {text_ids} for the probe text, "
                              f"ours {want_ids}")
@@ -446,11 +444,7 @@ def check_idefics3_export(result: ExportResult, config: VLMConfig, params: Any, 
         image = _probe_image(config.vision.image_size)
         batch = processor(images=image, text=_PROBE_TEXT, return_tensors="np")
         _, grid = _our_images(image, config, chat)
-        if grid is None:
-            want = tokenizer.expand_images(tokenizer.encode(_PROBE_TEXT), config.tokens_per_image)[0]
-        else:
-            want = np.asarray(tokenizer.encode(tiling.expand_placeholders(
-                _PROBE_TEXT, tokenizer.image_token, [grid], config.tokens_per_image)))
+        want = _our_probe_ids(tokenizer, config, grid)
         if batch["input_ids"][0].tolist() != want.tolist():
             raise ExportMismatch(f"the exported Idefics3Processor gives ids "
                                  f"{batch['input_ids'][0].tolist()} for the probe text, ours "
@@ -461,9 +455,8 @@ def check_idefics3_export(result: ExportResult, config: VLMConfig, params: Any, 
             with torch.no_grad():
                 theirs = hf_model(**{k: torch.tensor(v) for k, v in batch.items()}).logits.numpy()
             tiles = pixels.reshape((-1,) + pixels.shape[2:])
-            ours_exact = LoadedModel(config, exact, None).logits(batch["input_ids"], tiles)
-            ours_f32 = (ours_exact if result.dtype == "float32"
-                        else LoadedModel(config, params, None).logits(batch["input_ids"], tiles))
+            ours_exact, ours_f32 = _our_logits(config, params, result.dtype, batch["input_ids"],
+                                               tiles)
             result = _compare(result, ours_exact, ours_f32, theirs, "Idefics3 logits (tiled)")
         if chat.template is not None:
             result = check_answers(result, config, exact, tokenizer, chat, hf_model)
@@ -498,14 +491,30 @@ def check_vlm(result: ExportResult, hf_model, info: dict, config: VLMConfig, par
     with torch.no_grad():
         theirs = hf_model.eval()(input_ids=torch.tensor(ids),
                                  pixel_values=torch.tensor(pixels)).logits.numpy()
-    ours_exact = LoadedModel(config, _rounded(params, result.dtype), None).logits(ids, pixels)
-    ours_f32 = (ours_exact if result.dtype == "float32"
-                else LoadedModel(config, params, None).logits(ids, pixels))
+    ours_exact, ours_f32 = _our_logits(config, params, result.dtype, ids, pixels)
     result = _compare(result, ours_exact, ours_f32, theirs, what)
     if chat.template is not None and result.processor:
         result = check_answers(result, config, _rounded(params, result.dtype), tokenizer, chat,
                                hf_model)
     return result
+
+
+def _our_logits(config: VLMConfig, params: Any, dtype: str, ids: np.ndarray,
+                pixels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Our logits on HF-style inputs with the export's weights (rounded to `dtype`) and with
+    the f32 ones (the same array for an f32 export)."""
+    exact = LoadedModel(config, _rounded(params, dtype), None).logits(ids, pixels)
+    if dtype == "float32":
+        return exact, exact
+    return exact, LoadedModel(config, params, None).logits(ids, pixels)
+
+
+def _our_probe_ids(tokenizer, config: VLMConfig, grid: tuple[int, int] | None) -> np.ndarray:
+    """The probe text's ids as our pipeline writes them (a tiled image: its layout)."""
+    if grid is None:
+        return tokenizer.expand_images(tokenizer.encode(_PROBE_TEXT), config.tokens_per_image)[0]
+    return np.asarray(tokenizer.encode(tiling.expand_placeholders(
+        _PROBE_TEXT, tokenizer.image_token, [grid], config.tokens_per_image)), np.int32)
 
 
 def _our_images(image, config: VLMConfig, chat: ChatSettings):
@@ -620,9 +629,7 @@ def check_llm_export(result: ExportResult, config: VLMConfig, params: Any) -> Ex
         theirs = hf_model.eval()(input_ids=torch.tensor(ids)).logits.numpy()
     llm_only = dataclasses.replace(config, vision=None, projector=None, text_tower=None)
     llm_params = {"llm": params["llm"]}
-    ours_exact = LoadedModel(llm_only, _rounded(llm_params, result.dtype), None).logits(ids)
-    ours_f32 = (ours_exact if result.dtype == "float32"
-                else LoadedModel(llm_only, llm_params, None).logits(ids))
+    ours_exact, ours_f32 = _our_logits(llm_only, llm_params, result.dtype, ids)
     return _compare(result, ours_exact, ours_f32, theirs, "causal-LM logits")
 
 

@@ -30,12 +30,14 @@ the next run of image tokens, as for any multi-image row.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
 from PIL import Image
 
 from vlm_jax.data.images import expand_to_square, normalize_pixels, preprocess_image
+from vlm_jax.data.tokenizer import IDEFICS3_IMAGE_WRAP
 from vlm_jax.errors import ConfigError
 
 RULES = ("idefics3",)
@@ -128,11 +130,15 @@ def grid_for(height: int, width: int, tile: int, config: TilingConfig) -> tuple[
     return h // tile, w // tile
 
 
-def tile_image(rgb: np.ndarray, tile: int, config: TilingConfig) -> tuple[np.ndarray, tuple[int, int]]:
+def tile_image(rgb: np.ndarray, tile: int, config: TilingConfig, pad_to_square: bool = False
+               ) -> tuple[np.ndarray, tuple[int, int]]:
     """u8[H, W, 3] -> (u8[k, tile, tile, 3] in reading order, tiles then the global view;
-    (rows, cols)), k = rows * cols + 1, or 1 with (0, 0) when the image is not split."""
+    (rows, cols)), k = rows * cols + 1, or 1 with (0, 0) when the image is not split.
+    `pad_to_square`: first centred on a square (`images.expand_to_square`, LLaVA-1.5)."""
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"tile_image takes u8[H, W, 3], got {rgb.dtype}{list(rgb.shape)}")
+    if pad_to_square:
+        rgb = expand_to_square(rgb)
     height, width = _longest_edge_size(rgb.shape[0], rgb.shape[1], config.side * tile)
     image = Image.fromarray(rgb).resize((width, height), resample=Image.LANCZOS)
     height, width = _multiple_of_tile_size(height, width, tile)
@@ -148,10 +154,13 @@ def tile_image(rgb: np.ndarray, tile: int, config: TilingConfig) -> tuple[np.nda
     return np.stack(tiles), (rows, cols)
 
 
+@functools.lru_cache(maxsize=256)
 def layout_text(rows: int, cols: int, image_token: str, tokens_per_tile: int) -> str:
-    """The text one image becomes (Idefics3's processor, `replace_image_token`)."""
+    """The text one image becomes (Idefics3's processor, `replace_image_token`); the global
+    block is the single-tile layout, IDEFICS3_IMAGE_WRAP around the image tokens. Cached: the
+    pipeline asks for it per example, and a grid has few shapes."""
     run = image_token * tokens_per_tile
-    global_block = f"{FAKE_TOKEN}{GLOBAL_TOKEN}{run}{FAKE_TOKEN}"
+    global_block = IDEFICS3_IMAGE_WRAP[0] + run + IDEFICS3_IMAGE_WRAP[1]
     if rows == 0 and cols == 0:
         return global_block
     grid = "".join("".join(f"{FAKE_TOKEN}{row_col_token(r, c)}{run}" for c in range(cols)) + "\n"
@@ -177,9 +186,7 @@ def model_images(rgb: np.ndarray, image_size: int, pad_to_square: bool = False,
     and (rows, cols). What inference and evaluation feed, as the training pipeline does."""
     if config is None or not config.enabled:
         return preprocess_image(rgb, image_size, pad_to_square=pad_to_square)[None], None
-    if pad_to_square:
-        rgb = expand_to_square(rgb)
-    tiles, grid = tile_image(rgb, image_size, config)
+    tiles, grid = tile_image(rgb, image_size, config, pad_to_square)
     return normalize_pixels(tiles), grid
 
 

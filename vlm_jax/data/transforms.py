@@ -32,7 +32,7 @@ import grain
 import numpy as np
 
 from vlm_jax.data.errors import SkipExample
-from vlm_jax.data.images import decode_image, expand_to_square, resize_image
+from vlm_jax.data.images import decode_image, resize_image
 from vlm_jax.data.templates import ChatTemplate, Message, Piece, TemplateError, get_template
 from vlm_jax.data.tiling import TilingConfig, layout_text, tile_image
 from vlm_jax.data.tokenizer import IDEFICS3_IMAGE_WRAP, Tokenizer
@@ -65,10 +65,8 @@ class DecodeImages(grain.transforms.Map):
         cols; (0, 0) for an image not split) for the tokenizer's layout."""
         tiles, grids = [np.zeros((0, self.image_size, self.image_size, 3), np.uint8)], []
         for image in element["images"]:
-            rgb = decode_image(image)
-            if self.pad_to_square:
-                rgb = expand_to_square(rgb)
-            image_tiles, grid = tile_image(rgb, self.image_size, self.tiling)
+            image_tiles, grid = tile_image(decode_image(image), self.image_size, self.tiling,
+                                           self.pad_to_square)
             tiles.append(image_tiles)
             grids.append(grid)
         return {**element, "images": np.concatenate(tiles),
@@ -268,20 +266,9 @@ class Chain(grain.transforms.Map):
 def make_transform(cfg: Any, tokenizer: Tokenizer, prefix_lm: bool = False) -> Chain:
     """The chain for a pipeline `DataConfig` (task, template, seq_len, image_size, pad_to_square,
     num_image_tokens, text_len, too_long)."""
-    tiling = getattr(cfg, "tiling", None)
-    if tiling is not None and tiling.enabled and cfg.task in ("instruct", "align"):
-        missing = [t for t in tiling.layout_tokens() if tokenizer.token_to_id(t) is None]
-        if missing:
-            raise ConfigError(f"data.tiling.max_tiles={tiling.max_tiles}: the tokenizer has no "
-                              f"{missing[:3]}{' ...' if len(missing) > 3 else ''} ({len(missing)} "
-                              f"layout tokens missing); add them as special tokens")
-        if tuple(tokenizer.image_wrap) not in (("", ""), IDEFICS3_IMAGE_WRAP):
-            raise ConfigError(f"data.tiling.max_tiles={tiling.max_tiles}: tiles are written in "
-                              f"Idefics3's layout, but the tokenizer writes images as "
-                              f"{tokenizer.image_wrap} (its image_wrap): another model's layout")
-    elif tiling is not None and tiling.enabled:
-        raise ConfigError(f"data.tiling.max_tiles={tiling.max_tiles} with data.task={cfg.task!r}: "
-                          f"tiling is for the tasks whose text holds the image (instruct, align)")
+    tiling = getattr(cfg, "tiling", None)  # (tests pass plain namespaces without one)
+    if tiling is not None and tiling.enabled:
+        _check_tiling(tiling, cfg.task, tokenizer)
     decode = DecodeImages(cfg.image_size, cfg.pad_to_square, tiling)
     truncate = cfg.too_long == "truncate"
     if cfg.task == "instruct":
@@ -296,6 +283,23 @@ def make_transform(cfg: Any, tokenizer: Tokenizer, prefix_lm: bool = False) -> C
     if cfg.task == "contrastive":
         return Chain(decode, TokenizeContrastive(tokenizer, cfg.text_len))
     raise ConfigError(f"task={cfg.task!r}; supported: instruct, align, lm, contrastive")
+
+
+def _check_tiling(tiling: TilingConfig, task: str, tokenizer: Tokenizer) -> None:
+    """What tiled images need: a task whose text holds the image, and a tokenizer that can
+    write Idefics3's layout."""
+    if task not in ("instruct", "align"):
+        raise ConfigError(f"data.tiling.max_tiles={tiling.max_tiles} with data.task={task!r}: "
+                          f"tiling is for the tasks whose text holds the image (instruct, align)")
+    missing = [t for t in tiling.layout_tokens() if tokenizer.token_to_id(t) is None]
+    if missing:
+        raise ConfigError(f"data.tiling.max_tiles={tiling.max_tiles}: the tokenizer has no "
+                          f"{missing[:3]}{' ...' if len(missing) > 3 else ''} ({len(missing)} "
+                          f"layout tokens missing); add them as special tokens")
+    if tuple(tokenizer.image_wrap) not in (("", ""), IDEFICS3_IMAGE_WRAP):
+        raise ConfigError(f"data.tiling.max_tiles={tiling.max_tiles}: tiles are written in "
+                          f"Idefics3's layout, but the tokenizer writes images as "
+                          f"{tokenizer.image_wrap} (its image_wrap): another model's layout")
 
 
 # ---------------------------------------------------------------------- the tokenizing core
@@ -316,15 +320,7 @@ def tokenize_pieces(tokenizer: Tokenizer, pieces: Sequence[Piece], num_images: i
     if image_layouts is not None:
         return _tokenize_with_layouts(tokenizer, pieces, num_images, image_layouts, seq_len,
                                       prefix_lm, truncate, example_id)
-    text = "".join(segment for segment, _ in pieces)
-    char_is_target = np.zeros(len(text) + 1, bool)
-    start = 0
-    for segment, is_target in pieces:
-        char_is_target[start:start + len(segment)] = is_target
-        start += len(segment)
-    ids, offsets = tokenizer.encode_with_offsets(text)
-    ids = np.asarray(ids, np.int32)
-    is_target = char_is_target[np.asarray([s for s, _ in offsets], np.int64).reshape(-1)]
+    ids, (is_target,) = _encode_flagged(tokenizer, pieces, 1)
 
     if num_images or num_image_tokens:
         at_image = ids == tokenizer.image_token_id
@@ -357,20 +353,24 @@ def _tokenize_with_layouts(tokenizer: Tokenizer, pieces: Sequence[Piece], num_im
             if i:
                 parts.append((next(layout_iter), False, True))
             parts.append((chunk, target, False))
-    text = "".join(part for part, _, _ in parts)
-    char_is_target = np.zeros(len(text) + 1, bool)
-    char_in_layout = np.zeros(len(text) + 1, bool)
+    ids, (is_target, in_layout) = _encode_flagged(tokenizer, parts, 2)
+    return _finish_example(ids, is_target & ~in_layout, in_layout, seq_len, prefix_lm, truncate,
+                           example_id)
+
+
+def _encode_flagged(tokenizer: Tokenizer, parts: Sequence[tuple], num_flags: int
+                    ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """parts (text, flag_1 .. flag_n) -> (ids i32[T] of their concatenation, encoded in one call;
+    per flag a bool[T]: a token's flag is that of the part its first character lies in)."""
+    text = "".join(part[0] for part in parts)
+    char_flags = np.zeros((num_flags, len(text) + 1), bool)
     start = 0
-    for part, target, in_layout in parts:
-        char_is_target[start:start + len(part)] = target
-        char_in_layout[start:start + len(part)] = in_layout
+    for part, *flags in parts:
+        char_flags[:, start:start + len(part)] = np.asarray(flags, bool)[:, None]
         start += len(part)
     ids, offsets = tokenizer.encode_with_offsets(text)
     starts = np.asarray([s for s, _ in offsets], np.int64).reshape(-1)
-    in_layout = char_in_layout[starts]
-    is_target = char_is_target[starts] & ~in_layout
-    return _finish_example(np.asarray(ids, np.int32), is_target, in_layout, seq_len, prefix_lm,
-                           truncate, example_id)
+    return np.asarray(ids, np.int32), list(char_flags[:, starts])
 
 
 def _finish_example(ids: np.ndarray, is_target: np.ndarray, in_image_block: np.ndarray,

@@ -67,9 +67,8 @@ def conversation_prompt_ids(tokenizer: Any, conversation: Sequence[Mapping[str, 
                                               num_image_tokens)
         except ValueError as e:
             raise InputError(str(e)) from None
-        return np.asarray(tokenizer.encode(text), np.int32)
     ids = np.asarray(tokenizer.encode(text), np.int32)
-    return tokenizer.expand_images(ids, num_image_tokens)[0]
+    return ids if image_grids is not None else tokenizer.expand_images(ids, num_image_tokens)[0]
 
 
 

@@ -99,8 +99,11 @@ def request_prompt_ids(model, template: str, request: Request):
     """i32[T]: the request's prompt as training saw it (template, image tokens expanded; a
     tiled model: the image's layout)."""
     grid = None
-    if model.tiling.enabled:
-        grid = _model_images(model, request)[1]
+    if model.tiling.enabled:  # the grid follows from the image's size: no need to cut it here
+        height, width = read_image(request).shape[:2]
+        if model.pad_to_square:
+            height = width = max(height, width)
+        grid = tiling.grid_for(height, width, model.config.vision.image_size, model.tiling)
     try:
         return prompt_ids(model.tokenizer, request.prompt, template, model.config.tokens_per_image,
                           grid)
@@ -121,12 +124,8 @@ def check_length(model, request: Request, prompt_length: int, more: int, what: s
 def image_input(model, request: Request):
     """f32[k, S, S, 3]: the request's image preprocessed as in training (k = 1, or a tiled
     model's tiles and global view)."""
-    return _model_images(model, request)[0]
-
-
-def _model_images(model, request: Request):
     return tiling.model_images(read_image(request), model.config.vision.image_size,
-                               model.pad_to_square, model.tiling)
+                               model.pad_to_square, model.tiling)[0]
 
 
 def request_inputs(model, template: str, image_path: str, prompt: str):

@@ -60,6 +60,7 @@ class Page:
     fields: tuple[Field, ...]
     table: tuple[tuple[str, ...], ...]       # rows of words
     layout: int                              # the layout index (held out by split)
+    geometry: dict = dataclasses.field(compare=False, repr=False)  # pixel positions (`render`)
 
 
 @functools.lru_cache(maxsize=8)
@@ -156,7 +157,7 @@ class DocumentsSource:
         geometry = self._geometry(layout, [LABELS[int(i)] for i in labels], values, rows, cols)
         fields = tuple(Field(LABELS[int(i)], int(v), box)
                        for i, v, box in zip(labels, values, geometry["field_boxes"]))
-        return Page(title, fields, table, layout)
+        return Page(title, fields, table, layout, geometry)
 
     def _geometry(self, layout: int, labels, values, rows: int, cols: int) -> dict:
         """Pixel positions of every block for a layout index (deterministic): margins, the
@@ -191,10 +192,7 @@ class DocumentsSource:
 
     def render(self, page: Page) -> np.ndarray:
         """u8[S, S, 3]: the page, black text on white."""
-        size = self.image_size
-        labels = [f.label for f in page.fields]
-        values = [f.value for f in page.fields]
-        geometry = self._geometry(page.layout, labels, values, len(page.table), len(page.table[0]))
+        size, geometry = self.image_size, page.geometry
         image = Image.new("RGB", (size, size), (255, 255, 255))
         draw = ImageDraw.Draw(image)
         font = _font(self.font_size)
