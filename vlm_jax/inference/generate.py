@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax.models import layers
+from vlm_jax.models.cross_attention import CrossAttentionBlock, block_slots
 from vlm_jax.models.decoder import Decoder, DecoderBlock, KVCache, layer_specs
 from vlm_jax.models.vlm import VLM, VLMConfig
 
@@ -97,8 +98,13 @@ def generate(model_config: VLMConfig, params: dict, input_ids: np.ndarray,
     stop_table, stop_lengths = _stop_table(stop_ids, stop_sequences)
     sampler = (sampling.temperature, sampling.top_k, sampling.top_p)
     layer_params = per_layer_params(params["llm"]["layers"], model_config.llm.num_layers)
+    cross_params = []
+    if model_config.fusion == "cross_attention":
+        cross_params = per_layer_params(params["cross_attention"],
+                                        len(model_config.cross_attention_layers))
     tokens, lengths = _generate(
-        model_config, max_new_tokens, sampler, params, layer_params, jnp.asarray(input_ids),
+        model_config, max_new_tokens, sampler, params, layer_params, cross_params,
+        jnp.asarray(input_ids),
         jnp.asarray(prompt_lengths), jnp.asarray(prefix_lengths),
         None if images is None else jnp.asarray(images, jnp.float32),
         jnp.asarray(stop_table), jnp.asarray(stop_lengths), jax.random.key(sampling.seed))
@@ -159,8 +165,10 @@ def _match_stops(history: jax.Array, step: jax.Array, table: jax.Array, lengths:
     return jnp.any(hit, axis=-1), jnp.max(jnp.where(hit, lengths[None, :], 0), axis=-1)
 
 
-# The CPU backend's last split of stacked layer weights: (the stacked leaves, per-layer trees).
+# The CPU backend's last splits of stacked layer weights, (the stacked leaves, per-layer trees):
+# the decoder's layers and, with cross-attention fusion, its cross-attention blocks.
 _LAYER_SPLIT_CACHE: list = []
+_KEPT_SPLITS = 2
 
 
 def per_layer_params(stacked: dict, num_layers: int) -> list[dict]:
@@ -175,13 +183,12 @@ def per_layer_params(stacked: dict, num_layers: int) -> list[dict]:
     while the same arrays are passed again; other backends split per call.
     """
     leaves = jax.tree.leaves(stacked)
-    if _LAYER_SPLIT_CACHE:
-        cached_leaves, split = _LAYER_SPLIT_CACHE[0]
+    for cached_leaves, split in _LAYER_SPLIT_CACHE:
         if len(cached_leaves) == len(leaves) and all(a is b for a, b in zip(cached_leaves, leaves)):
             return split
     split = _split_layers(stacked, num_layers)
     if jax.default_backend() == "cpu":
-        _LAYER_SPLIT_CACHE[:] = [(leaves, split)]
+        _LAYER_SPLIT_CACHE[:] = _LAYER_SPLIT_CACHE[-(_KEPT_SPLITS - 1):] + [(leaves, split)]
     return split
 
 
@@ -197,7 +204,8 @@ def _split_layers(stacked: dict, num_layers: int) -> list[dict]:
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _generate(model_config: VLMConfig, max_new_tokens: int, sampler: tuple, params: dict,
-              layer_params: list[dict], ids: jax.Array, prompt_lengths: jax.Array,
+              layer_params: list[dict], cross_params: list[dict], ids: jax.Array,
+              prompt_lengths: jax.Array,
               prefix_lengths: jax.Array, images: jax.Array | None,
               stop_table: jax.Array, stop_lengths: jax.Array, key: jax.Array):
     llm_config = model_config.resolved("llm")
@@ -209,6 +217,9 @@ def _generate(model_config: VLMConfig, max_new_tokens: int, sampler: tuple, para
     layer_params = [{"params": p} for p in layer_params]  # per_layer_params: why
     block = DecoderBlock(llm_config)
     specs = layer_specs(llm_config)
+    cross_block = CrossAttentionBlock(llm_config)
+    cross_params = [{"params": p} for p in cross_params]
+    cross_slots = block_slots(model_config.cross_attention_layers, llm_config.num_layers)
 
     # Prefill: the model's own blocks over the padded prompt block, each layer's k/v written to
     # its cache's slots 0 .. T-1. Causal after each row's prefix (mask_ar 1; a prefix of 0 = all
@@ -219,8 +230,30 @@ def _generate(model_config: VLMConfig, max_new_tokens: int, sampler: tuple, para
     mask_ar = (jnp.arange(prompt_width)[None, :] >= prefix_lengths[:, None]).astype(jnp.int32)
     mask = layers.attention_mask_for(llm_config.attention_backend, mask_ar, None)
     empty = KVCache.empty(batch, llm_config.num_kv_heads, cache_length, llm_config.head_dim, x.dtype)
+    # Cross-attention fusion: each block's image keys / values computed once, here; a new token
+    # sees every image of its prompt (all markers precede it), the same as the prompt's last.
+    cross = None
+    if cross_params:
+        cross = VLM(model_config).apply({"params": params}, x, ids, images,
+                                        method=VLM.cross_inputs)
+        image_kv = [cross_block.apply(p, cross.images, method=CrossAttentionBlock.image_kv)
+                    for p in cross_params]
+        last = (prompt_lengths - 1)[:, None, None]
+        step_rows = jnp.take_along_axis(cross.rows, last, axis=1)                # [B, 1, 1]
+        step_mask = jnp.take_along_axis(cross.mask[:, 0], last, axis=1)[:, None]  # [B, 1, 1, N]
+
+    def fuse(x, i, mask, rows):
+        """Cross-attention block before layer i, if there is one."""
+        if cross_slots[i] < 0:
+            return x
+        slot = int(cross_slots[i])
+        return cross_block.apply(cross_params[slot], x, image_kv[slot], mask, rows,
+                                 method=CrossAttentionBlock.attend)
+
     cache = []
-    for p, spec in zip(layer_params, specs):
+    for i, (p, spec) in enumerate(zip(layer_params, specs)):
+        if cross is not None:
+            x = fuse(x, i, cross.mask, cross.rows)
         x, layer_cache = block.apply(p, x, spec, positions, mask, empty)
         cache.append(layer_cache)
     last = jnp.take_along_axis(x, (prompt_lengths - 1)[:, None, None], axis=1)   # [B, 1, D]
@@ -231,7 +264,9 @@ def _generate(model_config: VLMConfig, max_new_tokens: int, sampler: tuple, para
         x = decoder.apply(llm_params, token[:, None], method=Decoder.embed)
         visible = (slots[None, :] <= index[:, None])[:, None, None, :]  # bool[B, 1, 1, S]
         new_cache = []
-        for p, spec, layer_cache in zip(layer_params, specs, cache):
+        for i, (p, spec, layer_cache) in enumerate(zip(layer_params, specs, cache)):
+            if cross is not None:
+                x = fuse(x, i, step_mask, step_rows)
             x, layer_cache = block.apply(p, x, spec, index[:, None], visible, layer_cache, index)
             new_cache.append(layer_cache)
         return decoder.apply(llm_params, x, method=_final_logits), tuple(new_cache)

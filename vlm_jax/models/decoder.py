@@ -433,16 +433,25 @@ class Decoder(nn.Module):
         return x
 
     def hidden_states(self, inputs_embeds: jax.Array, positions: jax.Array,
-                      attention_mask: jax.Array) -> jax.Array:
+                      attention_mask: jax.Array, cross=None) -> jax.Array:
         """The final-normed hidden states [B, T, D] that the LM head reads (no logits: a loss
-        that needs them at a few positions only applies `lm_head_weight` itself)."""
+        that needs them at a few positions only applies `lm_head_weight` itself). `cross`: the
+        image inputs of a cross-attention-fusion decoder (models/cross_attention.py)."""
         cfg = self.config
         if self.is_initializing() and not cfg.tie_embeddings:
             # `init` through __call__ alone must still create the (input-only) embedding table.
             self.token_embedding(jnp.zeros((1, 1), jnp.int32), _dtype(cfg.dtype))
         x = layers.constrain(inputs_embeds.astype(_dtype(cfg.dtype)))
-        x, _ = self.blocks(x, stacked_layer_specs(cfg), positions, attention_mask)
+        x = self.run_blocks(x, stacked_layer_specs(cfg), positions, attention_mask, cross)
         return self.final_norm(x)
+
+    def run_blocks(self, x: jax.Array, specs: LayerSpec, positions: jax.Array, attention_mask,
+                   cross=None) -> jax.Array:
+        """The layer stack over x (a subclass runs more between the layers: FusedDecoder)."""
+        if cross is not None:
+            raise ValueError("this decoder has no cross-attention layers to read image inputs")
+        x, _ = self.blocks(x, specs, positions, attention_mask)
+        return x
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final-normed hidden [B, T, D] -> logits f32[B, T, V] (tied or untied head, then the
@@ -454,10 +463,10 @@ class Decoder(nn.Module):
         return layers.soft_cap(logits, self.config.final_logit_softcap)
 
     def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, cross=None):
         """inputs_embeds [B, T, D], positions i32[B, T], attention_mask bool[B, 1, T, T]
         -> logits f32[B, T, V] (and the final-normed hidden [B, T, D] if `return_hidden`)."""
-        hidden = self.hidden_states(inputs_embeds, positions, attention_mask)
+        hidden = self.hidden_states(inputs_embeds, positions, attention_mask, cross)
         logits = self.logits(hidden)
         if return_hidden:
             return logits, hidden

@@ -8,9 +8,14 @@ Param tree (each part optional, paths are stable: checkpoints and converters rel
     projector/      vision width -> LLM width           (models/projector.py)
     llm/            Llama / Qwen2 / Gemma decoder       (models/decoder.py)
 
-Early fusion: the text holds `num_image_tokens` copies of the image token per image (what HF's
-LlavaProcessor expands `<image>` to); the k-th image-token position of a row receives the k-th
-image feature of that row, so images may sit anywhere in the text, several per example.
+    cross_attention/ gated cross-attention blocks      (fusion="cross_attention" only)
+
+Early fusion (`fusion="early"`): the text holds `tokens_per_image` copies of the image token per
+image (what HF's LlavaProcessor expands `<image>` to); the k-th image-token position of a row
+receives the k-th image feature of that row, so images may sit anywhere in the text, several per
+example. Cross-attention fusion (`fusion="cross_attention"`, models/cross_attention.py): the text
+holds one image token per image, a marker, and the text attends to the image features through
+gated blocks before the decoder layers in `cross_attention_layers`.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ import numpy as np
 
 from vlm_jax.errors import ConfigError
 from vlm_jax.models import layers
+from vlm_jax.models.cross_attention import (FUSIONS, CrossInputs, FusedDecoder,
+                                            cross_attention_stack, image_visibility)
 from vlm_jax.models.decoder import Decoder, DecoderConfig
 from vlm_jax.models.projector import Projector, ProjectorConfig, num_output_tokens
 from vlm_jax.models.siglip import SiglipTextTower, SiglipVisionTower, TextTowerConfig, VisionConfig
@@ -47,6 +54,10 @@ class VLMConfig:
     # HF LLaVA's vision_feature_select_strategy: "full" keeps every patch token (SigLIP has no
     # CLS token); "default" drops the first token (CLIP's CLS), kept for faithful imports.
     vision_feature_select: str = "full"
+    # How the LLM reads the image: "early" (its features in the text) or "cross_attention"
+    # (gated cross-attention blocks before the decoder layers listed in cross_attention_layers).
+    fusion: str = "early"
+    cross_attention_layers: tuple[int, ...] = ()
     # Compute settings applied to every tower when set (None keeps each tower's own).
     dtype: str | None = None
     param_dtype: str | None = None
@@ -66,12 +77,42 @@ class VLMConfig:
             if not 0 <= self.image_token_id < self.llm.vocab_size:
                 raise ConfigError(f"model.image_token_id={self.image_token_id} must be a token of "
                                   f"the LLM vocabulary [0, {self.llm.vocab_size})")
+        self._check_fusion()
+
+    def _check_fusion(self):
+        if self.fusion not in FUSIONS:
+            raise ConfigError(f"model.fusion={self.fusion!r}; supported: {FUSIONS}")
+        object.__setattr__(self, "cross_attention_layers",
+                           tuple(int(i) for i in self.cross_attention_layers))
+        chosen = self.cross_attention_layers
+        if self.fusion == "early":
+            if chosen:
+                raise ConfigError(f"model.cross_attention_layers={chosen} is set but "
+                                  f"model.fusion='early' (set fusion='cross_attention')")
+            return
+        if self.vision is None or self.llm is None:
+            raise ConfigError("model.fusion='cross_attention' needs model.vision, "
+                              "model.projector and model.llm")
+        if not chosen:
+            raise ConfigError("model.fusion='cross_attention' needs model.cross_attention_layers: "
+                              "the decoder layers a cross-attention block runs before, e.g. "
+                              "(0, 4, 8) for every 4th of 12")
+        if list(chosen) != sorted(set(chosen)) or not all(0 <= i < self.llm.num_layers
+                                                        for i in chosen):
+            raise ConfigError(f"model.cross_attention_layers={chosen} must be increasing layer "
+                              f"indices in [0, {self.llm.num_layers}) (model.llm.num_layers)")
+
+    @property
+    def features_per_image(self) -> int:
+        """Image features the LLM reads per image (vision patches after the projector)."""
+        patches = self.vision.num_patches - (1 if self.vision_feature_select == "default" else 0)
+        return num_output_tokens(self.projector, patches)
 
     @property
     def tokens_per_image(self) -> int:
-        """Image tokens the LLM reads per image (vision patches after the projector)."""
-        patches = self.vision.num_patches - (1 if self.vision_feature_select == "default" else 0)
-        return num_output_tokens(self.projector, patches)
+        """Image tokens the text holds per image: the features themselves (early fusion) or one
+        marker (cross-attention fusion)."""
+        return 1 if self.fusion == "cross_attention" else self.features_per_image
 
     def resolved(self, part: str):
         """Sub-config `part` with the global compute overrides applied."""
@@ -144,11 +185,15 @@ class VLM(nn.Module):
             self.contrastive = ContrastiveHead()
         if cfg.projector is not None:
             self.projector = Projector(cfg.resolved("projector"), out_dim=cfg.llm.hidden_size)
-        if cfg.llm is not None:
+        if cfg.llm is not None and cfg.fusion == "cross_attention":
+            self.llm = FusedDecoder(cfg.resolved("llm"), cfg.cross_attention_layers)
+            self.cross_attention = cross_attention_stack(
+                cfg.resolved("llm"), len(cfg.cross_attention_layers), name="cross_attention")
+        elif cfg.llm is not None:
             self.llm = Decoder(cfg.resolved("llm"))
 
     def encode_images(self, images: jax.Array) -> jax.Array:
-        """images: f32[B, M, H, W, 3] -> LLM-space image tokens f32[B, M * tokens_per_image, D]."""
+        """images: f32[B, M, H, W, 3] -> LLM-space image tokens f32[B, M * features_per_image, D]."""
         b, m = images.shape[:2]
         tokens = self.vision_tower(images.reshape((b * m,) + images.shape[2:]))  # [B*M, N, Dv]
         if self.config.vision_feature_select == "default":
@@ -159,7 +204,7 @@ class VLM(nn.Module):
     def embed(self, input_ids: jax.Array, images: jax.Array | None) -> jax.Array:
         """Token embeddings with image features written into the image-token positions."""
         embeds = self.llm.embed(input_ids)  # [B, T, D]
-        if images is None or images.shape[1] == 0:
+        if images is None or images.shape[1] == 0 or self.config.fusion == "cross_attention":
             return embeds
         image_tokens = self.encode_images(images).astype(embeds.dtype)  # [B, M*n, D]
         is_image = input_ids == self.config.image_token_id
@@ -175,7 +220,8 @@ class VLM(nn.Module):
         embeds = layers.constrain(self.embed(input_ids, images))
         mask = layers.attention_mask_for(self.config.resolved("llm").attention_backend,
                                          mask_ar, segment_ids)
-        return self.llm(embeds, positions, mask, return_hidden=return_hidden)
+        cross = self.cross_inputs(embeds, input_ids, images, segment_ids)
+        return self.llm(embeds, positions, mask, return_hidden=return_hidden, cross=cross)
 
     def hidden_states(self, input_ids: jax.Array, images: jax.Array | None, positions: jax.Array,
                       mask_ar: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -183,7 +229,30 @@ class VLM(nn.Module):
         embeds = layers.constrain(self.embed(input_ids, images))
         mask = layers.attention_mask_for(self.config.resolved("llm").attention_backend,
                                          mask_ar, segment_ids)
-        return self.llm.hidden_states(embeds, positions, mask)
+        cross = self.cross_inputs(embeds, input_ids, images, segment_ids)
+        return self.llm.hidden_states(embeds, positions, mask, cross)
+
+    def cross_inputs(self, embeds: jax.Array, input_ids: jax.Array, images: jax.Array | None,
+                     segment_ids: jax.Array | None = None) -> CrossInputs | None:
+        """What the cross-attention blocks read (None under early fusion): the encoded images,
+        which text token sees which (models/cross_attention.py) and the blocks' params."""
+        cfg = self.config
+        if cfg.fusion != "cross_attention":
+            return None
+        if images is None or images.shape[1] == 0:
+            # Text alone: one zero image token that no query sees (every block adds exactly 0).
+            batch, length = input_ids.shape
+            image_tokens = jnp.zeros((batch, 1, embeds.shape[-1]), embeds.dtype)
+            mask = jnp.zeros((batch, 1, length, 1), bool)
+            rows = jnp.zeros((batch, length, 1), bool)
+        else:
+            image_tokens = self.encode_images(images).astype(embeds.dtype)
+            mask, rows = image_visibility(input_ids, cfg.image_token_id, images.shape[1],
+                                          cfg.features_per_image, segment_ids)
+        if self.is_initializing():
+            self.cross_attention(embeds, image_tokens, mask, rows)  # creates the blocks' params
+        params = nn.unbox(self.variables["params"]["cross_attention"])
+        return CrossInputs(params, image_tokens, mask, rows)
 
     def contrastive_embeddings(self, images: jax.Array, text_ids: jax.Array):
         """SigLIP: L2-normalised image and text embeddings f32[B, P] plus (logit_scale, logit_bias)."""

@@ -47,7 +47,8 @@ from vlm_jax.models.vlm import VLMConfig, param_shapes
 from vlm_jax.train import phases
 from vlm_jax.train.phases import PhaseConfig
 
-NEXT_TOKEN_ORDER = ("vision_tower", "projector", "llm")  # data flow of the next-token phases
+# data flow of the next-token phases (cross-attention blocks feed the decoder layers after them)
+NEXT_TOKEN_ORDER = ("vision_tower", "projector", "cross_attention", "llm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,7 @@ class StepFlops:
     decoder: int = 0            # decoder layer matmuls
     lm_head: int = 0
     decoder_attention: int = 0
+    cross_attention: int = 0    # cross-attention fusion: its blocks' matmuls and attention
     text_tower: int = 0         # contrastive phase
     contrastive_loss: int = 0   # contrastive phase: the B x B similarity matmul
 
@@ -214,8 +216,7 @@ def _next_token_flops(model, batch_size, seq_len, num_images, trainable, vision_
                       lm_head_positions) -> StepFlops:
     llm = model.llm
     # A part passes the gradient through when anything before it in the data flow trains.
-    parts = {"vision_tower": "vision_tower" in trainable, "projector": "projector" in trainable,
-             "llm": "llm" in trainable}
+    parts = {name: name in trainable for name in NEXT_TOKEN_ORDER}
     lora = "lora" in trainable
     upstream = {name: any(parts[p] for p in NEXT_TOKEN_ORDER[:i])
                 for i, name in enumerate(NEXT_TOKEN_ORDER)}
@@ -240,7 +241,23 @@ def _next_token_flops(model, batch_size, seq_len, num_images, trainable, vision_
                for kind in llm.layer_types)
     flops["decoder_attention"] = (attention_factor * 4 * batch_size * keys * seq_len
                                   * llm.num_heads * llm.head_dim)
+    if model.fusion == "cross_attention":
+        images = batch_size if num_images is None else num_images
+        flops["cross_attention"] = factor("cross_attention") * len(model.cross_attention_layers) \
+            * cross_attention_block_flops(model, batch_size, seq_len, images)
     return StepFlops(**flops)
+
+
+def cross_attention_block_flops(model: VLMConfig, batch_size: int, seq_len: int, images: int) -> int:
+    """Forward FLOPs of one cross-attention block on `batch_size` rows of `seq_len` text tokens
+    holding `images` images in all: q, o and the MLP per text token, k and v per image token,
+    and each text token's attention over its row's image tokens (dense, like the decoder's)."""
+    llm, n = model.llm, model.features_per_image
+    d, hd = llm.hidden_size, llm.head_dim
+    per_text_token = 2 * (2 * d * llm.num_heads * hd + 3 * d * llm.mlp_dim)
+    per_image_token = 2 * 2 * d * llm.num_kv_heads * hd
+    attention = 4 * seq_len * images * n * llm.num_heads * hd  # sum over rows of T x N_row
+    return batch_size * seq_len * per_text_token + images * n * per_image_token + attention
 
 
 def _contrastive_flops(model, batch_size, trainable) -> StepFlops:

@@ -3,9 +3,12 @@
     phase        trains                                        step kind    needs model.
     contrastive  vision_tower, text_tower, contrastive         contrastive  vision (use_head), text_tower
     lm           llm (or LoRA adapters on it)                  next_token   llm
-    align        projector                                     next_token   vision, projector, llm
-    instruct     projector + llm (or LoRA adapters on it),     next_token   vision, projector, llm
-                 optionally vision_tower at vision_lr_mult
+    align        projector (+ cross_attention blocks)          next_token   vision, projector, llm
+    instruct     projector (+ cross_attention) + llm (or LoRA  next_token   vision, projector, llm
+                 adapters on it), optionally vision_tower at vision_lr_mult
+
+The cross-attention blocks of a `model.fusion='cross_attention'` model are new, like the
+projector, and train with it (Flamingo / Llama 3.2 Vision: the LLM stays frozen in alignment).
 
 A rule's value is an lr multiplier (float) or None = frozen. `PhaseConfig.param_groups` rules are
 prepended to the phase's defaults, so a config can freeze or re-weight any part. Frozen params are
@@ -78,9 +81,9 @@ def default_rules(phase: PhaseConfig) -> tuple[tuple[str, Any], ...]:
     elif phase.name == "lm":
         rules = [("llm/.*", 1.0)]
     elif phase.name == "align":
-        rules = [("projector/.*", 1.0)]
+        rules = [("projector/.*", 1.0), ("cross_attention/.*", 1.0)]
     else:
-        rules = [("projector/.*", 1.0), ("llm/.*", 1.0)]
+        rules = [("projector/.*", 1.0), ("cross_attention/.*", 1.0), ("llm/.*", 1.0)]
         if phase.vision_lr_mult is not None:
             rules.insert(0, ("vision_tower/.*", float(phase.vision_lr_mult)))
     if phase.lora is not None:

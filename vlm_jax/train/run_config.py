@@ -276,6 +276,10 @@ def _check_phase(run: RunConfig) -> None:
     for where, data in (("data", run.data), ("eval_data", run.eval_data)):
         if data is None:
             continue
+        if data.tiling.enabled and run.model.fusion == "cross_attention":
+            raise ConfigError(f"{where}.tiling.max_tiles={data.tiling.max_tiles} with "
+                              f"model.fusion='cross_attention': tiling is built for early fusion "
+                              f"only; set {where}.tiling.max_tiles=0 or model.fusion='early'")
         if data.task not in PHASE_TASKS[phase.name]:
             raise ConfigError(f"{where}.task={data.task!r} does not fit train.phase.name="
                               f"{phase.name!r} (it takes {PHASE_TASKS[phase.name]})")
