@@ -37,8 +37,8 @@ PIXEL_SHUFFLE = ProjectorConfig(type="pixel_shuffle", pixel_shuffle_factor=2, ml
                                 hidden_dim=48, input_norm=True, pos_embed=True)
 RESAMPLER = ProjectorConfig(type="resampler", num_queries=3, resampler_depth=2,
                             resampler_heads=2, input_norm=True)
-# (family, projector, vision.feature_layer, vision_feature_select, pad_to_square)
-# case: (family, projector, vision feature layer, feature select, pad to square, feature post-norm)
+# case: (family, projector, vision feature layer, feature select, pad to square, feature post-norm
+#        [, cross-attention layers: model.fusion="cross_attention"])
 CASES = {
     "pixel_shuffle-llama": ("llama", PIXEL_SHUFFLE, 0, "full", True, False),
     "resampler-llama": ("llama", RESAMPLER, -1, "full", False, False),
@@ -46,6 +46,9 @@ CASES = {
     "resampler-gemma": ("gemma", RESAMPLER, 0, "default", True, False),
     "linear-gemma": ("gemma", ProjectorConfig(type="linear", pos_embed=True), -2, "default", False,
                      False),
+    "cross_attention-llama": ("llama", PIXEL_SHUFFLE, -1, "full", False, False, (0, 1)),
+    "cross_attention-gemma": ("gemma", ProjectorConfig(type="mlp2x_gelu"), 0, "full", True, False,
+                              (1,)),
 }
 
 
@@ -67,11 +70,12 @@ def _model_dir(tiny_vlm_config, tmp_path, case):
     """A trained-looking model directory: every tensor moved off its initial value (scaled by
     1 +- 0.5 and shifted by +-0.1 at random: norm scales off 1, biases off 0), the `minimal`
     chat template recorded as training does."""
-    family, projector, feature_layer, select, pad, post_norm = CASES[case]
+    family, projector, feature_layer, select, pad, post_norm, *cross = CASES[case]
+    fusion = dict(fusion="cross_attention", cross_attention_layers=cross[0]) if cross else {}
     config = tiny_vlm_config(
         family, vocab_size=VOCAB, projector=projector, vision_feature_select=select,
         vision=dict(image_size=32, depth=2, feature_layer=feature_layer, posemb="sincos2d",
-                    use_head=True, feature_post_norm=post_norm))
+                    use_head=True, feature_post_norm=post_norm), **fusion)
     params = model_dir.numpy_params(jax.jit(lambda key: init_params(config, key))(
         jax.random.key(0)))
     rng = np.random.default_rng(2)

@@ -258,6 +258,13 @@ def resolve_format(config: VLMConfig, requested: str, tiled: bool = False) -> st
         raise ConversionError(f"a VLM export needs a vision tower, projector and LLM; this model "
                               f"lacks {', '.join(missing)} (use --part vision for the encoder "
                               f"alone, --part llm for the decoder alone)")
+    if config.fusion != "early":
+        if requested not in ("auto", "custom"):
+            raise ConversionError(
+                f"--format {requested}: model.fusion={config.fusion!r} (cross-attention blocks "
+                f"inside the LLM) has no {requested} equivalent in transformers (--format custom "
+                f"or auto exports it)")
+        return "custom"
     paligemma_blocker = hf_paligemma.blocker(config)
     if requested == "paligemma" and paligemma_blocker is not None:
         raise ConversionError(f"--format paligemma: {paligemma_blocker} (--format custom or auto "

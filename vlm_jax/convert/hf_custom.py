@@ -20,6 +20,11 @@ Tensor names (model.safetensors), HF Linear weights [out, in] as everywhere in c
                                    projector/block_{i}/...          (resampler)
     language_model.model.*         the decoder (hf_llm)
     language_model.lm_head.weight  untied only
+    cross_attention.{i}.*          cross-attention block i (fusion="cross_attention"), Mllama's
+                                   names: input_layernorm, cross_attn.{q,k,v,o}_proj,
+                                   cross_attn.{q,k}_norm, cross_attn_attn_gate,
+                                   post_attention_layernorm, mlp.{gate,up,down}_proj,
+                                   cross_attn_mlp_gate
 """
 from __future__ import annotations
 
@@ -47,6 +52,8 @@ VISION_PREFIX = "vision_tower."
 PROJECTOR_PREFIX = "projector."
 LLM_PREFIX = "language_model.model."
 LM_HEAD_KEY = "language_model.lm_head.weight"
+CROSS_PREFIX = "cross_attention."
+MLP_ACTS = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}  # our mlp_act -> ACT2FN name
 
 
 def config_to_hf(config: VLMConfig) -> dict:
@@ -76,6 +83,10 @@ def config_to_hf(config: VLMConfig) -> dict:
         "resampler_heads": proj.resampler_heads,
         "resampler_mlp_ratio": proj.resampler_mlp_ratio,
         "tie_word_embeddings": config.llm.tie_embeddings,
+        "fusion": config.fusion,
+        "cross_attention_layers": list(config.cross_attention_layers),
+        "cross_attention_mlp_act": MLP_ACTS[config.llm.mlp_act],
+        "cross_attention_norm_plus_one": config.llm.norm_plus_one,
     }
 
 
@@ -85,7 +96,66 @@ def params_to_hf(params: dict, config: VLMConfig) -> dict[str, np.ndarray]:
     sd.update(projector_params_to_hf(params["projector"], config))
     sd.update(hf_llm.decoder_params_to_hf(params["llm"], config.llm, prefix=LLM_PREFIX,
                                           lm_head_key=LM_HEAD_KEY))
+    if config.fusion == "cross_attention":
+        sd.update(cross_attention_params_to_hf(params["cross_attention"], config))
     return sd
+
+
+def _cross_attention_entries(config: VLMConfig) -> list[tuple[str, str, tuple, tuple]]:
+    """(our path, HF name, in_shape, out_shape) per tensor of one block: kernels [*in, *out] <->
+    Linear weights [out, in]; in_shape None = a norm scale or gate, as is."""
+    llm = config.llm
+    d, h, k, hd, f = llm.hidden_size, llm.num_heads, llm.num_kv_heads, llm.head_dim, llm.mlp_dim
+    return [
+        ("pre_attention_norm/scale", "input_layernorm.weight", None, None),
+        ("attention/q/kernel", "cross_attn.q_proj.weight", (d,), (h, hd)),
+        ("attention/k/kernel", "cross_attn.k_proj.weight", (d,), (k, hd)),
+        ("attention/v/kernel", "cross_attn.v_proj.weight", (d,), (k, hd)),
+        ("attention/o/kernel", "cross_attn.o_proj.weight", (h, hd), (d,)),
+        ("attention/q_norm/scale", "cross_attn.q_norm.weight", None, None),
+        ("attention/k_norm/scale", "cross_attn.k_norm.weight", None, None),
+        ("attention_gate", "cross_attn_attn_gate", None, None),
+        ("pre_mlp_norm/scale", "post_attention_layernorm.weight", None, None),
+        ("mlp/gate/kernel", "mlp.gate_proj.weight", (d,), (f,)),
+        ("mlp/up/kernel", "mlp.up_proj.weight", (d,), (f,)),
+        ("mlp/down/kernel", "mlp.down_proj.weight", (f,), (d,)),
+        ("mlp_gate", "cross_attn_mlp_gate", None, None),
+    ]
+
+
+def cross_attention_params_to_hf(stacked: dict, config: VLMConfig) -> dict[str, np.ndarray]:
+    """Our stacked blocks [n, ...] -> cross_attention.{i}.* tensors."""
+    sd = {}
+    for path, name, in_shape, _ in _cross_attention_entries(config):
+        node = stacked
+        for key in path.split("/"):
+            node = node[key]
+        for i, value in enumerate(np.asarray(node, np.float32)):
+            if in_shape is not None:
+                value = value.reshape(int(np.prod(in_shape)), -1).T
+            sd[f"{CROSS_PREFIX}{i}.{name}"] = np.ascontiguousarray(value)
+    return sd
+
+
+def cross_attention_params_from_hf(sd: Mapping[str, np.ndarray], config: VLMConfig) -> dict:
+    """Inverse of `cross_attention_params_to_hf`."""
+    stacked: dict = {}
+    for path, name, in_shape, out_shape in _cross_attention_entries(config):
+        blocks = []
+        for i in range(len(config.cross_attention_layers)):
+            key = f"{CROSS_PREFIX}{i}.{name}"
+            if key not in sd:
+                raise ConversionError(f"tensor {key!r} is missing (config.json's "
+                                      f"cross_attention_layers say the model has it)")
+            value = np.asarray(sd[key], np.float32)
+            if in_shape is not None:
+                value = value.T.reshape(tuple(in_shape) + tuple(out_shape))
+            blocks.append(value)
+        node, keys = stacked, path.split("/")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = np.stack(blocks)
+    return stacked
 
 
 def _projector_entries(config: VLMConfig) -> list[tuple]:
@@ -201,7 +271,9 @@ def config_from_hf(hf: Mapping) -> VLMConfig:
                                  feature_post_norm=bool(hf.get("vision_feature_post_norm")))
     config = VLMConfig(vision=vision, projector=projector, llm=llm,
                        image_token_id=int(hf["image_token_id"]),
-                       vision_feature_select=hf.get("vision_feature_select_strategy", "full"))
+                       vision_feature_select=hf.get("vision_feature_select_strategy", "full"),
+                       fusion=hf.get("fusion", "early"),
+                       cross_attention_layers=tuple(hf.get("cross_attention_layers", ())))
     seq = hf.get("image_seq_length")
     if seq is not None and seq != config.tokens_per_image:
         raise ConversionError(f"image_seq_length={seq} but the vision tower and projector give "
@@ -217,6 +289,8 @@ def params_from_hf(sd: Mapping[str, np.ndarray], config: VLMConfig) -> dict:
         "llm": hf_llm.decoder_params_from_hf(sd, config.llm, prefix=LLM_PREFIX,
                                              lm_head_key=LM_HEAD_KEY),
     }
+    if config.fusion == "cross_attention":
+        params["cross_attention"] = cross_attention_params_from_hf(sd, config)
     check_keys(dict(sd), set(params_to_hf(params, config)), "vlm_jax custom export")
     return params
 

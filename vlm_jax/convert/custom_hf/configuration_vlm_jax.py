@@ -10,6 +10,7 @@ from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig, SiglipVis
 
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu", "pixel_shuffle", "resampler")
 FEATURE_SELECT = ("full", "default")
+FUSIONS = ("early", "cross_attention")
 
 
 class VlmJaxConfig(PretrainedConfig):
@@ -22,7 +23,9 @@ class VlmJaxConfig(PretrainedConfig):
                  projector_hidden_act="gelu", projector_bias=True, projector_input_norm=False,
                  projector_pos_embed=False, projector_mlp_depth=2, projector_hidden_dim=None,
                  pixel_shuffle_factor=2, resampler_num_queries=64, resampler_depth=2,
-                 resampler_heads=8, resampler_mlp_ratio=4, **kwargs):
+                 resampler_heads=8, resampler_mlp_ratio=4, fusion="early",
+                 cross_attention_layers=(), cross_attention_mlp_act="silu",
+                 cross_attention_norm_plus_one=False, **kwargs):
         if isinstance(vision_config, dict):
             vision_config = SiglipVisionConfig(**vision_config)
         if isinstance(text_config, dict):
@@ -56,6 +59,15 @@ class VlmJaxConfig(PretrainedConfig):
         self.resampler_depth = resampler_depth
         self.resampler_heads = resampler_heads
         self.resampler_mlp_ratio = resampler_mlp_ratio
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion={fusion!r}; supported: {FUSIONS}")
+        # "early": image features written into the text's image tokens; "cross_attention": one
+        # image token per image (a marker) and gated cross-attention blocks before the LLM
+        # layers `cross_attention_layers`, their MLP activation and norm form the LLM's own.
+        self.fusion = fusion
+        self.cross_attention_layers = list(cross_attention_layers)
+        self.cross_attention_mlp_act = cross_attention_mlp_act
+        self.cross_attention_norm_plus_one = cross_attention_norm_plus_one
         kwargs.setdefault("tie_word_embeddings", self.text_config.tie_word_embeddings)
         super().__init__(**kwargs)
 

@@ -7,12 +7,16 @@ beside config.json and loaded with
 It imports torch and transformers only. The vision tower is transformers' SiglipVisionModel and the
 LLM its Llama / Qwen2 / Gemma *ForCausalLM (KV cache, attention kernels and `generate` are theirs);
 this file holds what transformers has no class for: the projector, with vlm_jax's numerics
-(vlm_jax/models/projector.py), and the splicing (vlm_jax/models/vlm.py `VLM.embed`).
+(vlm_jax/models/projector.py), and the splicing (vlm_jax/models/vlm.py `VLM.embed`), or, for a
+model with `fusion="cross_attention"`, the gated cross-attention blocks
+(vlm_jax/models/cross_attention.py), which run before the LLM layers `cross_attention_layers`
+names (forward pre-hooks on those layers: the LLM's own weights and code stay as they are).
 
 Weights (model.safetensors):
     vision_tower.*      SiglipVisionModel
     projector.*         input_norm, pos_embed, mlp.linear_{1..} | media_proj, queries, blocks.{i}, ln_out
     language_model.*    the *ForCausalLM (model.*, lm_head.weight unless tied)
+    cross_attention.*   the cross-attention blocks (fusion="cross_attention" only)
 """
 import math
 
@@ -141,6 +145,94 @@ class VlmJaxProjector(nn.Module):
         return self.mlp(tokens)
 
 
+class RMSNorm(nn.Module):
+    """vlm_jax's RMSNorm: f32 statistics; `plus_one` stores w and applies (1 + w) (Gemma)."""
+
+    def __init__(self, dim: int, eps: float, plus_one: bool):
+        super().__init__()
+        self.eps, self.plus_one = eps, plus_one
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        weight = self.weight.float()
+        return (y * (1.0 + weight if self.plus_one else weight)).to(x.dtype)
+
+
+class CrossAttention(nn.Module):
+    """Text queries over image keys / values: GQA, RMSNorm over each head of q and k, no RoPE."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, eps: float,
+                 plus_one: bool):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q_proj = nn.Linear(dim, heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * head_dim, dim, bias=False)
+        self.q_norm = RMSNorm(head_dim, eps, plus_one)
+        self.k_norm = RMSNorm(head_dim, eps, plus_one)
+
+    def image_kv(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image tokens [B, N, D] -> (k, v) [B, K, N, hd], computed once per prompt."""
+        batch, num = images.shape[:2]
+        k = self.k_norm(self.k_proj(images).view(batch, num, self.kv_heads, self.head_dim))
+        v = self.v_proj(images).view(batch, num, self.kv_heads, self.head_dim)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, kv: tuple, mask: torch.Tensor) -> torch.Tensor:
+        batch, length = x.shape[:2]
+        q = self.q_norm(self.q_proj(x).view(batch, length, self.heads, self.head_dim))
+        q = q.transpose(1, 2)                                          # [B, H, T, hd]
+        groups = self.heads // self.kv_heads
+        k, v = (t.repeat_interleave(groups, dim=1) for t in kv)         # [B, H, N, hd]
+        scores = (q @ k.transpose(-1, -2)).float() * self.head_dim ** -0.5
+        scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+        weights = torch.softmax(scores, dim=-1).to(v.dtype)
+        out = (weights @ v).transpose(1, 2).reshape(batch, length, -1)
+        return self.o_proj(out)
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.act = ACT2FN[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class CrossAttentionBlock(nn.Module):
+    """x + tanh(attn_gate) * attn(norm(x)), then x + tanh(mlp_gate) * mlp(norm(x)); a text token
+    that sees no image gets neither (`rows`). Mllama's tensor names."""
+
+    def __init__(self, config: VlmJaxConfig):
+        super().__init__()
+        text = config.text_config
+        dim, heads = text.hidden_size, text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or dim // heads
+        eps, plus_one = text.rms_norm_eps, config.cross_attention_norm_plus_one
+        self.input_layernorm = RMSNorm(dim, eps, plus_one)
+        self.cross_attn = CrossAttention(dim, heads, text.num_key_value_heads, head_dim, eps,
+                                         plus_one)
+        self.cross_attn_attn_gate = nn.Parameter(torch.zeros(1))
+        self.post_attention_layernorm = RMSNorm(dim, eps, plus_one)
+        self.mlp = GatedMLP(dim, text.intermediate_size, config.cross_attention_mlp_act)
+        self.cross_attn_mlp_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, kv: tuple, mask: torch.Tensor,
+                rows: torch.Tensor) -> torch.Tensor:
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        h = torch.where(rows, self.cross_attn(self.input_layernorm(x), kv, mask), zero)
+        x = x + self.cross_attn_attn_gate.tanh().to(x.dtype) * h
+        h = torch.where(rows, self.mlp(self.post_attention_layernorm(x)), zero)
+        return x + self.cross_attn_mlp_gate.tanh().to(x.dtype) * h
+
+
 class VlmJaxPreTrainedModel(PreTrainedModel):
     config_class = VlmJaxConfig
     base_model_prefix = "model"
@@ -175,7 +267,67 @@ class VlmJaxForConditionalGeneration(VlmJaxPreTrainedModel, GenerationMixin):
         self.vision_tower = SiglipVisionModel(vision)
         self.projector = VlmJaxProjector(config, num_vision_tokens)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self._cross = None  # the prompt's image keys / values and markers (cross-attention)
+        if config.fusion == "cross_attention":
+            self.cross_attention = nn.ModuleList(
+                CrossAttentionBlock(config) for _ in config.cross_attention_layers)
+            decoder_layers = self.language_model.model.layers
+            for slot, layer in enumerate(config.cross_attention_layers):
+                decoder_layers[layer].register_forward_pre_hook(self._fuse_before(slot),
+                                                                with_kwargs=True)
         self.post_init()
+
+    def _fuse_before(self, slot: int):
+        """A pre-hook running cross-attention block `slot` on the layer's input hidden states."""
+        def hook(module, args, kwargs):
+            cross = self._cross
+            if cross is None:
+                return None
+            x = args[0] if args else kwargs["hidden_states"]
+            x = self.cross_attention[slot](x, cross["kv"][slot], cross["mask"], cross["rows"])
+            if args:
+                return (x,) + tuple(args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": x}
+        return hook
+
+    def _set_cross_inputs(self, input_ids: torch.LongTensor, pixel_values, past_key_values,
+                          dtype: torch.dtype) -> None:
+        """What the cross-attention blocks read for this call. A prompt with images: their keys /
+        values (once) and where each image's marker sits; the k-th marker of a row stands for the
+        row's k-th image, the images in row-major order. Then every text token sees the images
+        whose marker is at or before it; a later decoding step keeps the prompt's images."""
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if pixel_values is not None:
+            features = self.get_image_features(pixel_values.to(dtype))   # [num_images, n, D]
+            is_marker = input_ids == self.config.image_token_id
+            counts = is_marker.sum(dim=1)
+            if int(counts.sum()) != features.shape[0]:
+                raise ValueError(f"the text has {int(counts.sum())} image tokens (id "
+                                 f"{self.config.image_token_id}) but {features.shape[0]} image(s) "
+                                 f"were given (one image token per image)")
+            batch, per_image, dim = input_ids.shape[0], features.shape[1], features.shape[2]
+            slots = max(int(counts.max()), 1)
+            images = features.new_zeros(batch, slots * per_image, dim)
+            marker = torch.zeros(batch, slots, dtype=torch.long, device=input_ids.device)
+            present = torch.zeros(batch, slots, dtype=torch.bool, device=input_ids.device)
+            start = 0
+            for row in range(batch):
+                where = is_marker[row].nonzero()[:, 0]
+                count = len(where)
+                images[row, :count * per_image] = features[start:start + count].reshape(-1, dim)
+                marker[row, :count], present[row, :count] = where + past, True
+                start += count
+            self._cross = {"kv": [block.cross_attn.image_kv(images) for block in self.cross_attention],
+                           "marker": marker, "present": present, "per_image": per_image}
+        elif past == 0:
+            self._cross = None  # a new prompt without images
+        if self._cross is None:
+            return
+        cross = self._cross
+        query = past + torch.arange(input_ids.shape[1], device=input_ids.device)
+        sees = cross["present"][:, None, :] & (cross["marker"][:, None, :] <= query[None, :, None])
+        cross["mask"] = sees.repeat_interleave(cross["per_image"], dim=2)[:, None]  # [B, 1, T, N]
+        cross["rows"] = sees.any(dim=-1, keepdim=True)                               # [B, T, 1]
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
@@ -217,7 +369,13 @@ class VlmJaxForConditionalGeneration(VlmJaxPreTrainedModel, GenerationMixin):
                 logits_to_keep=0, **kwargs):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if inputs_embeds is None:
+        if self.config.fusion == "cross_attention":
+            if input_ids is None:
+                raise ValueError("a cross-attention-fusion model needs input_ids (its image "
+                                 "markers say which text sees which image)")
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+            self._set_cross_inputs(input_ids, pixel_values, past_key_values, inputs_embeds.dtype)
+        elif inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values)
         elif pixel_values is not None:
             raise ValueError("pixel_values need input_ids (to find the image tokens), not inputs_embeds")
