@@ -12,7 +12,8 @@ from vlm_jax.models.decoder import decoder_config
 
 # phase -> (shapes source task, pipeline task)
 TASKS = {"instruct": ("qa", "instruct"), "align": ("caption", "align"), "lm": ("text", "lm"),
-         "contrastive": ("caption", "contrastive")}
+         "contrastive": ("caption", "contrastive"), "itm": ("caption", "contrastive"),
+         "contrastive+itm": ("caption", "contrastive")}
 VOCAB = 2048  # >= the shapes tokenizer's ids (about 1.6k)
 
 
@@ -24,14 +25,17 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict()
 
     vision = dict(image_size=args.res, patch_size=args.res // 4, width=32, depth=1, num_heads=2,
-                  mlp_dim=64, use_head=args.phase == "contrastive")
+                  mlp_dim=64, use_head=args.phase in ("contrastive", "itm", "contrastive+itm"))
     llm = dataclasses.asdict(decoder_config("llama", vocab_size=VOCAB, hidden_size=32,
                                             num_layers=1, num_heads=2, num_kv_heads=1,
                                             head_dim=16, mlp_dim=64))
+    text_tower = dict(vocab_size=VOCAB, width=32, depth=1, num_heads=2, mlp_dim=64, max_len=24,
+                      projection_dim=32)
     if args.phase == "contrastive":
-        config.model = dict(vision=vision, text_tower=dict(
-            vocab_size=VOCAB, width=32, depth=1, num_heads=2, mlp_dim=64, max_len=24,
-            projection_dim=32))
+        config.model = dict(vision=vision, text_tower=text_tower)
+    elif args.phase in ("itm", "contrastive+itm"):  # image-text matching: every tower + the head
+        config.model = dict(vision=vision, text_tower=text_tower, projector=dict(type="mlp2x_gelu"),
+                            llm=llm, image_token_id=4, itm_head=True)
     elif args.phase == "lm":
         config.model = dict(llm=llm)
     else:

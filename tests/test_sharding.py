@@ -18,10 +18,17 @@ def _batch(config, batch_size=8, text=8):
                 mask_ar=np.ones_like(ids))
 
 
-def test_forward_on_fsdp_tensor_mesh_matches_one_device(tiny_vlm_config):
+FUSIONS = {"early": {}, "cross_attention": dict(fusion="cross_attention",
+                                                cross_attention_layers=(0, 1))}
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_forward_on_fsdp_tensor_mesh_matches_one_device(tiny_vlm_config, fusion):
     assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
-    # 16 image tokens, features from the second-to-last of 2 vision layers; <image> = 63
-    config = tiny_vlm_config(vision=dict(image_size=32, depth=2, feature_layer=-2))
+    # 16 image tokens (early fusion; 1 marker with cross-attention), features from the
+    # second-to-last of 2 vision layers; <image> = 63
+    config = tiny_vlm_config(vision=dict(image_size=32, depth=2, feature_layer=-2),
+                             **FUSIONS[fusion])
     model = VLM(config)
     init = lambda rng: model.init(rng, **dummy_inputs(config), method=VLM.init_all)["params"]
     rng = jax.random.key(0)
@@ -48,6 +55,9 @@ def test_forward_on_fsdp_tensor_mesh_matches_one_device(tiny_vlm_config):
     assert q.addressable_shards[0].data.shape == (q.shape[0], q.shape[1] // 4, q.shape[2] // 2, q.shape[3])
     emb = params["llm"]["embed"]["embedding"]
     assert emb.addressable_shards[0].data.size == emb.size // 8
+    if fusion == "cross_attention":  # the blocks' q kernels [blocks, embed, heads, head_dim] too
+        q = params["cross_attention"]["attention"]["q"]["kernel"]
+        assert q.sharding.spec[1:3] == ("fsdp", "tensor")
 
 
 def _find(tree, key):

@@ -272,7 +272,8 @@ def _stream_examples(cfg: DataConfig, name: str, source: Any, seed: int,
 
 
 def stack_contrastive(examples: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-    """Contrastive examples -> {"images": u8[B, H, W, 3], "text_ids": i32[B, L]}."""
+    """Contrastive examples -> {"images": u8[B, H, W, 3], "text_ids": i32[B, L],
+    "text_lengths": i32[B] (when the examples have it: the ITM phases read it)}."""
     images = []
     for example in examples:
         if example_num_images(example) != 1:
@@ -280,8 +281,11 @@ def stack_contrastive(examples: Sequence[Mapping[str, Any]]) -> dict[str, np.nda
                              f"{example.get('id')} has {example_num_images(example)}")
         check_image_dtype(example)
         images.append(example["images"][0])
-    return {"images": np.stack(images),
-            "text_ids": np.stack([np.asarray(ex["text_ids"], np.int32) for ex in examples])}
+    batch = {"images": np.stack(images),
+             "text_ids": np.stack([np.asarray(ex["text_ids"], np.int32) for ex in examples])}
+    if all("text_lengths" in ex for ex in examples):  # what TokenizeContrastive writes
+        batch["text_lengths"] = np.asarray([ex["text_lengths"] for ex in examples], np.int32)
+    return batch
 
 
 def make_source(source_cfg: SourceConfig, process_index: int = 0, process_count: int = 1) -> Any:

@@ -222,7 +222,8 @@ class TokenizeText(grain.transforms.Map):
 
 
 class TokenizeContrastive(grain.transforms.Map):
-    """Image + caption -> {"images": u8[k, S, S, 3], "text_ids": i32[text_len]}.
+    """Image + caption -> {"images": u8[k, S, S, 3], "text_ids": i32[text_len], "text_lengths":
+    i32 (its real tokens, EOS included)}.
 
     The caption is truncated to fit text_len (fine for contrastive captions: the text tower sees
     a prefix), and EOS is kept as the last real token ("sticky", as in big_vision's SigLIP), then
@@ -241,7 +242,7 @@ class TokenizeContrastive(grain.transforms.Map):
         ids = ids[:self.text_len - len(eos)] + eos
         text_ids = np.full((self.text_len,), self.tokenizer.pad_id, np.int32)
         text_ids[:len(ids)] = ids
-        example = {"text_ids": text_ids}
+        example = {"text_ids": text_ids, "text_lengths": np.int32(len(ids))}
         images = _decoded_images(element)
         if isinstance(images, np.ndarray):
             example["images"] = images

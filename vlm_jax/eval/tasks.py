@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import os
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax.data.errors import SkipExample
@@ -37,7 +39,7 @@ from vlm_jax.eval import vqa
 from vlm_jax.eval.report import ReportRow
 from vlm_jax.inference.batching import greedy_texts
 from vlm_jax.inference.prompts import conversation_prompt_ids
-from vlm_jax.models.vlm import VLM
+from vlm_jax.models.vlm import VLM, itm_inputs
 
 TASK_OF_DATA = {"instruct": "vqa", "align": "caption", "contrastive": "retrieval"}
 TASKS = ("vqa", "caption", "retrieval")
@@ -244,26 +246,100 @@ def evaluate_retrieval(model_config, params, tokenizer, examples: Sequence[Examp
         raise DataError(f"task retrieval needs at least 2 single-image captioned examples, "
                         f"got {len(usable)}")
     tokenize = TokenizeContrastive(tokenizer, min(text_len, model_config.text_tower.max_len))
-    text_ids = np.stack([tokenize.map({"caption": c, "images": []})["text_ids"] for c in captions])
+    tokenized = [tokenize.map({"caption": c, "images": []}) for c in captions]
+    text_ids = np.stack([t["text_ids"] for t in tokenized])
+    text_lengths = np.array([t["text_lengths"] for t in tokenized], np.int32)
+    pixels = np.stack([e.pixels[0] for e in usable])
     image_embeddings, text_embeddings = contrastive_embeddings(
-        model_config, params, np.stack([e.pixels[0] for e in usable]), text_ids, settings.batch_size)
+        model_config, params, pixels, text_ids, settings.batch_size)
     similarity = image_embeddings @ text_embeddings.T          # [images, texts]
     same_text = np.array([[a == b for b in captions] for a in captions])
     image_to_text = caption_metrics.recall_at_k(similarity, same_text)
     text_to_image = caption_metrics.recall_at_k(similarity.T, same_text.T)
     metrics = {f"image_to_text_r@{k}": v for k, v in image_to_text.items()}
     metrics.update({f"text_to_image_r@{k}": v for k, v in text_to_image.items()})
+    reranked = None
+    if model_config.itm_head:
+        score = functools.partial(itm_scores, model_config, params, pixels, text_ids, text_lengths,
+                                  batch_size=settings.batch_size)
+        metrics["itm_accuracy"] = itm_accuracy(score, similarity, same_text)
+        reranked = {"image -> text, ITM re-ranked": caption_metrics.recall_at_k(
+                        rerank(score, similarity, RERANK_CANDIDATES), same_text),
+                    "text -> image, ITM re-ranked": caption_metrics.recall_at_k(
+                        rerank(lambda t, i: score(i, t), similarity.T, RERANK_CANDIDATES),
+                        same_text.T)}
+        for name, recall in reranked.items():
+            key = "image_to_text" if name.startswith("image") else "text_to_image"
+            metrics.update({f"{key}_itm_r@{k}": v for k, v in recall.items()})
     best_text = similarity.argmax(axis=1)
     hit = same_text[np.arange(len(usable)), best_text]
     records = [{"id": e.id, "caption": c, "top1_caption": captions[j], "hit": bool(h)}
                for e, c, j, h in zip(usable, captions, best_text, hit)]
     rows = [ReportRow(e.images[0], "", c, captions[j], bool(h), "image -> text, top 1")
             for e, c, j, h in zip(usable, captions, best_text, hit)]
-    lines = [f"{'':<22}{'R@1':>8}{'R@5':>8}"]
-    for name, recall in (("image -> text", image_to_text), ("text -> image", text_to_image)):
-        lines.append(f"{name:<22}" + "".join(f"{100 * recall[k]:>7.1f}%" for k in (1, 5)))
+    width = 32 if reranked else 22
+    lines = [f"{'':<{width}}{'R@1':>8}{'R@5':>8}"]
+    recalls = {"image -> text": image_to_text, "text -> image": text_to_image, **(reranked or {})}
+    for name, recall in recalls.items():
+        lines.append(f"{name:<{width}}" + "".join(f"{100 * recall[k]:>7.1f}%" for k in (1, 5)))
+    if reranked:
+        lines.append(f"{'ITM accuracy':<{width}}{100 * metrics['itm_accuracy']:>7.1f}%  (each "
+                     f"image with its caption and its most similar other caption; re-ranking "
+                     f"scores the top {RERANK_CANDIDATES} by similarity)")
     lines.append(f"({len(usable)} image-caption pairs)")
     return {"metrics": metrics, "predictions": records, "rows": rows, "table": "\n".join(lines)}
+
+
+RERANK_CANDIDATES = 16  # retrieval re-ranking: the ITM head scores this many best by similarity
+
+
+def itm_scores(model_config, params, pixels: np.ndarray, text_ids: np.ndarray,
+               text_lengths: np.ndarray, image_index: np.ndarray, text_index: np.ndarray,
+               batch_size: int) -> np.ndarray:
+    """ITM logits f32[R] of the pairs (pixels[image_index[r]], caption text_index[r]), in
+    batches of `batch_size` pairs (the last padded, so one program serves all)."""
+
+    @jax.jit
+    def logits(params, images, ids, lengths):
+        ids, last = itm_inputs(model_config, ids, lengths)
+        return VLM(model_config).apply({"params": params}, ids, images, last,
+                                       jnp.arange(ids.shape[0]), method=VLM.itm_logits)
+
+    image_index, text_index = np.asarray(image_index), np.asarray(text_index)
+    out = []
+    for start in range(0, len(image_index), batch_size):
+        rows = list(range(start, min(start + batch_size, len(image_index))))
+        padded = rows + [rows[0]] * (batch_size - len(rows))
+        images, texts = image_index[padded], text_index[padded]
+        out.append(np.asarray(logits(params, pixels[images], text_ids[texts],
+                                     text_lengths[texts]))[:len(rows)])
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def itm_accuracy(score, similarity: np.ndarray, same_text: np.ndarray) -> float:
+    """Matching accuracy on each image's caption (label 1) and its most similar caption that
+    is not the same text (label 0, a hard negative); `score(image_index, text_index)`."""
+    images = np.arange(len(similarity))
+    hardest = np.where(same_text, -np.inf, similarity).argmax(axis=1)
+    has_negative = ~same_text.all(axis=1)
+    logits = score(np.concatenate([images, images[has_negative]]),
+                   np.concatenate([images, hardest[has_negative]]))
+    labels = np.concatenate([np.ones(len(images)), np.zeros(int(has_negative.sum()))])
+    return float(np.mean((logits > 0) == (labels > 0.5)))
+
+
+def rerank(score, similarity: np.ndarray, candidates: int) -> np.ndarray:
+    """A [queries, items] score matrix ranking, per query, its `candidates` most similar items
+    by their ITM logit (`score(query_index, item_index)`), above every other item (which keep
+    their similarity order): what `recall_at_k` of the re-ranked retrieval reads."""
+    k = min(candidates, similarity.shape[1])
+    top = np.argsort(-similarity, axis=1, kind="stable")[:, :k]           # [Q, k]
+    queries = np.repeat(np.arange(len(similarity)), k)
+    logits = score(queries, top.reshape(-1)).reshape(top.shape)
+    spread = float(np.ptp(similarity)) + 1.0
+    ranked = similarity - similarity.max() - spread                        # below any candidate
+    np.put_along_axis(ranked, top, logits - logits.min() + 1.0, axis=1)
+    return ranked
 
 
 def contrastive_embeddings(model_config, params, images: np.ndarray, text_ids: np.ndarray,

@@ -9,6 +9,7 @@ Param tree (each part optional, paths are stable: checkpoints and converters rel
     llm/            Llama / Qwen2 / Gemma decoder       (models/decoder.py)
 
     cross_attention/ gated cross-attention blocks      (fusion="cross_attention" only)
+    itm_head/        image-text matching logit         (itm_head=True only)
 
 Early fusion (`fusion="early"`): the text holds `tokens_per_image` copies of the image token per
 image (what HF's LlavaProcessor expands `<image>` to); the k-th image-token position of a row
@@ -58,6 +59,9 @@ class VLMConfig:
     # (gated cross-attention blocks before the decoder layers listed in cross_attention_layers).
     fusion: str = "early"
     cross_attention_layers: tuple[int, ...] = ()
+    # Image-text matching (BLIP): a logit "does this caption describe this image" read by a
+    # Dense layer from the LLM's hidden state at the caption's last token (`itm_logits`).
+    itm_head: bool = False
     # Compute settings applied to every tower when set (None keeps each tower's own).
     dtype: str | None = None
     param_dtype: str | None = None
@@ -78,6 +82,9 @@ class VLMConfig:
                 raise ConfigError(f"model.image_token_id={self.image_token_id} must be a token of "
                                   f"the LLM vocabulary [0, {self.llm.vocab_size})")
         self._check_fusion()
+        if self.itm_head and (self.vision is None or self.llm is None):
+            raise ConfigError("model.itm_head=True needs model.vision, model.projector and "
+                              "model.llm (the LLM reads image + caption)")
 
     def _check_fusion(self):
         if self.fusion not in FUSIONS:
@@ -191,6 +198,11 @@ class VLM(nn.Module):
                 cfg.resolved("llm"), len(cfg.cross_attention_layers), name="cross_attention")
         elif cfg.llm is not None:
             self.llm = Decoder(cfg.resolved("llm"))
+        if cfg.itm_head:
+            llm = cfg.resolved("llm")
+            self.itm = layers.Dense((llm.hidden_size,), (1,), ("embed", None), use_bias=True,
+                                    dtype=jnp.dtype(llm.dtype), param_dtype=jnp.dtype(llm.param_dtype),
+                                    name="itm_head")
 
     def encode_images(self, images: jax.Array) -> jax.Array:
         """images: f32[B, M, H, W, 3] -> LLM-space image tokens f32[B, M * features_per_image, D]."""
@@ -206,7 +218,11 @@ class VLM(nn.Module):
         embeds = self.llm.embed(input_ids)  # [B, T, D]
         if images is None or images.shape[1] == 0 or self.config.fusion == "cross_attention":
             return embeds
-        image_tokens = self.encode_images(images).astype(embeds.dtype)  # [B, M*n, D]
+        return self.splice(embeds, input_ids, self.encode_images(images))
+
+    def splice(self, embeds: jax.Array, input_ids: jax.Array, image_tokens: jax.Array) -> jax.Array:
+        """embeds [B, T, D] with image_tokens [B, M*n, D] written into the image-token positions."""
+        image_tokens = image_tokens.astype(embeds.dtype)
         is_image = input_ids == self.config.image_token_id
         # k-th image-token position of a row <- k-th image feature of that row
         index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_tokens.shape[1] - 1)
@@ -236,23 +252,56 @@ class VLM(nn.Module):
                      segment_ids: jax.Array | None = None) -> CrossInputs | None:
         """What the cross-attention blocks read (None under early fusion): the encoded images,
         which text token sees which (models/cross_attention.py) and the blocks' params."""
-        cfg = self.config
-        if cfg.fusion != "cross_attention":
+        if self.config.fusion != "cross_attention":
             return None
-        if images is None or images.shape[1] == 0:
+        image_tokens = None
+        if images is not None and images.shape[1] > 0:
+            image_tokens = self.encode_images(images)
+        return self.cross_inputs_from(embeds, input_ids, image_tokens, segment_ids)
+
+    def cross_inputs_from(self, embeds: jax.Array, input_ids: jax.Array,
+                          image_tokens: jax.Array | None,
+                          segment_ids: jax.Array | None = None) -> CrossInputs:
+        """`cross_inputs` from encoded images [B, M*n, D] (None: text alone)."""
+        cfg = self.config
+        if image_tokens is None:
             # Text alone: one zero image token that no query sees (every block adds exactly 0).
             batch, length = input_ids.shape
             image_tokens = jnp.zeros((batch, 1, embeds.shape[-1]), embeds.dtype)
             mask = jnp.zeros((batch, 1, length, 1), bool)
             rows = jnp.zeros((batch, length, 1), bool)
         else:
-            image_tokens = self.encode_images(images).astype(embeds.dtype)
-            mask, rows = image_visibility(input_ids, cfg.image_token_id, images.shape[1],
+            image_tokens = image_tokens.astype(embeds.dtype)
+            mask, rows = image_visibility(input_ids, cfg.image_token_id,
+                                          image_tokens.shape[1] // cfg.features_per_image,
                                           cfg.features_per_image, segment_ids)
         if self.is_initializing():
             self.cross_attention(embeds, image_tokens, mask, rows)  # creates the blocks' params
         params = nn.unbox(self.variables["params"]["cross_attention"])
         return CrossInputs(params, image_tokens, mask, rows)
+
+    def itm_logits(self, input_ids: jax.Array, images: jax.Array, last_index: jax.Array,
+                   image_index: jax.Array) -> jax.Array:
+        """Image-text matching logits f32[R] of R (image, caption) pairs.
+
+        images: f32[N, H, W, 3], each encoded once; image_index: i32[R], the image of pair r;
+        input_ids: i32[R, T], pair r's text with one image's placeholder (`tokens_per_image`
+        image tokens, causal attention); last_index: i32[R], the position whose final hidden
+        state the head reads (the caption's last token, which has seen everything before it)."""
+        features = self.encode_images(images[:, None])[image_index]  # [R, n, D]
+        embeds = self.llm.embed(input_ids)
+        cross = None
+        if self.config.fusion == "cross_attention":
+            cross = self.cross_inputs_from(embeds, input_ids, features)
+        else:
+            embeds = self.splice(embeds, input_ids, features)
+        rows, length = input_ids.shape
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (rows, length))
+        mask = layers.attention_mask_for(self.config.resolved("llm").attention_backend,
+                                         jnp.ones((rows, length), jnp.int32), None)
+        hidden = self.llm.hidden_states(layers.constrain(embeds), positions, mask, cross)
+        last = jnp.take_along_axis(hidden, last_index[:, None, None], axis=1)[:, 0]  # [R, D]
+        return self.itm(last)[:, 0].astype(jnp.float32)
 
     def contrastive_embeddings(self, images: jax.Array, text_ids: jax.Array):
         """SigLIP: L2-normalised image and text embeddings f32[B, P] plus (logit_scale, logit_bias)."""
@@ -268,6 +317,9 @@ class VLM(nn.Module):
         if self.config.llm is not None:
             out["logits"] = self(input_ids, images if self.config.vision is not None else None,
                                  positions, mask_ar)
+        if self.config.itm_head:
+            out["itm"] = self.itm_logits(input_ids, images[:, 0], jnp.zeros(len(input_ids), jnp.int32),
+                                         jnp.arange(len(input_ids)))
         if self.config.text_tower is not None:
             out["contrastive"] = self.contrastive_embeddings(images[:, 0], text_ids)
         elif self.config.vision is not None and self.config.vision.use_head:
@@ -304,6 +356,16 @@ def param_shapes(config: VLMConfig) -> dict:
     (tracing the init costs about half a second; loads, imports and plans ask for it often).
     Shared between callers: build new trees from it, never edit it."""
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def itm_inputs(config: VLMConfig, text_ids: jax.Array, text_lengths: jax.Array):
+    """The LLM's view of captions for matching (`VLM.itm_logits`): (ids i32[B, n + L] = one
+    image's placeholder, then the caption ids as the contrastive pipeline pads them; last_index
+    i32[B] = the caption's last real token)."""
+    n = config.tokens_per_image
+    image = jnp.full((text_ids.shape[0], n), config.image_token_id, text_ids.dtype)
+    return (jnp.concatenate([image, jnp.asarray(text_ids)], axis=1),
+            n + jnp.maximum(jnp.asarray(text_lengths), 1) - 1)
 
 
 def check_image_placeholders(input_ids: np.ndarray, num_images: np.ndarray | int,

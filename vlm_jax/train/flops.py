@@ -134,6 +134,8 @@ def missing_flop_formula(model: VLMConfig, phase) -> str | None:
     as a config setting (e.g. "model.projector.type='foo'"); None when it counts everything."""
     if isinstance(phase, str):
         phase = PhaseConfig(name=phase)
+    if phase.step_kind == "itm":
+        return f"train.phase.name={phase.name!r} (the matching step has no FLOP formula yet)"
     if phase.step_kind == "contrastive":  # no projector in the contrastive step
         return None
     if model.vision is not None and model.projector is not None \
@@ -204,6 +206,8 @@ def train_step_flops(model: VLMConfig, phase, batch_size: int, seq_len: int | No
     trainable = frozenset(trainable)
     if phase.step_kind == "contrastive":
         return _contrastive_flops(model, batch_size, trainable)
+    if phase.step_kind == "itm":
+        return None
     if seq_len is None:
         raise ValueError(f"train_step_flops: phase {phase.name!r} needs seq_len")
     if missing_flop_formula(model, phase) is not None:

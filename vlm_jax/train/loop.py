@@ -40,11 +40,11 @@ from vlm_jax import model_dir, sharding
 from vlm_jax.config import to_dict
 from vlm_jax.data.pipeline import TooManySkippedExamples, build_pipeline
 from vlm_jax.errors import CheckpointError, TrainingStopped
-from vlm_jax.train import checkpoint, flops, init_from
+from vlm_jax.train import checkpoint, flops, init_from, phases
 from vlm_jax.train.metrics_log import RunLogger, flat_skip_counts
 from vlm_jax.train.run_config import RunConfig, build_run_config
 from vlm_jax.train.tokenizer import build_tokenizer
-from vlm_jax.train.step import (CONTRASTIVE_KEYS, NEXT_TOKEN_KEYS, TrainStepConfig,
+from vlm_jax.train.step import (NEXT_TOKEN_KEYS, TrainStepConfig, pair_keys,
                                 batch_loss, create_train_state, make_train_step, plan_training)
 
 CTRL_C_MESSAGE = ("Ctrl-C: saving a checkpoint at the next step and stopping; Ctrl-C again to "
@@ -159,8 +159,9 @@ def _json_or_none(path: str) -> Any:
 
 def batch_keys(phase_name: str) -> tuple[str, ...]:
     """The batch arrays the step reads (the rest stays on the host)."""
-    if phase_name == "contrastive":
-        return CONTRASTIVE_KEYS
+    phase = phases.PhaseConfig(name=phase_name)
+    if phase.reads_pairs:
+        return pair_keys(phase)
     keys = NEXT_TOKEN_KEYS + ("segment_ids",)
     return keys + ("images",) if phase_name in ("align", "instruct") else keys
 

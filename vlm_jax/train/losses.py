@@ -8,6 +8,11 @@ a mesh, `jnp.sum` over a batch-sharded array is a global reduction, so every dev
 The sigmoid loss is computed chunked (big_vision's "chunked" SigLIP): inside `jax.shard_map` each
 device keeps its image-embedding shard and passes the text shards around the ring with
 `ppermute`, so no device ever holds the full B x B logits.
+
+Image-text matching (BLIP): `hard_negatives` draws, for every image of the global batch, a
+caption of another image with probability softmax(similarity) (and for every caption another
+image), each device scoring its own rows against the gathered embeddings: [B/n, B] per device;
+`itm_loss` is the binary cross entropy of the matching head on positives and those negatives.
 """
 from __future__ import annotations
 
@@ -206,3 +211,49 @@ def sigmoid_loss_chunked(zimg: jax.Array, ztxt: jax.Array, logit_scale: jax.Arra
     batch_spec = P(data_axes)
     return jax.shard_map(per_device, mesh=mesh, in_specs=(batch_spec, batch_spec, P(), P()),
                          out_specs=P())(zimg, ztxt, logit_scale, logit_bias)
+
+
+def hard_negatives(zimg: jax.Array, ztxt: jax.Array, text_ids: jax.Array, logit_scale: jax.Array,
+                   rng: jax.Array, mesh: Mesh, data_axes: Sequence[str] = ("data", "fsdp")):
+    """BLIP's hard negatives within the global batch.
+
+    zimg, ztxt: L2-normalised f32[B, P] (B split over `data_axes`), text_ids i32[B, L] (two
+    captions with the same ids describe the same thing: never a negative of each other),
+    logit_scale f32[1] (SigLIP's log temperature). For image i, a caption j is drawn with
+    probability softmax_j(t * x_i . y_j) over the captions that differ from caption i; for
+    caption i an image likewise. Returns (text_for_image, image_for_text) i32[B] (global
+    indices) and (text_ok, image_ok) bool[B] (False: every caption of the batch is the same).
+    Each device holds [B/n, B] similarities, never B x B."""
+    data_axes = tuple(a for a in data_axes if mesh.shape[a] > 1) or tuple(data_axes[:1])
+
+    def per_device(img, txt, ids, scale, key):
+        gather = functools.partial(jax.lax.all_gather, axis_name=data_axes, tiled=True)
+        all_img, all_txt, all_ids = gather(img), gather(txt), gather(ids)
+        shard = jax.lax.axis_index(data_axes)
+        temperature = jnp.exp(scale.reshape(()).astype(jnp.float32))
+        same = jnp.all(ids[:, None, :] == all_ids[None, :, :], axis=-1)       # [b, B]
+        # one key per global row: the same draws on any mesh
+        rows = shard * img.shape[0] + jnp.arange(img.shape[0])
+        keys = jax.vmap(lambda row: jax.random.split(jax.random.fold_in(key, row)))(rows)
+
+        def draw(keys, queries, candidates):
+            logits = temperature * (queries.astype(jnp.float32) @ candidates.astype(jnp.float32).T)
+            logits = jnp.where(same, -jnp.inf, logits)
+            return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+        ok = jnp.any(~same, axis=1)
+        return draw(keys[:, 0], img, all_txt), draw(keys[:, 1], txt, all_img), ok, ok
+
+    rows = P(data_axes)
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(rows, rows, rows, P(), P()),
+                         out_specs=(rows, rows, rows, rows))(zimg, ztxt, text_ids, logit_scale, rng)
+
+
+def itm_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(mean binary cross entropy, number correct) of matching logits f32[R] against labels
+    {0, 1}[R], pairs weighted by `weights` f32[R] (0 = left out)."""
+    labels = labels.astype(jnp.float32)
+    per_pair = -(labels * jax.nn.log_sigmoid(logits) + (1 - labels) * jax.nn.log_sigmoid(-logits))
+    total = jnp.maximum(jnp.sum(weights), 1.0)
+    correct = jnp.sum(weights * ((logits > 0) == (labels > 0.5)))
+    return jnp.sum(weights * per_pair) / total, correct

@@ -120,10 +120,11 @@ def abstract_batch(run, global_batch: int, mesh) -> dict:
     """ShapeDtypeStructs of one global training batch in the pipeline's layout, split over the
     data axes as `sharding.global_batch` splits it."""
     phase = run.train.phase.name
-    if phase == "contrastive":
+    if run.train.phase.reads_pairs:
         size = run.data.image_size
         rows = {"images": np.zeros((1, size, size, 3), np.uint8),
-                "text_ids": np.zeros((1, run.data.text_len), np.int32)}
+                "text_ids": np.zeros((1, run.data.text_len), np.int32),
+                "text_lengths": np.zeros((1,), np.int32)}
     else:
         rows = assemble_batch([], 1, run.data.row_spec)  # one padded row: shapes and dtypes
     return {key: jax.ShapeDtypeStruct((global_batch,) + rows[key].shape[1:], rows[key].dtype,

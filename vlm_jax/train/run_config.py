@@ -46,7 +46,8 @@ from vlm_jax.train.phases import PhaseConfig
 TOKENIZER_KINDS = ("path", "shapes")
 # data.task each phase accepts: the phase decides the loss, the task decides the batch layout.
 PHASE_TASKS = {"contrastive": ("contrastive",), "lm": ("lm",), "align": ("align", "instruct"),
-               "instruct": ("instruct", "align")}
+               "instruct": ("instruct", "align"), "itm": ("contrastive",),
+               "contrastive+itm": ("contrastive",)}
 
 
 @dataclasses.dataclass(frozen=True)

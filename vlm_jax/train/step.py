@@ -27,13 +27,19 @@ from vlm_jax import sharding
 from vlm_jax.data.images import normalize_pixels
 from vlm_jax.errors import CheckpointError, ConfigError
 from vlm_jax.models.decoder import lm_head_weight
-from vlm_jax.models.vlm import VLM, VLMConfig, dummy_inputs
+from vlm_jax.models.vlm import VLM, VLMConfig, dummy_inputs, itm_inputs
 from vlm_jax.train import losses, param_groups, phases
 from vlm_jax.train.lora import init_lora, merge_lora
 from vlm_jax.train.optimizer import OptimizerConfig, examples_seen, make_optimizer
 
 NEXT_TOKEN_KEYS = ("input_ids", "target_ids", "loss_mask", "positions", "mask_ar")
 CONTRASTIVE_KEYS = ("images", "text_ids")
+ITM_KEYS = CONTRASTIVE_KEYS + ("text_lengths",)
+
+
+def pair_keys(phase: phases.PhaseConfig) -> tuple[str, ...]:
+    """The batch keys of a phase that reads image-caption pairs."""
+    return ITM_KEYS if phase.step_kind == "itm" else CONTRASTIVE_KEYS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +63,10 @@ class TrainStepConfig:
             raise ConfigError(f"train.micro_batches={self.micro_batches} must be >= 1")
         if self.loss_chunk_size < 1:
             raise ConfigError(f"train.loss_chunk_size={self.loss_chunk_size} must be >= 1")
-        if self.micro_batches > 1 and self.phase.step_kind == "contrastive":
-            raise ConfigError("train.micro_batches > 1 is not supported in the 'contrastive' phase: "
-                              "the sigmoid loss couples every image with every text of the batch")
+        if self.micro_batches > 1 and self.phase.reads_pairs:
+            raise ConfigError(f"train.micro_batches > 1 is not supported in the "
+                              f"{self.phase.name!r} phase: its loss couples every image with "
+                              f"every text of the batch")
 
 
 @flax.struct.dataclass
@@ -224,15 +231,18 @@ def _pixels(images: jax.Array | None) -> jax.Array | None:
     return normalize_pixels(images)
 
 
-def batch_loss(plan: TrainPlan, params: dict, batch: dict, denominator: jax.Array | None = None
-               ) -> tuple[jax.Array, dict]:
+def batch_loss(plan: TrainPlan, params: dict, batch: dict, denominator: jax.Array | None = None,
+               rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """The loss of `params` (the model's full tree, LoRA merged) on `batch`, as the train step
     differentiates it and eval reports it: (loss f32[], sums).
 
     Next-token phases: loss = masked CE sum / `denominator` (default: this batch's loss-token
     count, at least 1; with micro-batches the train step passes the whole batch's), sums =
     {loss_sum, correct, count} (CE sum, correct argmax tokens, loss tokens). Contrastive: the
-    sigmoid loss over the batch's B x B pairs, sums = {loss_sum: loss * B, count: B}."""
+    sigmoid loss over the batch's B x B pairs, sums = {loss_sum: loss * B, count: B}. ITM
+    (`itm_loss`, negatives drawn with `rng`, default key 0): sums add itm_correct / itm_pairs."""
+    if plan.config.phase.step_kind == "itm":
+        return itm_loss(plan, params, batch, jax.random.key(0) if rng is None else rng)
     if plan.config.phase.step_kind == "contrastive":
         images = _contrastive_images(batch)
         zimg, ztxt, (scale, bias) = plan.model.apply(
@@ -244,6 +254,38 @@ def batch_loss(plan: TrainPlan, params: dict, batch: dict, denominator: jax.Arra
     if denominator is None:
         denominator = jnp.maximum(count, 1.0)
     return loss_sum / denominator, {"loss_sum": loss_sum, "correct": correct, "count": count}
+
+
+def itm_loss(plan: TrainPlan, params: dict, batch: dict, rng: jax.Array):
+    """Image-text matching on a batch of B pairs: the B positives, for each image a hard-negative
+    caption and for each caption a hard-negative image (`losses.hard_negatives`, from the
+    contrastive towers' similarities, no gradient), 3B pairs through `VLM.itm_logits`.
+    contrastive+itm adds the sigmoid loss, each weighted as the phase says."""
+    phase, model = plan.config.phase, plan.model
+    images = _contrastive_images(batch)
+    zimg, ztxt, (scale, bias) = model.apply({"params": params}, images, batch["text_ids"],
+                                            method=VLM.contrastive_embeddings)
+    neg_text, neg_image, text_ok, image_ok = losses.hard_negatives(
+        jax.lax.stop_gradient(zimg), jax.lax.stop_gradient(ztxt), batch["text_ids"],
+        jax.lax.stop_gradient(scale), rng, plan.mesh)
+    ids, last = itm_inputs(plan.model_config, batch["text_ids"], batch["text_lengths"])
+    count = images.shape[0]
+    own = jnp.arange(count)
+    pair_ids = jnp.concatenate([ids, ids[neg_text], ids])
+    pair_last = jnp.concatenate([last, last[neg_text], last])
+    pair_image = jnp.concatenate([own, own, neg_image])
+    labels = jnp.concatenate([jnp.ones(count), jnp.zeros(2 * count)])
+    weights = jnp.concatenate([jnp.ones(count), text_ok, image_ok]).astype(jnp.float32)
+    logits = model.apply({"params": params}, pair_ids, images, pair_last, pair_image,
+                         method=VLM.itm_logits)
+    loss, correct = losses.itm_loss(logits, labels, weights)
+    loss = phase.itm_weight * loss
+    if phase.name == "contrastive+itm":
+        loss = loss + phase.contrastive_weight * losses.sigmoid_loss_chunked(
+            zimg, ztxt, scale, bias, plan.mesh)
+    count = jnp.asarray(count, jnp.float32)
+    return loss, {"loss_sum": loss * count, "count": count, "itm_correct": correct,
+                  "itm_pairs": jnp.sum(weights)}
 
 
 def _split_micro_batches(batch: dict, num: int, mesh: Mesh) -> dict:
@@ -296,11 +338,18 @@ def _num_examples(batch: dict) -> jax.Array:
 
 
 def _contrastive_grads(plan: TrainPlan, state: TrainState, batch: dict):
+    """Contrastive and ITM steps (no micro-batches); ITM draws its negatives with a key of the
+    step number, so a resumed run draws the same."""
+    rng = jax.random.fold_in(jax.random.key(0), state.step)
+
     def loss_fn(trainable):
-        return batch_loss(plan, _assemble(plan, trainable, state.frozen), batch)
+        return batch_loss(plan, _assemble(plan, trainable, state.frozen), batch, rng=rng)
 
     (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
-    return grads, {"loss": loss, "num_examples": sums["count"]}
+    metrics = {"loss": loss, "num_examples": sums["count"]}
+    if "itm_correct" in sums:
+        metrics["itm_accuracy"] = sums["itm_correct"] / jnp.maximum(sums["itm_pairs"], 1.0)
+    return grads, metrics
 
 
 def make_train_step(plan: TrainPlan) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
@@ -312,8 +361,8 @@ def make_train_step(plan: TrainPlan) -> Callable[[TrainState, dict], tuple[Train
     token_accuracy + num_loss_tokens (next-token); examples_seen when the schedule counts
     examples."""
     phase = plan.config.phase
-    contrastive = phase.step_kind == "contrastive"
-    required_keys = CONTRASTIVE_KEYS if contrastive else NEXT_TOKEN_KEYS
+    contrastive = phase.reads_pairs
+    required_keys = pair_keys(phase) if contrastive else NEXT_TOKEN_KEYS
     if phase.name in ("align", "instruct"):
         required_keys += ("images",)
 
