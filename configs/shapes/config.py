@@ -48,9 +48,12 @@ import ml_collections
 from vlm_jax.config import parse_arg
 
 PHASES = ("contrastive", "lm", "align", "instruct")
+# After the recipe: image-text matching from its instruct model (configs/shapes/itm.py).
+EXTRA_PHASES = ("itm",)
 # phase -> (shapes source task, pipeline task)
 TASKS = {"contrastive": ("caption", "contrastive"), "lm": ("text", "lm"),
-         "align": ("caption", "align"), "instruct": ("qa", "instruct")}
+         "align": ("caption", "align"), "instruct": ("qa", "instruct"),
+         "itm": ("caption", "contrastive")}
 QUESTION_TYPES = ("color", "shape", "count", "exists", "position", "relation")
 # The world the recipe trains and tests on (arg `world=`, ShapesSource's shapes/colors/sizes).
 # "recipe": the floor (>= 3 shapes, >= 4 colours, 9 positions, 1-4 objects) with one
@@ -71,10 +74,19 @@ SCHEDULE = {
     "lm": dict(steps=400, batch=32, lr=2e-3, seq_len=128, turns=6, micro=4, chunk=16),
     "align": dict(steps=100, batch=64, lr=1e-3, seq_len=48, turns=1, micro=4, chunk=16),
     "instruct": dict(steps=1200, batch=32, lr=1e-3, seq_len=96, turns=6, micro=4, chunk=16),
+    "itm": dict(steps=300, batch=64, lr=3e-4, seq_len=TEXT_LEN, turns=1, micro=1, chunk=128),
 }
 
 
-def model_config() -> dict:
+# arg `fusion=`: how the LLM reads the image. "early" (the recipe): the 9 image tokens in the
+# text. "cross_attention": one marker token per image in the text and a gated cross-attention
+# block before every decoder layer (models/cross_attention.py); README "Cross-attention fusion"
+# has both measured at the same step budget.
+FUSIONS = {"early": {}, "cross_attention": dict(fusion="cross_attention",
+                                                cross_attention_layers=(0, 1, 2))}
+
+
+def model_config(fusion: str = "early") -> dict:
     width = 128
     vision = dict(image_size=IMAGE_SIZE, patch_size=8, width=width, depth=3, num_heads=4,
                   mlp_dim=4 * width, posemb="sincos2d", use_head=True, feature_layer=0)
@@ -86,7 +98,7 @@ def model_config() -> dict:
                num_heads=4, num_kv_heads=4, head_dim=width // 4, mlp_dim=3 * width,
                max_position_embeddings=512)
     return dict(vision=vision, text_tower=text_tower, projector=projector, llm=llm,
-                image_token_id=IMAGE_TOKEN_ID)
+                image_token_id=IMAGE_TOKEN_ID, **FUSIONS[fusion])
 
 
 # How the recipe computes (run settings, not part of the saved model): every 2-3 layer stack
@@ -105,19 +117,25 @@ def micro_batches_for(batch: int, wanted: int) -> int:
 
 def get_config(arg=None):
     args = parse_arg(arg, phase="instruct", steps=0, batch=0, init_from="", tokenizer="",
-                     vision_lr_mult=0.3, style="scene", world="recipe")
-    if args.phase not in PHASES:
-        raise ValueError(f"configs/shapes/config.py: phase={args.phase!r}; supported: {PHASES}")
+                     vision_lr_mult=0.3, style="scene", world="recipe", fusion="early")
+    if args.phase not in PHASES + EXTRA_PHASES:
+        raise ValueError(f"configs/shapes/config.py: phase={args.phase!r}; supported: "
+                         f"{PHASES + EXTRA_PHASES}")
     if args.world not in WORLDS:
         raise ValueError(f"configs/shapes/config.py: world={args.world!r}; supported: "
                          f"{tuple(WORLDS)}")
+    if args.fusion not in FUSIONS:
+        raise ValueError(f"configs/shapes/config.py: fusion={args.fusion!r}; supported: "
+                         f"{tuple(FUSIONS)}")
     schedule = SCHEDULE[args.phase]
     steps = args.steps or schedule["steps"]
     batch = args.batch or schedule["batch"]
     source_task, task = TASKS[args.phase]
 
     config = ml_collections.ConfigDict()
-    config.model = {**model_config(), **RUN_SETTINGS}
+    config.model = {**model_config(args.fusion), **RUN_SETTINGS}
+    if args.phase == "itm":
+        config.model["itm_head"] = True
     # style=codes: the diagnostic rendering (flat codes per cell, see shapes.render_codes).
     options = dict(split="train", image_size=IMAGE_SIZE, task=source_task, style=args.style,
                    **WORLDS[args.world])
@@ -126,7 +144,8 @@ def get_config(arg=None):
     config.data = dict(sources=[dict(kind="shapes", options=options)], task=task,
                        template="minimal", seq_len=schedule["seq_len"], text_len=TEXT_LEN,
                        batch_size=batch, packing=args.phase == "lm", max_images_per_row=1,
-                       read_threads=1, prefetch_buffer_size=2 * batch, seed=PHASES.index(args.phase))
+                       read_threads=1, prefetch_buffer_size=2 * batch,
+                       seed=(PHASES + EXTRA_PHASES).index(args.phase))
     # No eval_data: a validation pass per phase costs a compile each; the recipe's evaluation
     # is run.py's exact-match VQA on held-out test scenes after the last phase.
     # Without tokenizer=: the recipe's own fit (run.py fits it once for all phases this way).
@@ -143,7 +162,9 @@ def get_config(arg=None):
         optimizer=dict(learning_rate=schedule["lr"], warmup_steps=max(1, steps // 10),
                        schedule="cosine", weight_decay=0.0,
                        b2=0.95 if args.phase == "instruct" else 0.999),
-        init_from=dict(path=args.init_from or None, groups=[".*"]))
+        # itm starts from the instruct model, which has no matching head yet
+        init_from=dict(path=args.init_from or None,
+                       groups=["(?!itm_head/).*"] if args.phase == "itm" else [".*"]))
     # One save at the end: each phase is minutes long and the next phase starts from its model.
     config.checkpoint = dict(every_steps=steps, keep=1, async_save=True)
     config.log = dict(every_steps=25, progress_bar=True, tensorboard=True, measure_cpu_peak=False)

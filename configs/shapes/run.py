@@ -24,7 +24,7 @@ CORE_TYPES = ("color", "shape", "count", "exists", "position")
 CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
 
 
-def fit_tokenizer(workdir: str, world: str = "recipe"):
+def fit_tokenizer(workdir: str, world: str = "recipe", fusion: str = "early"):
     """The recipe's tokenizer, fitted once into `workdir/tokenizer` and shared by every phase:
     the trainer's own fit (`build_tokenizer`, tokenizer.kind="shapes") under the instruct
     phase's config (3000 training scenes of the world, Q/A in the `minimal` template), checked
@@ -33,23 +33,25 @@ def fit_tokenizer(workdir: str, world: str = "recipe"):
 
     from vlm_jax.train.tokenizer import build_tokenizer
     from vlm_jax.train.run_config import load_run_config
-    run = load_run_config(f"{CONFIG_FILE}:phase=instruct,world={world}", [], jax.device_count())
+    run = load_run_config(f"{CONFIG_FILE}:phase=instruct,world={world},fusion={fusion}", [],
+                          jax.device_count())
     return build_tokenizer(run, workdir)
 
 
 def train_phases(workdir: str, steps: int = 0, batch: int = 0, log=print,
-                 style: str = "scene", world: str = "recipe") -> dict[str, float]:
+                 style: str = "scene", world: str = "recipe",
+                 fusion: str = "early") -> dict[str, float]:
     """Run the four phases (skipping finished ones); returns wall seconds per phase.
     steps / batch: 0 = the recipe's own per-phase values (config.SCHEDULE). style: the world's
     rendering ("codes" = the diagnostic flat codes per cell, see shapes.render_codes). world: a
-    key of config.WORLDS."""
+    key of config.WORLDS. fusion: a key of config.FUSIONS."""
     from vlm_jax.train.loop import train
 
     tokenizer_dir = os.path.join(workdir, "tokenizer")
     seconds = {}
     started = time.perf_counter()
     if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
-        fit_tokenizer(workdir, world=world)
+        fit_tokenizer(workdir, world=world, fusion=fusion)
     seconds["tokenizer"] = time.perf_counter() - started
     previous = ""
     for phase in recipe.PHASES:
@@ -60,7 +62,7 @@ def train_phases(workdir: str, steps: int = 0, batch: int = 0, log=print,
         else:
             log(f"== {phase}")
             arg = (f"phase={phase},steps={steps},batch={batch},tokenizer={tokenizer_dir},"
-                   f"style={style},world={world}")
+                   f"style={style},world={world},fusion={fusion}")
             if previous:
                 arg += f",init_from={previous}"
             metrics = train(recipe.get_config(arg), phase_dir)
@@ -120,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world", default="recipe", choices=tuple(recipe.WORLDS),
                         help="'recipe': 3 shapes, 4 colours, one size (the default); 'full': "
                              "the whole shapes world (4 shapes, 5 colours, 2 sizes)")
+    parser.add_argument("--fusion", default="early", choices=tuple(recipe.FUSIONS),
+                        help="'early': image tokens in the text (the default); 'cross_attention': "
+                             "gated cross-attention blocks in the LLM")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     seconds = train_phases(args.workdir, args.steps, args.batch, style=args.style,
-                           world=args.world)
+                           world=args.world, fusion=args.fusion)
     eval_started = time.perf_counter()
     results = evaluate_model(os.path.join(args.workdir, "instruct", "model"), args.eval_per_type,
                              style=args.style, world=args.world)

@@ -29,6 +29,7 @@ POSITIONS = ("top left", "top middle", "top right", "middle left", "center", "mi
 RELATIONS = ("left of", "right of", "above", "below")
 QUESTION_TYPES = ("color", "shape", "count", "exists", "position", "relation", "grounding")
 TASKS = ("qa", "caption", "text")
+CHANGES = ("color", "shape", "position")  # what `changed_caption` can change
 STYLES = ("scene", "codes")
 SPLITS = ("train", "validation", "test")
 ATTRIBUTES = ("size", "color", "shape")  # what names an object, in the order a phrase says it
@@ -210,6 +211,24 @@ class ShapesSource:
 
     def caption(self, scene: Scene) -> str:
         return caption(scene, self.attributes)
+
+    def changed_caption(self, scene: Scene, change: str, rng: np.random.Generator) -> str:
+        """The caption of `scene` with exactly one object's colour, shape or position (`change`)
+        made different (a position moves it to an empty cell): a hard negative for image-text
+        matching that differs from the true caption in one attribute of one object."""
+        _check_choice("change", change, CHANGES)
+        if change in ("color", "shape") and len(self.values[change]) < 2:
+            raise ConfigError(f"change={change!r}: this world has one {change} only")
+        target = int(rng.integers(len(scene.objects)))
+        obj = scene.objects[target]
+        if change == "position":
+            free = [c for c in range(9) if c not in {o.cell for o in scene.objects}]
+            changed = dataclasses.replace(obj, cell=int(free[int(rng.integers(len(free)))]))
+        else:
+            others = [v for v in self.values[change] if v != getattr(obj, change)]
+            changed = dataclasses.replace(obj, **{change: others[int(rng.integers(len(others)))]})
+        objects = scene.objects[:target] + (changed,) + scene.objects[target + 1:]
+        return self.caption(dataclasses.replace(scene, objects=objects))
 
     def render(self, scene: Scene) -> np.ndarray:
         """u8[S, S, 3]: `scene` drawn in this source's style at its image size."""
