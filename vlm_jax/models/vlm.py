@@ -271,7 +271,10 @@ class VLM(nn.Module):
             mask = jnp.zeros((batch, 1, length, 1), bool)
             rows = jnp.zeros((batch, length, 1), bool)
         else:
-            image_tokens = image_tokens.astype(embeds.dtype)
+            # laid out like every activation (batch-sharded): left to propagation, the shapes
+            # recipe's instruct step on a data=4 x fsdp=2 mesh took the k / v kernels' layout back
+            # into the projector and replicated its output ("involuntary full rematerialization")
+            image_tokens = layers.constrain(image_tokens.astype(embeds.dtype))
             mask, rows = image_visibility(input_ids, cfg.image_token_id,
                                           image_tokens.shape[1] // cfg.features_per_image,
                                           cfg.features_per_image, segment_ids)
