@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs.shapes import config as recipe
-from configs.shapes import run
+from configs.shapes import itm, run
 from vlm_jax.model_dir import load_model
 from vlm_jax.train import param_groups
 
@@ -48,6 +48,29 @@ def test_recipe_runs_end_to_end(tmp_path, capsys):
                      "--eval-per-type", "1"]) == 0
     assert printed.count("done before") == 0
     assert capsys.readouterr().out.count("done before") == len(recipe.PHASES)
+
+    # Image-text matching from the instruct model: trains, scores one-change captions and
+    # retrieval with and without re-ranking; the towers it does not train are carried over.
+    assert itm.main(["--workdir", workdir, "--steps", "2", "--batch", "8", "--scenes", "8"]) == 0
+    assert "ITM re-ranked" in capsys.readouterr().out
+    results = json.load(open(os.path.join(workdir, "itm", "results.json")))
+    assert set(results["itm_accuracy"]) == {"color", "shape", "position", "overall"}
+    matched = _flat(load_model(os.path.join(workdir, "itm", "model"))[1])
+    assert any(path.startswith("itm_head/") for path in matched)
+    for path, value in models["instruct"].items():
+        if path.startswith(("vision_tower/", "text_tower/", "contrastive/")):
+            np.testing.assert_array_equal(value, matched[path], err_msg=path)
+
+
+@pytest.mark.slow
+def test_cross_attention_recipe_runs_end_to_end(tmp_path, capsys):
+    workdir = str(tmp_path / "shapes_cross")
+    assert run.main(["--workdir", workdir, "--steps", "2", "--batch", "8", "--eval-per-type", "2",
+                     "--fusion", "cross_attention"]) == 0
+    assert "overall (5 core)" in capsys.readouterr().out
+    config, params, _ = load_model(os.path.join(workdir, "instruct", "model"))
+    assert config.fusion == "cross_attention" and config.tokens_per_image == 1
+    assert params["cross_attention"]["attention_gate"].shape == (3, 1)
 
 
 @pytest.mark.parametrize("phase,rows_per_device", [("instruct", 0), ("lm", 1), ("align", 3)])

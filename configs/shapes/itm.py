@@ -27,17 +27,20 @@ CHANGES = ("color", "shape", "position")
 
 
 def train_itm(workdir: str, steps: int = 0, batch: int = 0, world: str = "recipe",
-              fusion: str = "early") -> float:
-    """The itm phase from workdir/instruct/model into workdir/itm (skipped when its model/
-    exists); returns wall seconds."""
+              fusion: str = "early", objective: str = "itm", out: str = "itm") -> float:
+    """The matching phase (`objective`: itm, or contrastive+itm, which also trains the towers
+    that choose the negatives) from workdir/instruct/model into workdir/`out` (skipped when its
+    model/ exists); returns wall seconds."""
     from vlm_jax.train.loop import train
     started = time.perf_counter()
-    phase_dir = os.path.join(workdir, "itm")
+    phase_dir = os.path.join(workdir, out)
     if not os.path.exists(os.path.join(phase_dir, "model", "config.json")):
         arg = (f"phase=itm,steps={steps},batch={batch},world={world},fusion={fusion},"
                f"tokenizer={os.path.join(workdir, 'tokenizer')},"
                f"init_from={os.path.join(workdir, 'instruct', 'model')}")
-        metrics = train(recipe.get_config(arg), phase_dir)
+        config = recipe.get_config(arg)
+        config.train.phase.name = objective
+        metrics = train(config, phase_dir)
         if metrics["preempted"]:
             raise SystemExit("itm was preempted; run the command again to resume")
     return time.perf_counter() - started
@@ -117,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenes", type=int, default=500, help="held-out test scenes")
     parser.add_argument("--world", default="recipe", choices=tuple(recipe.WORLDS))
     parser.add_argument("--fusion", default="early", choices=tuple(recipe.FUSIONS))
+    parser.add_argument("--objective", default="itm", choices=("itm", "contrastive+itm"),
+                        help="contrastive+itm also trains the towers that choose the negatives")
+    parser.add_argument("--out", default="itm", help="directory under --workdir for this run")
     args = parser.parse_args(argv)
     if not os.path.exists(os.path.join(args.workdir, "instruct", "model", "config.json")):
         print(f"{args.workdir}/instruct/model does not exist: run `python -m configs.shapes.run "
@@ -126,13 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     from absl import flags
     if not flags.FLAGS.is_parsed():  # grain reads absl flags
         flags.FLAGS.mark_as_parsed()
-    seconds = {"itm": train_itm(args.workdir, args.steps, args.batch, args.world, args.fusion)}
+    seconds = {args.objective: train_itm(args.workdir, args.steps, args.batch, args.world,
+                                         args.fusion, args.objective, args.out)}
     started = time.perf_counter()
-    results = evaluate_itm(os.path.join(args.workdir, "itm", "model"), args.scenes, args.world)
+    results = evaluate_itm(os.path.join(args.workdir, args.out, "model"), args.scenes, args.world)
     seconds["evaluate"] = time.perf_counter() - started
     print(results["table"])
     print("\n== wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
-    with open(os.path.join(args.workdir, "itm", "results.json"), "w") as f:
+    with open(os.path.join(args.workdir, args.out, "results.json"), "w") as f:
         json.dump({**{k: v for k, v in results.items() if k != "table"}, "seconds": seconds},
                   f, indent=2)
     return 0
