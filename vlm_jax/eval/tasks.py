@@ -298,13 +298,7 @@ def itm_scores(model_config, params, pixels: np.ndarray, text_ids: np.ndarray,
                batch_size: int) -> np.ndarray:
     """ITM logits f32[R] of the pairs (pixels[image_index[r]], caption text_index[r]), in
     batches of `batch_size` pairs (the last padded, so one program serves all)."""
-
-    @jax.jit
-    def logits(params, images, ids, lengths):
-        ids, last = itm_inputs(model_config, ids, lengths)
-        return VLM(model_config).apply({"params": params}, ids, images, last,
-                                       jnp.arange(ids.shape[0]), method=VLM.itm_logits)
-
+    logits = _itm_program(model_config)
     image_index, text_index = np.asarray(image_index), np.asarray(text_index)
     out = []
     for start in range(0, len(image_index), batch_size):
@@ -314,6 +308,19 @@ def itm_scores(model_config, params, pixels: np.ndarray, text_ids: np.ndarray,
         out.append(np.asarray(logits(params, pixels[images], text_ids[texts],
                                      text_lengths[texts]))[:len(rows)])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _itm_program(model_config):
+    """The jitted pair scorer of `model_config`, built once: accuracy, re-ranking both ways and
+    the shapes runner call `itm_scores` several times on the same model."""
+
+    @jax.jit
+    def logits(params, images, ids, lengths):
+        ids, last = itm_inputs(model_config, ids, lengths)
+        return VLM(model_config).apply({"params": params}, ids, images, last,
+                                       jnp.arange(ids.shape[0]), method=VLM.itm_logits)
+    return logits
 
 
 def itm_accuracy(score, similarity: np.ndarray, same_text: np.ndarray) -> float:
