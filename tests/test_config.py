@@ -88,6 +88,10 @@ def test_bad_overrides_name_the_key(override, message):
     ("phase=contrastive", ["data.task=instruct"], {},
      r"data\.task='instruct' does not fit train\.phase\.name='contrastive'"),
     ("phase=lm", ["train.phase.name=align"], {}, r"phase 'align' needs model\.vision"),
+    ("phase=contrastive", ["data.negative_captions=1"], {},
+     r"data\.negative_captions=1: hard-negative captions are scored by the ITM phases"),
+    (None, ["data.negative_captions=1"], {},
+     r"data\.negative_captions=1: .* for data\.task='contrastive' only"),
     (None, ["train.phase.name=lm"], {}, r"data\.task='instruct' does not fit "
                                         r"train\.phase\.name='lm'"),
     (None, ["train.phase.name=warmup"], {}, r"train\.phase\.name='warmup'"),

@@ -15,7 +15,8 @@ from vlm_jax.models.siglip import TextTowerConfig, VisionConfig
 from vlm_jax.models.vlm import VLM, VLMConfig, init_params, itm_inputs
 from vlm_jax.train import flops, losses, phases
 from vlm_jax.train.optimizer import OptimizerConfig
-from vlm_jax.train.step import TrainStepConfig, create_train_state, make_train_step, plan_training
+from vlm_jax.train.step import (TrainStepConfig, batch_loss, create_train_state, make_train_step,
+                                plan_training)
 
 VOCAB, TEXT_LEN, BATCH = 64, 6, 8
 
@@ -126,6 +127,44 @@ def test_itm_step_trains_and_a_mesh_matches_one_device(phase):
         assert a["itm_accuracy"] == b["itm_accuracy"]
     assert one[2]["loss"] < one[0]["loss"]  # the same batch again, after two updates
     assert all(0.0 <= h["itm_accuracy"] <= 1.0 for h in one)
+
+
+def _negatives(pairs, k=2, seed=7):
+    """Each row's caption with k tokens changed: data-provided hard negatives [B, k, L]."""
+    rng = np.random.default_rng(seed)
+    ids = np.repeat(pairs["text_ids"][:, None], k, axis=1)
+    for row, length in enumerate(pairs["text_lengths"]):
+        for j in range(k):
+            ids[row, j, rng.integers(length)] = rng.integers(1, VOCAB - 1)
+    return dict(pairs, negative_text_ids=ids,
+                negative_text_lengths=np.repeat(pairs["text_lengths"][:, None], k, axis=1))
+
+
+@pytest.mark.parametrize("mesh_name", ["one", "data2_fsdp4"])
+def test_itm_loss_adds_each_image_with_its_data_negatives(mesh_name):
+    """With negative_text_ids the loss is the drawn-negative loss plus, for each image, its K
+    captions as label-0 pairs against that image (checked against the logits computed apart)."""
+    config, k = _config(), 2
+    mesh = _mesh(mesh_name)
+    plan = plan_training(config, TrainStepConfig(phase=phases.PhaseConfig("itm")), mesh)
+    params = init_params(config, jax.random.key(1))
+    pairs = _negatives(_pairs())
+    with sharding.rules_context(mesh, plan.rules):
+        run = jax.jit(lambda p, b: batch_loss(plan, p, b, rng=jax.random.key(3)))
+        loss, sums = run(params, sharding.global_batch(pairs, mesh))
+        base = {key: pairs[key] for key in ("images", "text_ids", "text_lengths")}
+        loss0, sums0 = run(params, sharding.global_batch(base, mesh))
+    ids, last = itm_inputs(config, jnp.asarray(pairs["negative_text_ids"].reshape(BATCH * k, -1)),
+                           jnp.asarray(pairs["negative_text_lengths"].reshape(-1)))
+    images = jnp.asarray(pairs["images"], jnp.float32) / 127.5 - 1
+    logits = np.asarray(VLM(config).apply({"params": params}, ids, images, last,
+                                          jnp.repeat(jnp.arange(BATCH), k),
+                                          method=VLM.itm_logits))
+    pairs0 = float(sums0["itm_pairs"])
+    assert float(sums["itm_pairs"]) == pairs0 + BATCH * k
+    want = (float(loss0) * pairs0 + np.logaddexp(0, logits).sum()) / (pairs0 + BATCH * k)
+    np.testing.assert_allclose(float(loss), want, rtol=2e-5)
+    assert float(sums["itm_correct"]) == float(sums0["itm_correct"]) + np.sum(logits <= 0)
 
 
 def test_itm_phases_check_the_model_and_their_weights():

@@ -49,9 +49,11 @@ def test_recipe_runs_end_to_end(tmp_path, capsys):
     assert printed.count("done before") == 0
     assert capsys.readouterr().out.count("done before") == len(recipe.PHASES)
 
-    # Image-text matching from the instruct model: trains, scores one-change captions and
-    # retrieval with and without re-ranking; the towers it does not train are carried over.
-    assert itm.main(["--workdir", workdir, "--steps", "2", "--batch", "8", "--scenes", "8"]) == 0
+    # Image-text matching from the instruct model (with one data-provided hard negative per
+    # caption): trains, scores one-change captions and retrieval with and without re-ranking;
+    # the towers it does not train are carried over.
+    assert itm.main(["--workdir", workdir, "--steps", "2", "--batch", "8", "--scenes", "8",
+                     "--negatives", "1"]) == 0
     assert "ITM re-ranked" in capsys.readouterr().out
     results = json.load(open(os.path.join(workdir, "itm", "results.json")))
     assert set(results["itm_accuracy"]) == {"color", "shape", "position", "overall"}

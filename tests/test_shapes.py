@@ -209,6 +209,46 @@ def test_holdout_never_in_train_and_always_in_compositional_test():
         assert any((o["color"], o["shape"]) in holdout for o in objects)
 
 
+def _objects(caption):
+    """A caption's objects as a multiset of (noun phrase, position phrase)."""
+    parts = re.split(r", | and ", caption)
+    return collections.Counter(tuple(re.match(r"a (.+?) ((?:at the|in the) .+)$", p).groups())
+                               for p in parts)
+
+
+def test_negative_captions_change_exactly_one_object_and_cycle_the_change():
+    holdout = (("red", "circle"),)
+    source = ShapesSource(task="caption", image_size=8, negative_captions=3, holdout=holdout)
+    for index in range(150):
+        example = source[index]
+        assert source[index]["negative_captions"] == example["negative_captions"]  # determined
+        assert example["caption"] == ShapesSource(task="caption", image_size=8,
+                                                  holdout=holdout)[index]["caption"]
+        true = _objects(example["caption"])
+        seen = set()
+        for negative in example["negative_captions"]:
+            assert "red circle" not in negative
+            changed = _objects(negative)
+            removed, added = true - changed, changed - true
+            assert sum(removed.values()) == 1 and sum(added.values()) == 1, negative
+            (noun, where), = removed
+            (new_noun, new_where), = added
+            if where != new_where:
+                assert noun == new_noun
+                seen.add("position")
+            else:  # one word of the noun phrase: its colour or its shape
+                diff = [i for i, (a, b) in enumerate(zip(noun.split(), new_noun.split())) if a != b]
+                assert len(diff) == 1
+                seen.add("color" if noun.split()[diff[0]] in COLORS else "shape")
+        assert seen == {"color", "shape", "position"}  # three negatives: each change once
+    # a world of one colour never changes (or says) a colour
+    one_colour = ShapesSource(task="caption", image_size=8, negative_captions=2, colors=("red",))
+    for negative in one_colour[0]["negative_captions"]:
+        assert "red" not in negative and negative != one_colour[0]["caption"]
+    with pytest.raises(ValueError, match="negative_captions"):
+        ShapesSource(task="qa", negative_captions=1)
+
+
 def test_tasks_caption_and_text():
     caption_example = ShapesSource(task="caption", image_size=32)[7]
     assert caption_example["conversation"] is None and len(caption_example["images"]) == 1

@@ -73,6 +73,10 @@ LLAVA_ROWS = [
     ({"id": "no_conversations", "image": "red.png"}, "json_malformed"),
     (["not", "a", "dict"], "json_malformed"),
     ({"id": "bad_role", "conversations": _turns(("robot", "Q"), ("gpt", "A"))}, "json_malformed"),
+    ({"id": "negatives", "image": "red.png", "negative_captions": ["Blue.", "Green."],
+      "conversations": _turns(("human", "<image>"), ("gpt", "Red."))}, None),
+    ({"id": "bad_negatives", "image": "red.png", "negative_captions": "Blue.",
+      "conversations": _turns(("human", "<image>"), ("gpt", "Red."))}, "json_malformed"),
 ]
 
 
@@ -96,6 +100,9 @@ def _check_llava_rows(source):
     repaired = source[3]
     assert repaired["conversation"][0]["content"] == "<image>\nColor?"
     assert len(repaired["images"]) == 1
+    assert "negative_captions" not in first
+    negatives = [i for i, (row, _) in enumerate(LLAVA_ROWS) if "negative_captions" in row][0]
+    assert source[negatives]["negative_captions"] == ["Blue.", "Green."]
 
 
 def test_llava_json_list_good_and_bad_rows(llava_dir):

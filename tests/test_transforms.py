@@ -396,6 +396,25 @@ def test_contrastive(tokenizer):
     assert short["images"].shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3)
 
 
+def test_contrastive_negative_captions(tokenizer):
+    raw = {"id": "n", "images": [np.zeros((8, 8, 3), np.uint8)], "caption": "a large red circle",
+           "negative_captions": ["a large blue circle", "a large red square at the top", "x"],
+           "conversation": None, "meta": {}}
+    raw = DecodeImages(IMAGE_SIZE).map(raw)
+    out = TokenizeContrastive(tokenizer, 6, negatives=2).map(raw)
+    assert out["negative_text_ids"].shape == (2, 6) and out["negative_text_ids"].dtype == np.int32
+    for row, text in enumerate(raw["negative_captions"][:2]):
+        alone = TokenizeContrastive(tokenizer, 6).map({**raw, "caption": text})
+        np.testing.assert_array_equal(out["negative_text_ids"][row], alone["text_ids"])
+        assert out["negative_text_lengths"][row] == alone["text_lengths"]
+    assert "negative_text_ids" not in TokenizeContrastive(tokenizer, 6).map(raw)
+    for bad in ({**raw, "negative_captions": ["one"]}, {**raw, "negative_captions": ["a", " "]},
+                {k: v for k, v in raw.items() if k != "negative_captions"}):
+        with pytest.raises(SkipExample) as skip:
+            TokenizeContrastive(tokenizer, 6, negatives=2).map(bad)
+        assert skip.value.reason == "no_negative_captions"
+
+
 def test_text_only(tokenizer):
     raw = {"id": "t", "images": [], "caption": "what color is the circle? red",
            "conversation": None, "meta": {}}

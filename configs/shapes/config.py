@@ -117,7 +117,8 @@ def micro_batches_for(batch: int, wanted: int) -> int:
 
 def get_config(arg=None):
     args = parse_arg(arg, phase="instruct", steps=0, batch=0, init_from="", tokenizer="",
-                     vision_lr_mult=0.3, style="scene", world="recipe", fusion="early")
+                     vision_lr_mult=0.3, style="scene", world="recipe", fusion="early",
+                     negatives=0)
     if args.phase not in PHASES + EXTRA_PHASES:
         raise ValueError(f"configs/shapes/config.py: phase={args.phase!r}; supported: "
                          f"{PHASES + EXTRA_PHASES}")
@@ -127,6 +128,9 @@ def get_config(arg=None):
     if args.fusion not in FUSIONS:
         raise ValueError(f"configs/shapes/config.py: fusion={args.fusion!r}; supported: "
                          f"{tuple(FUSIONS)}")
+    if args.negatives and args.phase != "itm":
+        raise ValueError(f"configs/shapes/config.py: negatives={args.negatives} (hard-negative "
+                         f"captions) is for phase=itm, not {args.phase!r}")
     schedule = SCHEDULE[args.phase]
     steps = args.steps or schedule["steps"]
     batch = args.batch or schedule["batch"]
@@ -141,7 +145,10 @@ def get_config(arg=None):
                    **WORLDS[args.world])
     if source_task != "caption":
         options.update(turns_per_example=schedule["turns"], question_types=QUESTION_TYPES)
+    if args.negatives:  # each caption also with this many one-change captions (matching)
+        options.update(negative_captions=args.negatives)
     config.data = dict(sources=[dict(kind="shapes", options=options)], task=task,
+                       negative_captions=args.negatives,
                        template="minimal", seq_len=schedule["seq_len"], text_len=TEXT_LEN,
                        batch_size=batch, packing=args.phase == "lm", max_images_per_row=1,
                        read_threads=1, prefetch_buffer_size=2 * batch,

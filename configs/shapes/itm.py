@@ -27,15 +27,18 @@ CHANGES = ("color", "shape", "position")
 
 
 def train_itm(workdir: str, steps: int = 0, batch: int = 0, world: str = "recipe",
-              fusion: str = "early", objective: str = "itm", out: str = "itm") -> float:
+              fusion: str = "early", objective: str = "itm", out: str = "itm",
+              negatives: int = 0) -> float:
     """The matching phase (`objective`: itm, or contrastive+itm, which also trains the towers
-    that choose the negatives) from workdir/instruct/model into workdir/`out` (skipped when its
-    model/ exists); returns wall seconds."""
+    that choose the negatives; `negatives`: one-change captions per training caption, scored as
+    extra negatives) from workdir/instruct/model into workdir/`out` (skipped when its model/
+    exists); returns wall seconds."""
     from vlm_jax.train.loop import train
     started = time.perf_counter()
     phase_dir = os.path.join(workdir, out)
     if not os.path.exists(os.path.join(phase_dir, "model", "config.json")):
         arg = (f"phase=itm,steps={steps},batch={batch},world={world},fusion={fusion},"
+               f"negatives={negatives},"
                f"tokenizer={os.path.join(workdir, 'tokenizer')},"
                f"init_from={os.path.join(workdir, 'instruct', 'model')}")
         config = recipe.get_config(arg)
@@ -122,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fusion", default="early", choices=tuple(recipe.FUSIONS))
     parser.add_argument("--objective", default="itm", choices=("itm", "contrastive+itm"),
                         help="contrastive+itm also trains the towers that choose the negatives")
+    parser.add_argument("--negatives", type=int, default=0,
+                        help="one-change captions per training caption, scored as extra "
+                             "negatives beside the drawn ones (data.negative_captions)")
     parser.add_argument("--out", default="itm", help="directory under --workdir for this run")
     args = parser.parse_args(argv)
     if not os.path.exists(os.path.join(args.workdir, "instruct", "model", "config.json")):
@@ -133,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     if not flags.FLAGS.is_parsed():  # grain reads absl flags
         flags.FLAGS.mark_as_parsed()
     seconds = {args.objective: train_itm(args.workdir, args.steps, args.batch, args.world,
-                                         args.fusion, args.objective, args.out)}
+                                         args.fusion, args.objective, args.out,
+                                         args.negatives)}
     started = time.perf_counter()
     results = evaluate_itm(os.path.join(args.workdir, args.out, "model"), args.scenes, args.world)
     seconds["evaluate"] = time.perf_counter() - started

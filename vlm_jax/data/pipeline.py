@@ -98,6 +98,8 @@ class DataConfig:
     seq_len: int = 512
     prefix_lm: bool = False             # PaliGemma style: image + prompt attend bidirectionally
     text_len: int = 64                  # caption tokens per example ("contrastive" only)
+    negative_captions: int = 0          # "contrastive": hard-negative captions per example (its
+                                        # `negative_captions` field) that the ITM phases score
     image_size: int = 224
     num_image_tokens: int = 196
     pad_to_square: bool = False         # LLaVA-1.5: pad images to a square of gray before resizing
@@ -136,6 +138,10 @@ class DataConfig:
                      "shuffle_window"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+        if self.negative_captions < 0 or (self.negative_captions and self.task != "contrastive"):
+            raise ConfigError(f"data.negative_captions={self.negative_captions}: a count >= 0 of "
+                              f"hard-negative captions, for data.task='contrastive' only (got "
+                              f"{self.task!r})")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ConfigError(f"data.num_epochs must be >= 1 or None (forever), got {self.num_epochs}")
         if not 0.0 <= self.max_skip_fraction <= 1.0:
@@ -273,7 +279,9 @@ def _stream_examples(cfg: DataConfig, name: str, source: Any, seed: int,
 
 def stack_contrastive(examples: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
     """Contrastive examples -> {"images": u8[B, H, W, 3], "text_ids": i32[B, L],
-    "text_lengths": i32[B] (when the examples have it: the ITM phases read it)}."""
+    "text_lengths": i32[B] (when the examples have it: the ITM phases read it), and
+    "negative_text_ids": i32[B, K, L] + "negative_text_lengths": i32[B, K] when they have
+    hard-negative captions}."""
     images = []
     for example in examples:
         if example_num_images(example) != 1:
@@ -285,6 +293,9 @@ def stack_contrastive(examples: Sequence[Mapping[str, Any]]) -> dict[str, np.nda
              "text_ids": np.stack([np.asarray(ex["text_ids"], np.int32) for ex in examples])}
     if all("text_lengths" in ex for ex in examples):  # what TokenizeContrastive writes
         batch["text_lengths"] = np.asarray([ex["text_lengths"] for ex in examples], np.int32)
+    if all("negative_text_ids" in ex for ex in examples):
+        for key in ("negative_text_ids", "negative_text_lengths"):
+            batch[key] = np.stack([np.asarray(ex[key], np.int32) for ex in examples])
     return batch
 
 

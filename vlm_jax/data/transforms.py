@@ -5,13 +5,13 @@
                          truncate=False)
     TokenizeCaption(tokenizer, num_image_tokens, seq_len, truncate=False)  LLaVA's "plain" format
     TokenizeText(tokenizer, seq_len, template, truncate=False)             text-only LM examples
-    TokenizeContrastive(tokenizer, text_len)                  image + padded caption ids
+    TokenizeContrastive(tokenizer, text_len[, negatives])     image + padded caption ids
 
 Compose them with `Chain(...)` or get the chain a pipeline config asks for from
 `make_transform(cfg, tokenizer)` (`data.too_long="truncate"` sets `truncate`, `data.pad_to_square`
 the LLaVA-1.5 padding). Bad records raise `SkipExample` with a stable reason:
 "placeholder_mismatch", "too_long", "no_answer", "no_conversation", "no_caption",
-"conversation_malformed", "no_text" (plus the image reasons of `images.decode_image`).
+"conversation_malformed", "no_text", "no_negative_captions" (plus the image reasons of `images.decode_image`).
 
 Loss mask: the whole rendered prompt is encoded in one call (so the ids are exactly what the
 tokenizer gives for the template's text, as at inference), and a token is a target when its
@@ -228,21 +228,42 @@ class TokenizeContrastive(grain.transforms.Map):
     The caption is truncated to fit text_len (fine for contrastive captions: the text tower sees
     a prefix), and EOS is kept as the last real token ("sticky", as in big_vision's SigLIP), then
     padded with pad_id. The one-image rule is the pipeline's check ("image_count").
+
+    negatives > 0: the element's first `negatives` hard-negative captions (its
+    `negative_captions` list) the same way, as "negative_text_ids": i32[negatives, text_len] and
+    "negative_text_lengths": i32[negatives]; an element with fewer is skipped
+    ("no_negative_captions").
     """
 
-    def __init__(self, tokenizer: Tokenizer, text_len: int):
+    def __init__(self, tokenizer: Tokenizer, text_len: int, negatives: int = 0):
         if tokenizer.pad_id is None:
             raise ConfigError("TokenizeContrastive pads captions: the tokenizer needs a pad token")
         self.tokenizer = tokenizer
         self.text_len = text_len
+        self.negatives = negatives
 
-    def map(self, element: Mapping[str, Any]) -> dict:
-        ids = self.tokenizer.encode(caption_of(element))
+    def _padded(self, text: str) -> tuple[np.ndarray, int]:
+        ids = self.tokenizer.encode(text)
         eos = [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]
         ids = ids[:self.text_len - len(eos)] + eos
         text_ids = np.full((self.text_len,), self.tokenizer.pad_id, np.int32)
         text_ids[:len(ids)] = ids
-        example = {"text_ids": text_ids, "text_lengths": np.int32(len(ids))}
+        return text_ids, len(ids)
+
+    def map(self, element: Mapping[str, Any]) -> dict:
+        text_ids, length = self._padded(caption_of(element))
+        example = {"text_ids": text_ids, "text_lengths": np.int32(length)}
+        if self.negatives:
+            negatives = list(element.get("negative_captions") or [])
+            if len(negatives) < self.negatives or not all(
+                    isinstance(t, str) and t.strip() for t in negatives[:self.negatives]):
+                raise SkipExample("no_negative_captions",
+                                  f"{element.get('id')}: data.negative_captions="
+                                  f"{self.negatives} but the example has {len(negatives)} "
+                                  f"(non-empty strings in its negative_captions field)")
+            padded = [self._padded(t) for t in negatives[:self.negatives]]
+            example["negative_text_ids"] = np.stack([ids for ids, _ in padded])
+            example["negative_text_lengths"] = np.array([n for _, n in padded], np.int32)
         images = _decoded_images(element)
         if isinstance(images, np.ndarray):
             example["images"] = images
@@ -282,7 +303,8 @@ def make_transform(cfg: Any, tokenizer: Tokenizer, prefix_lm: bool = False) -> C
     if cfg.task == "lm":
         return Chain(TokenizeText(tokenizer, cfg.seq_len, cfg.template, truncate=truncate))
     if cfg.task == "contrastive":
-        return Chain(decode, TokenizeContrastive(tokenizer, cfg.text_len))
+        return Chain(decode, TokenizeContrastive(tokenizer, cfg.text_len,
+                                                 getattr(cfg, "negative_captions", 0)))
     raise ConfigError(f"task={cfg.task!r}; supported: instruct, align, lm, contrastive")
 
 

@@ -157,11 +157,12 @@ def _json_or_none(path: str) -> Any:
         return None
 
 
-def batch_keys(phase_name: str) -> tuple[str, ...]:
-    """The batch arrays the step reads (the rest stays on the host)."""
+def batch_keys(phase_name: str, negatives: bool = False) -> tuple[str, ...]:
+    """The batch arrays the step reads (the rest stays on the host); `negatives`: the data has
+    hard-negative captions (data.negative_captions > 0)."""
     phase = phases.PhaseConfig(name=phase_name)
     if phase.reads_pairs:
-        return pair_keys(phase)
+        return pair_keys(phase, negatives)
     keys = NEXT_TOKEN_KEYS + ("segment_ids",)
     return keys + ("images",) if phase_name in ("align", "instruct") else keys
 
@@ -200,7 +201,7 @@ class _Trainer:
         self.plan = plan_training(run.model, TrainStepConfig.from_train(
             run.train, optimizer=optimizer,
             schedule_unit="examples" if self.by_epochs else "steps"), self.mesh)
-        self.keys = batch_keys(run.train.phase.name)
+        self.keys = batch_keys(run.train.phase.name, run.data.negative_captions > 0)
         self.checkpointer = checkpoint.Checkpointer(workdir, run.checkpoint.keep,
                                                     run.checkpoint.async_save, run.to_dict(),
                                                     allow_schedule_change)
@@ -419,11 +420,12 @@ class _Trainer:
 
     def _evaluate(self, step: int, state) -> dict:
         eval_iter = build_pipeline(self.cfg.eval_data, self.tokenizer)
+        keys = batch_keys(self.cfg.train.phase.name, self.cfg.eval_data.negative_captions > 0)
         params = self.plan.model_params(state)
         totals: dict[str, float] = {}
         for _, local in zip(range(self.cfg.eval.num_batches), eval_iter):
             sums = jax.device_get(self.eval_step(params, sharding.global_batch(
-                {k: local[k] for k in self.keys}, self.mesh)))
+                {k: local[k] for k in keys}, self.mesh)))
             for key, value in sums.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
         count = max(totals.get("count", 0.0), 1.0)

@@ -16,8 +16,9 @@ projector, and train with it (Flamingo / Llama 3.2 Vision: the LLM stays frozen 
 Image-text matching (BLIP; the `itm` step kind, train/step.py): on image-caption pairs (data
 task "contrastive"), the LLM reads image + caption and `model.itm_head` says whether they match,
 trained on the positives and on hard negatives drawn from the contrastive towers' similarities
-(`losses.hard_negatives`; in `itm` those towers are frozen and only choose the negatives).
-`contrastive+itm` adds the sigmoid loss: loss = contrastive_weight * sigmoid + itm_weight * ITM.
+(`losses.hard_negatives`; in `itm` those towers are frozen and only choose the negatives), and
+on the captions the data gives as negatives (`data.negative_captions`, e.g. the shapes
+source's one-change captions). `contrastive+itm` adds the sigmoid loss: loss = contrastive_weight * sigmoid + itm_weight * ITM.
 
 A rule's value is an lr multiplier (float) or None = frozen. `PhaseConfig.param_groups` rules are
 prepended to the phase's defaults, so a config can freeze or re-weight any part. Frozen params are

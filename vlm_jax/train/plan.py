@@ -125,11 +125,14 @@ def abstract_batch(run, global_batch: int, mesh) -> dict:
         rows = {"images": np.zeros((1, size, size, 3), np.uint8),
                 "text_ids": np.zeros((1, run.data.text_len), np.int32),
                 "text_lengths": np.zeros((1,), np.int32)}
+        k = run.data.negative_captions
+        rows.update(negative_text_ids=np.zeros((1, k, run.data.text_len), np.int32),
+                    negative_text_lengths=np.zeros((1, k), np.int32))
     else:
         rows = assemble_batch([], 1, run.data.row_spec)  # one padded row: shapes and dtypes
     return {key: jax.ShapeDtypeStruct((global_batch,) + rows[key].shape[1:], rows[key].dtype,
                                       sharding=sharding.batch_sharding(mesh, rows[key].ndim))
-            for key in batch_keys(phase)}
+            for key in batch_keys(phase, run.data.negative_captions > 0)}
 
 
 def per_device_bytes(abstract: Any) -> int:

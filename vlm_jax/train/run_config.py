@@ -281,6 +281,10 @@ def _check_phase(run: RunConfig) -> None:
             raise ConfigError(f"{where}.tiling.max_tiles={data.tiling.max_tiles} with "
                               f"model.fusion='cross_attention': tiling is built for early fusion "
                               f"only; set {where}.tiling.max_tiles=0 or model.fusion='early'")
+        if data.negative_captions and phase.step_kind != "itm":
+            raise ConfigError(f"{where}.negative_captions={data.negative_captions}: hard-negative "
+                              f"captions are scored by the ITM phases (itm, contrastive+itm), "
+                              f"not by {phase.name!r}; set it to 0")
         if data.task not in PHASE_TASKS[phase.name]:
             raise ConfigError(f"{where}.task={data.task!r} does not fit train.phase.name="
                               f"{phase.name!r} (it takes {PHASE_TASKS[phase.name]})")

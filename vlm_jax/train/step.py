@@ -35,11 +35,15 @@ from vlm_jax.train.optimizer import OptimizerConfig, examples_seen, make_optimiz
 NEXT_TOKEN_KEYS = ("input_ids", "target_ids", "loss_mask", "positions", "mask_ar")
 CONTRASTIVE_KEYS = ("images", "text_ids")
 ITM_KEYS = CONTRASTIVE_KEYS + ("text_lengths",)
+NEGATIVE_KEYS = ("negative_text_ids", "negative_text_lengths")  # data-provided hard negatives
 
 
-def pair_keys(phase: phases.PhaseConfig) -> tuple[str, ...]:
-    """The batch keys of a phase that reads image-caption pairs."""
-    return ITM_KEYS if phase.step_kind == "itm" else CONTRASTIVE_KEYS
+def pair_keys(phase: phases.PhaseConfig, negatives: bool = False) -> tuple[str, ...]:
+    """The batch keys of a phase that reads image-caption pairs (`negatives`: the data holds
+    hard-negative captions, data.negative_captions > 0; the ITM step scores them)."""
+    if phase.step_kind != "itm":
+        return CONTRASTIVE_KEYS
+    return ITM_KEYS + (NEGATIVE_KEYS if negatives else ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,8 +263,9 @@ def batch_loss(plan: TrainPlan, params: dict, batch: dict, denominator: jax.Arra
 def itm_loss(plan: TrainPlan, params: dict, batch: dict, rng: jax.Array):
     """Image-text matching on a batch of B pairs: the B positives, for each image a hard-negative
     caption and for each caption a hard-negative image (`losses.hard_negatives`, from the
-    contrastive towers' similarities, no gradient), 3B pairs through `VLM.itm_logits`.
-    contrastive+itm adds the sigmoid loss, each weighted as the phase says."""
+    contrastive towers' similarities, no gradient), 3B pairs through `VLM.itm_logits`; with
+    data-provided negatives (negative_text_ids [B, K, L]) also each image with its K captions,
+    (3 + K) B pairs. contrastive+itm adds the sigmoid loss, each weighted as the phase says."""
     phase, model = plan.config.phase, plan.model
     images = _contrastive_images(batch)
     zimg, ztxt, (scale, bias) = model.apply({"params": params}, images, batch["text_ids"],
@@ -276,6 +281,16 @@ def itm_loss(plan: TrainPlan, params: dict, batch: dict, rng: jax.Array):
     pair_image = jnp.concatenate([own, own, neg_image])
     labels = jnp.concatenate([jnp.ones(count), jnp.zeros(2 * count)])
     weights = jnp.concatenate([jnp.ones(count), text_ok, image_ok]).astype(jnp.float32)
+    if "negative_text_ids" in batch:  # [B, K, L]: image i with each of its K captions
+        k = batch["negative_text_ids"].shape[1]
+        neg_ids, neg_last = itm_inputs(
+            plan.model_config, batch["negative_text_ids"].reshape(count * k, -1),
+            batch["negative_text_lengths"].reshape(count * k))
+        pair_ids = jnp.concatenate([pair_ids, neg_ids])
+        pair_last = jnp.concatenate([pair_last, neg_last])
+        pair_image = jnp.concatenate([pair_image, jnp.repeat(own, k)])
+        labels = jnp.concatenate([labels, jnp.zeros(count * k)])
+        weights = jnp.concatenate([weights, jnp.ones(count * k)])
     logits = model.apply({"params": params}, pair_ids, images, pair_last, pair_image,
                          method=VLM.itm_logits)
     loss, correct = losses.itm_loss(logits, labels, weights)

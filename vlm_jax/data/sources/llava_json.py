@@ -3,13 +3,15 @@
 A row looks like
     {"id": "000123", "image": "coco/train2017/000123.jpg",          # or a list, or absent
      "conversations": [{"from": "human", "value": "<image>\nWhat is this?"},
-                       {"from": "gpt", "value": "A cat."}]}
+                       {"from": "gpt", "value": "A cat."}],
+     "negative_captions": ["A dog.", "Two cats."]}    # optional: hard negatives for matching
 Rows are stored as compact JSON bytes (a JSON list is parsed once at construction, a JSONL file
 is only indexed by line offsets), so the source stays small to pickle into grain workers and a
 malformed row costs that row only. Every per-row problem raises SkipExample:
 
     json_malformed        a JSONL line that does not parse; a row that is not a dict, lacks a
-                          `conversations` list, or has a turn with an unknown `from` / non-str value
+                          `conversations` list, or has a turn with an unknown `from` / non-str
+                          value, or a `negative_captions` that is not a list of strings
     text_not_utf8         the row's text is not valid UTF-8
     image_missing         an image file does not exist (or is not a file)
     path_outside_root     an image path that, after resolving `..` and symlinks, leaves image_root
@@ -120,8 +122,16 @@ def _row_to_example(row, example_id: str, image_root: str) -> dict:
     conversation = parse_llava_conversation(row.get("conversations"), len(relative_paths),
                                             example_id)
     images = [_read_image(path, image_root, example_id) for path in relative_paths]
-    return {"id": example_id, "images": images, "conversation": conversation, "caption": None,
-            "meta": {"source": "llava_json", "row_id": row.get("id"), "image_paths": relative_paths}}
+    example = {"id": example_id, "images": images, "conversation": conversation, "caption": None,
+               "meta": {"source": "llava_json", "row_id": row.get("id"),
+                        "image_paths": relative_paths}}
+    if "negative_captions" in row:  # captions that do not match the image (data.negative_captions)
+        negatives = row["negative_captions"]
+        if not isinstance(negatives, list) or not all(isinstance(t, str) for t in negatives):
+            raise SkipExample("json_malformed", f"{example_id}: negative_captions must be a list "
+                                                f"of strings")
+        example["negative_captions"] = negatives
+    return example
 
 
 def parse_llava_conversation(turns: list, num_images: int, example_id: str) -> list[dict]:

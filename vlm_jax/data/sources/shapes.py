@@ -135,6 +135,10 @@ class ShapesSource:
     shapes / colors / sizes: the world's vocabulary, subsets of SHAPES / COLORS / SIZES (default:
       all). An attribute with a single value is never said: with sizes=("large",) captions,
       questions and answers say "red circle", never "large red circle".
+    negative_captions: task "caption" only: each example also carries this many hard-negative
+      captions (`negative_captions` field), each the caption with one object's colour, shape or
+      position changed (`changed_caption`; the changes taken in turn from a random start), for
+      image-text matching (data.negative_captions).
     """
 
     def __init__(self, split: str = "train", seed: int = 0, image_size: int = 224,
@@ -143,7 +147,7 @@ class ShapesSource:
                  holdout: tuple[tuple[str, str], ...] = (), compositional: bool = False,
                  num_examples: int | None = None, style: str = "scene",
                  shapes: tuple[str, ...] = SHAPES, colors: tuple[str, ...] = tuple(COLORS),
-                 sizes: tuple[str, ...] = SIZES):
+                 sizes: tuple[str, ...] = SIZES, negative_captions: int = 0):
         _check_choice("split", split, SPLITS)
         self.values = {"size": _check_subset("sizes", sizes, SIZES),
                        "color": _check_subset("colors", colors, tuple(COLORS)),
@@ -166,6 +170,9 @@ class ShapesSource:
         if task != "caption" and (not question_types or turns_per_example < 1):
             raise ConfigError(f"task {task!r} needs turns_per_example >= 1 and question types "
                               f"from {QUESTION_TYPES} (grounding is not available for 'text')")
+        if negative_captions < 0 or (negative_captions and task != "caption"):
+            raise ConfigError(f"negative_captions={negative_captions}: a count >= 0, for task "
+                              f"'caption' only (got task {task!r})")
         if seed < 0 or image_size < 1:
             raise ConfigError(f"seed must be >= 0 and image_size >= 1, got {seed}, {image_size}")
         self.split, self.seed, self.image_size, self.task = split, seed, image_size, task
@@ -173,6 +180,9 @@ class ShapesSource:
         self.holdout = frozenset(tuple(pair) for pair in holdout)
         self.compositional = compositional
         self.style = style
+        self.negative_captions = negative_captions
+        # What a negative caption can change here: colour / shape need two values of it.
+        self._changes = tuple(c for c in CHANGES if c == "position" or len(self.values[c]) > 1)
         # Every count query this world can ask ({} = "objects"), fixed per source.
         self._count_queries = [
             q for q in [{}] + [dict(zip(keys, values)) for keys in self._subsets
@@ -197,6 +207,8 @@ class ShapesSource:
                    "conversation": None, "caption": None, "meta": meta}
         if self.task == "caption":
             example["caption"] = self.caption(scene)
+            if self.negative_captions:
+                example["negative_captions"] = self._negative_captions(scene, index)
         else:
             conversation = []
             for _, question, answer in turns:
@@ -229,6 +241,25 @@ class ShapesSource:
             changed = dataclasses.replace(obj, **{change: others[int(rng.integers(len(others)))]})
         objects = scene.objects[:target] + (changed,) + scene.objects[target + 1:]
         return self.caption(dataclasses.replace(scene, objects=objects))
+
+    def _negative_captions(self, scene: Scene, index: int) -> list[str]:
+        """`negative_captions` one-change captions of example `index` (its own random stream, so
+        the scene, its questions and any resume are unchanged); outside the compositional test
+        split a change never names a held-out (colour, shape) pair."""
+        global_index = _SPLIT_OFFSET[self.split] + index
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, global_index, 1]))
+        start = int(rng.integers(len(self._changes)))
+        out = []
+        for k in range(self.negative_captions):
+            change = self._changes[(start + k) % len(self._changes)]
+            for _ in range(100):  # a held-out pair is redrawn
+                text = self.changed_caption(scene, change, rng)
+                if self.compositional or not any(f"{c} {s}" in text for c, s in self.holdout):
+                    break
+            else:  # no colour / shape change avoids one: move an object instead
+                text = self.changed_caption(scene, "position", rng)
+            out.append(text)
+        return out
 
     def render(self, scene: Scene) -> np.ndarray:
         """u8[S, S, 3]: `scene` drawn in this source's style at its image size."""
