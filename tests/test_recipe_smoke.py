@@ -63,6 +63,16 @@ def test_recipe_runs_end_to_end(tmp_path, capsys):
         if path.startswith(("vision_tower/", "text_tower/", "contrastive/")):
             np.testing.assert_array_equal(value, matched[path], err_msg=path)
 
+    # A rerun with other settings into the same directories is refused, naming the setting,
+    # rather than evaluating the model already there as if it were the one asked for.
+    with pytest.raises(SystemExit, match=r"itm holds a model trained with other settings "
+                                         r"\(data\.negative_captions: there 1, asked 2"):
+        itm.main(["--workdir", workdir, "--steps", "2", "--batch", "8", "--negatives", "2"])
+    with pytest.raises(SystemExit, match=r"contrastive holds a model trained with other "
+                                         r"settings .*model\.fusion: there 'early', asked"):
+        run.main(["--workdir", workdir, "--steps", "2", "--batch", "8",
+                  "--fusion", "cross_attention"])
+
 
 @pytest.mark.slow
 def test_cross_attention_recipe_runs_end_to_end(tmp_path, capsys):

@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from configs.shapes import config as recipe
+from configs.shapes.run import done_before
 
 CHANGES = ("color", "shape", "position")
 
@@ -31,18 +32,20 @@ def train_itm(workdir: str, steps: int = 0, batch: int = 0, world: str = "recipe
               negatives: int = 0) -> float:
     """The matching phase (`objective`: itm, or contrastive+itm, which also trains the towers
     that choose the negatives; `negatives`: one-change captions per training caption, scored as
-    extra negatives) from workdir/instruct/model into workdir/`out` (skipped when its model/
-    exists); returns wall seconds."""
+    extra negatives) from workdir/instruct/model into workdir/`out` (skipped when that holds
+    this model already, refused when it holds another: `run.done_before`); returns wall
+    seconds."""
     from vlm_jax.train.loop import train
     started = time.perf_counter()
     phase_dir = os.path.join(workdir, out)
-    if not os.path.exists(os.path.join(phase_dir, "model", "config.json")):
-        arg = (f"phase=itm,steps={steps},batch={batch},world={world},fusion={fusion},"
-               f"negatives={negatives},"
-               f"tokenizer={os.path.join(workdir, 'tokenizer')},"
-               f"init_from={os.path.join(workdir, 'instruct', 'model')}")
-        config = recipe.get_config(arg)
-        config.train.phase.name = objective
+    arg = (f"phase=itm,steps={steps},batch={batch},world={world},fusion={fusion},"
+           f"negatives={negatives},tokenizer={os.path.join(workdir, 'tokenizer')},"
+           f"init_from={os.path.join(workdir, 'instruct', 'model')}")
+    config = recipe.get_config(arg)
+    config.train.phase.name = objective
+    if done_before(phase_dir, config):
+        print(f"== {objective}: done before ({phase_dir}/model), evaluating it")
+    else:
         metrics = train(config, phase_dir)
         if metrics["preempted"]:
             raise SystemExit("itm was preempted; run the command again to resume")

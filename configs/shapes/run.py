@@ -38,6 +38,46 @@ def fit_tokenizer(workdir: str, world: str = "recipe", fusion: str = "early"):
     return build_tokenizer(run, workdir)
 
 
+# Settings that change how a phase computes, not what it trains (and that follow the machine).
+_HOW_NOT_WHAT = ("log.", "checkpoint.", "eval.", "mesh.", "train.micro_batches", "model.scan_unroll",
+                 "data.read_threads", "data.prefetch_buffer_size", "data.worker_")
+
+
+def done_before(phase_dir: str, config) -> bool:
+    """Whether `phase_dir` already holds the model this command would train from `config`:
+    False when it has none; True when its saved run config (phase_dir/config.json) agrees with
+    `config` on every setting it records; else SystemExit naming the settings that differ (a
+    rerun with other flags must not evaluate the old model as if it were the new one)."""
+    import jax
+
+    from vlm_jax.train.run_config import build_run_config
+    if not os.path.exists(os.path.join(phase_dir, "model", "config.json")):
+        return False
+    with open(os.path.join(phase_dir, "config.json")) as f:
+        saved = _flat(json.load(f))
+    wanted = _flat(json.loads(json.dumps(
+        build_run_config(config, jax.device_count(), jax.process_count()).to_dict())))
+    differing = [k for k in sorted(saved) if not k.startswith(_HOW_NOT_WHAT)
+                 and k in wanted and saved[k] != wanted[k]]  # a field it predates is not compared
+    if differing:
+        shown = "; ".join(f"{k}: there {saved[k]!r}, asked {wanted[k]!r}" for k in differing[:4])
+        raise SystemExit(f"{phase_dir} holds a model trained with other settings ({shown}"
+                         f"{' ...' if len(differing) > 4 else ''}): use another --workdir / --out, "
+                         f"or remove {phase_dir} to train it again")
+    return True
+
+
+def _flat(value, prefix: str = "") -> dict:
+    """{"data": {"sources": [{"kind": ...}]}} -> {"data.sources[0].kind": ...}."""
+    if isinstance(value, dict):
+        items = [(f"{prefix}.{k}" if prefix else k, v) for k, v in value.items()]
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        items = [(f"{prefix}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        return {prefix: value}
+    return {key: leaf for name, v in items for key, leaf in _flat(v, name).items()}
+
+
 def train_phases(workdir: str, steps: int = 0, batch: int = 0, log=print,
                  style: str = "scene", world: str = "recipe",
                  fusion: str = "early") -> dict[str, float]:
@@ -57,15 +97,16 @@ def train_phases(workdir: str, steps: int = 0, batch: int = 0, log=print,
     for phase in recipe.PHASES:
         phase_dir = os.path.join(workdir, phase)
         started = time.perf_counter()
-        if os.path.exists(os.path.join(phase_dir, "model", "config.json")):
+        arg = (f"phase={phase},steps={steps},batch={batch},tokenizer={tokenizer_dir},"
+               f"style={style},world={world},fusion={fusion}")
+        if previous:
+            arg += f",init_from={previous}"
+        config = recipe.get_config(arg)
+        if done_before(phase_dir, config):
             log(f"== {phase}: done before ({phase_dir}/model), skipped")
         else:
             log(f"== {phase}")
-            arg = (f"phase={phase},steps={steps},batch={batch},tokenizer={tokenizer_dir},"
-                   f"style={style},world={world},fusion={fusion}")
-            if previous:
-                arg += f",init_from={previous}"
-            metrics = train(recipe.get_config(arg), phase_dir)
+            metrics = train(config, phase_dir)
             if metrics["preempted"]:
                 raise SystemExit(f"{phase} was preempted; run the command again to resume")
         seconds[phase] = time.perf_counter() - started
