@@ -324,3 +324,14 @@ def test_bf16_custom_export_keeps_the_fixed_position_table_exact(tiny_vlm_config
     with torch.no_grad():
         generated = model.generate(**inputs, do_sample=False, max_new_tokens=3, eos_token_id=None)
     assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_the_export_line_names_what_no_transformers_vlm_holds():
+    params = {"vision_tower": {}, "projector": {}, "llm": {}, "text_tower": {}, "itm_head": {}}
+    assert exporter.not_exported(params, "vlm") == ("text_tower", "itm_head")
+    assert exporter.not_exported(params, "llm") == ()
+    result = exporter.ExportResult("out", "vlm", "float32", 0.0, 1e-4, None, None, True,
+                                   left_out=("text_tower", "itm_head"))
+    assert "not exported (no transformers VLM has them; they stay in the model directory): " \
+           "text_tower/, itm_head/" in exporter.describe(result)
+    assert "not exported" not in exporter.describe(dataclasses.replace(result, left_out=()))

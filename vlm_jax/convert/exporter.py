@@ -92,6 +92,18 @@ class ExportResult:
     answer_tokens: int | None = None  # greedy answer compared with transformers' (None: not)
     format: str | None = None  # part "vlm": "llava", "paligemma", "idefics3" or "custom"
     no_processor: str | None = None  # why only tokenizer files were written, if so
+    left_out: tuple[str, ...] = ()  # part "vlm": param groups no format writes (see NOT_EXPORTED)
+
+
+# What a VLM export never writes: the contrastive text tower, its logit scale / bias and the
+# image-text matching head score pairs; no transformers VLM class has them (vlm-jax eval / score
+# use them from the model directory).
+NOT_EXPORTED = ("text_tower", "contrastive", "itm_head")
+
+
+def not_exported(params: Any, part: str) -> tuple[str, ...]:
+    """The NOT_EXPORTED groups a `part` export of `params` leaves behind (said by `describe`)."""
+    return tuple(k for k in NOT_EXPORTED if k in params) if part == "vlm" else ()
 
 
 def to_disk_keys(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -204,7 +216,8 @@ def _write_and_check(config: VLMConfig, params: Any, tokenizer, out: str, dtype:
         hf_processor.write_generation_config(out, tokenizer, chat)
     result = ExportResult(out, part, dtype, float("nan"), F32_TOLERANCE, None, None, has_processor,
                           chat.pad_to_square, format=fmt,
-                          no_processor=no_processor if tokenizer is not None else None)
+                          no_processor=no_processor if tokenizer is not None else None,
+                          left_out=not_exported(params, part))
     if check:
         if part == "vision":
             result = check_vision_export(result, config, params, tokenizer)
@@ -669,4 +682,7 @@ def describe(result: ExportResult) -> str:
         line += f"; tokenizer files only, no processor: {result.no_processor}"
     elif result.part == "vlm" and not result.processor:
         line += "; no tokenizer in the checkpoint: no tokenizer/processor files written"
+    if result.left_out:
+        line += (f"; not exported (no transformers VLM has them; they stay in the model "
+                 f"directory): {', '.join(f'{k}/' for k in result.left_out)}")
     return line
