@@ -74,7 +74,7 @@ SCHEDULE = {
     "lm": dict(steps=400, batch=32, lr=2e-3, seq_len=128, turns=6, micro=4, chunk=16),
     "align": dict(steps=100, batch=64, lr=1e-3, seq_len=48, turns=1, micro=4, chunk=16),
     "instruct": dict(steps=1200, batch=32, lr=1e-3, seq_len=96, turns=6, micro=4, chunk=16),
-    "itm": dict(steps=300, batch=64, lr=3e-4, seq_len=TEXT_LEN, turns=1, micro=1, chunk=128),
+    "itm": dict(steps=600, batch=64, lr=3e-4, seq_len=TEXT_LEN, turns=1, micro=1, chunk=128),
 }
 
 
