@@ -92,6 +92,8 @@ def test_bad_overrides_name_the_key(override, message):
      r"data\.negative_captions=1: hard-negative captions are scored by the ITM phases"),
     (None, ["data.negative_captions=1"], {},
      r"data\.negative_captions=1: .* for data\.task='contrastive' only"),
+    ("phase=itm", ["data.negative_captions=2"], {},
+     r"data\.negative_captions=2 but data\.sources\[0\] \(shapes\) writes 0 per example"),
     (None, ["train.phase.name=lm"], {}, r"data\.task='instruct' does not fit "
                                         r"train\.phase\.name='lm'"),
     (None, ["train.phase.name=warmup"], {}, r"train\.phase\.name='warmup'"),

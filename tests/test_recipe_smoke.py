@@ -10,7 +10,7 @@ import pytest
 
 from configs.shapes import config as recipe
 from configs.shapes import itm, run
-from vlm_jax.model_dir import load_model
+from vlm_jax.model_dir import load_data_settings, load_model
 from vlm_jax.train import param_groups
 
 
@@ -53,11 +53,13 @@ def test_recipe_runs_end_to_end(tmp_path, capsys):
     # caption): trains, scores one-change captions and retrieval with and without re-ranking;
     # the towers it does not train are carried over.
     assert itm.main(["--workdir", workdir, "--steps", "2", "--batch", "8", "--scenes", "8",
-                     "--negatives", "1"]) == 0
+                     "--negatives", "1", "--objective", "itm"]) == 0
     assert "ITM re-ranked" in capsys.readouterr().out
     results = json.load(open(os.path.join(workdir, "itm", "results.json")))
     assert set(results["itm_accuracy"]) == {"color", "shape", "position", "overall"}
     matched = _flat(load_model(os.path.join(workdir, "itm", "model"))[1])
+    # it keeps the chat template the instruct model answers in (generate, export's check)
+    assert load_data_settings(os.path.join(workdir, "itm", "model"))["template"] == "minimal"
     assert any(path.startswith("itm_head/") for path in matched)
     for path, value in models["instruct"].items():
         if path.startswith(("vision_tower/", "text_tower/", "contrastive/")):
@@ -67,7 +69,8 @@ def test_recipe_runs_end_to_end(tmp_path, capsys):
     # rather than evaluating the model already there as if it were the one asked for.
     with pytest.raises(SystemExit, match=r"itm holds a model trained with other settings "
                                          r"\(data\.negative_captions: there 1, asked 2"):
-        itm.main(["--workdir", workdir, "--steps", "2", "--batch", "8", "--negatives", "2"])
+        itm.main(["--workdir", workdir, "--steps", "2", "--batch", "8", "--negatives", "2",
+                  "--objective", "itm"])
     with pytest.raises(SystemExit, match=r"contrastive holds a model trained with other "
                                          r"settings .*model\.fusion: there 'early', asked"):
         run.main(["--workdir", workdir, "--steps", "2", "--batch", "8",

@@ -325,9 +325,13 @@ class _Trainer:
 
     def _trained_data_settings(self) -> dict:
         """What inference must repeat: the prompts' chat template, the image preprocessing and
-        whether prompts attend bidirectionally (prefix-LM)."""
+        whether prompts attend bidirectionally (prefix-LM). A phase without prompts (lm,
+        contrastive, itm) keeps the template of the model it started from."""
         data = self.cfg.data
         template = {"align": "plain", "instruct": data.template}.get(data.task)  # align: captions
+        if template is None and self.cfg.train.init_from.path:
+            template = model_dir.load_data_settings(model_dir.resolve_model_dir(
+                self.cfg.train.init_from.path, "train.init_from.path"))["template"]
         settings = {"template": template, "pad_to_square": data.pad_to_square,
                     "prefix_lm": data.prefix_lm}
         if data.tiling.enabled:

@@ -285,6 +285,13 @@ def _check_phase(run: RunConfig) -> None:
             raise ConfigError(f"{where}.negative_captions={data.negative_captions}: hard-negative "
                               f"captions are scored by the ITM phases (itm, contrastive+itm), "
                               f"not by {phase.name!r}; set it to 0")
+        for i, source in enumerate(data.sources):  # the one source that writes them on request
+            given = source.options.get("negative_captions", 0)
+            if source.kind == "shapes" and given < data.negative_captions:
+                raise ConfigError(f"{where}.negative_captions={data.negative_captions} but "
+                                  f"{where}.sources[{i}] (shapes) writes {given} per example: set "
+                                  f"its options.negative_captions to at least "
+                                  f"{data.negative_captions}")
         if data.task not in PHASE_TASKS[phase.name]:
             raise ConfigError(f"{where}.task={data.task!r} does not fit train.phase.name="
                               f"{phase.name!r} (it takes {PHASE_TASKS[phase.name]})")
